@@ -1,0 +1,1 @@
+"""Prefect flows of the hmine pipeline: thin wrappers that call hmine's stage functions."""

@@ -1,0 +1,125 @@
+"""The ``hmine`` command line.
+
+Heavy packages (torch, diffusers, prefect) are imported inside the subcommands, so
+``hmine --help`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hmine.runtime import configure_environment
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML run config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set sample.n_samples=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-prefect",
+        action="store_true",
+        help="run the plain stage functions without Prefect (no local server start-up)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hmine", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run every stage of a config, resuming what exists")
+    _add_config_args(p)
+    p = sub.add_parser("sample", help="stage 1: sample images and store per-step h")
+    _add_config_args(p)
+
+    p = sub.add_parser("status", help="per stage: complete / partial / missing / stale")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--config", type=Path, default=None, help="current config, to detect stale stages")
+
+    p = sub.add_parser("train-embedded", help="train (or resume) the embedded shapes-world models")
+    p.add_argument("what", choices=["ddpm"])
+    p.add_argument("config", type=Path, help="training config YAML (configs/embedded-ddpm.yaml)")
+    p.add_argument("--work-dir", type=Path, required=True, help="checkpoints, logs and grids")
+    p.add_argument("--export-dir", type=Path, default=None, help="write the final model here")
+    return parser
+
+
+def _run_stages(args, stages) -> int:
+    from hmine.config import load_config
+    from hmine.pipeline import run_stages, write_run_config
+    from hmine.runtime import RunLock, exit_cleanly_on_sigterm
+
+    config = load_config(args.config, args.overrides)
+    exit_cleanly_on_sigterm()
+    with RunLock(config.run_dir):
+        write_run_config(config)
+        results = run_stages(config, stages, use_prefect=not args.no_prefect)
+    for stage, result in results.items():
+        print(f"{stage}: {result}")
+    return 0
+
+
+def _status(args) -> int:
+    from hmine.config import load_config
+    from hmine.pipeline import stage_status
+
+    if not args.run_dir.exists():
+        print(f"error: run directory {args.run_dir} does not exist", file=sys.stderr)
+        return 2
+    config = load_config(args.config) if args.config else None
+    for status in stage_status(args.run_dir, config):
+        print(status.line())
+    return 0
+
+
+def _train_embedded(args) -> int:
+    import yaml
+
+    from hmine.training import DDPMTrainConfig, train_ddpm
+
+    config = DDPMTrainConfig(**(yaml.safe_load(args.config.read_text()) or {}))
+    train_ddpm(config, args.work_dir, export_dir=args.export_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("hmine").setLevel(logging.INFO)
+    from hmine.config import ConfigError
+    from hmine.runtime import RunLocked
+    from hmine.stores import StoreConfigMismatch
+
+    try:
+        if args.command == "run":
+            from hmine.pipeline import STAGES
+
+            return _run_stages(args, STAGES)
+        if args.command == "sample":
+            return _run_stages(args, ("sample",))
+        if args.command == "status":
+            return _status(args)
+        if args.command == "train-embedded":
+            return _train_embedded(args)
+    except (ConfigError, RunLocked, StoreConfigMismatch, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

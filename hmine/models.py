@@ -1,0 +1,186 @@
+"""Loading pretrained diffusion models: a pixel U-Net or a latent U-Net with its VQ decoder.
+
+The same code path serves a Hugging Face hub id (``google/ddpm-ema-celebahq-256``,
+``CompVis/ldm-celebahq-256``) and a local folder in diffusers layout, so offline tests
+that save tiny models with ``save_pretrained`` exercise exactly what hub users run.
+
+Layouts understood:
+
+* **pixel, flat** (``google/ddpm-ema-celebahq-256``): ``config.json`` + weights and
+  ``scheduler_config.json`` at the root;
+* **pipeline folders** (``CompVis/ldm-celebahq-256``, the embedded model): ``unet/``,
+  ``scheduler/`` and, for a latent model, ``vqvae/``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+EMBEDDED_MODEL_ID = "embedded:shapes-ddpm"
+
+
+def embedded_model_path() -> Path:
+    """Folder of the shapes-world DDPM shipped inside the package."""
+    return Path(str(resources.files("hmine") / "embedded" / "shapes-ddpm"))
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded diffusion model.
+
+    Attributes
+    ----------
+    unet : diffusers.UNet2DModel
+    scheduler : diffusers scheduler, as saved with the model (the sampler converts it)
+    vqvae : diffusers.VQModel or None
+        The decoder of a latent model; None for a pixel model.
+    model_id : str
+        What was asked for: a hub id, a local path or ``embedded:shapes-ddpm``.
+    revision : str
+        Hub revision, or ``"local"`` for a folder.
+    """
+
+    unet: object
+    scheduler: object
+    vqvae: object | None
+    model_id: str
+    revision: str
+
+    @property
+    def kind(self) -> Literal["pixel", "latent"]:
+        return "pixel" if self.vqvae is None else "latent"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channel, height, width) of x_t, the space the sampler runs in."""
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from the sampler's final x_0 (identity for a pixel model)."""
+        if self.vqvae is None:
+            return x0
+        return self.vqvae.decode(x0).sample
+
+    def to(self, device: str | torch.device) -> "DiffusionModel":
+        self.unet.to(device)
+        if self.vqvae is not None:
+            self.vqvae.to(device)
+        return self
+
+
+def _local_layout(path: Path) -> str:
+    if (path / "unet" / "config.json").exists():
+        return "folders"
+    if (path / "config.json").exists():
+        return "flat"
+    raise FileNotFoundError(
+        f"model folder {path} has neither unet/config.json nor config.json; "
+        "point model.id at a folder saved with save_pretrained (diffusers layout)"
+    )
+
+
+def _hub_layout(model_id: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    index = json.loads(Path(hf_hub_download(model_id, "model_index.json", revision=revision)).read_text())
+    try:
+        hf_hub_download(model_id, "unet/config.json", revision=revision)
+        return "folders"
+    except Exception:  # the flat layout keeps the U-Net config at the root
+        if "unet" not in index:
+            raise ValueError(f"{model_id} has no U-Net in its model_index.json")
+        return "flat"
+
+
+def load_model(
+    model_id: str = EMBEDDED_MODEL_ID,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DiffusionModel:
+    """Load a pixel or latent diffusion model from the hub, a local folder or the package.
+
+    Parameters
+    ----------
+    model_id : str, default="embedded:shapes-ddpm"
+        A hub id such as ``google/ddpm-ema-celebahq-256``, a local folder in diffusers
+        layout, or ``embedded:shapes-ddpm`` for the model shipped with hmine.
+    revision : str, optional
+        Hub revision (branch, tag or commit); ignored for local folders.
+    device : str, default="cpu"
+    dtype : torch.dtype, default=torch.float32
+
+    Returns
+    -------
+    DiffusionModel
+    """
+    import diffusers
+    from diffusers import UNet2DModel, VQModel
+    from diffusers.schedulers import DDIMScheduler
+
+    if model_id == EMBEDDED_MODEL_ID:
+        source: str | Path = embedded_model_path()
+        if not (source / "unet" / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded model is missing from {source}; reinstall hmine or train it "
+                "with `hmine train-embedded ddpm configs/embedded-ddpm.yaml`"
+            )
+    else:
+        source = model_id
+    local = Path(source).exists()
+    if not local and (model_id.startswith((".", "/")) or model_id.count("/") != 1):
+        raise FileNotFoundError(
+            f"model.id {model_id!r} is neither an existing folder nor a hub id (owner/name); "
+            "fix the path or use a hub id such as google/ddpm-ema-celebahq-256"
+        )
+    layout = _local_layout(Path(source)) if local else _hub_layout(model_id, revision)
+    kwargs = {} if local else {"revision": revision}
+    unet_sub = "unet" if layout == "folders" else None
+    sched_sub = "scheduler" if layout == "folders" else None
+    try:
+        unet = UNet2DModel.from_pretrained(
+            source, subfolder=unet_sub, low_cpu_mem_usage=False, torch_dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"could not load the U-Net of {model_id!r} ({error}); the folder is corrupt or "
+            "not a diffusers UNet2DModel — re-save it with save_pretrained"
+        ) from error
+    scheduler_config = DDIMScheduler.load_config(source, subfolder=sched_sub, **kwargs)
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), DDIMScheduler)
+    scheduler = scheduler_class.from_config(scheduler_config)
+    vqvae = None
+    vq_dir = Path(source) / "vqvae" if local else None
+    if (local and vq_dir.exists()) or (not local and layout == "folders" and _hub_has(model_id, "vqvae/config.json", revision)):
+        vqvae = VQModel.from_pretrained(
+            source, subfolder="vqvae", low_cpu_mem_usage=False, torch_dtype=dtype, **kwargs
+        )
+        vqvae.eval().requires_grad_(False).to(device)
+    unet.eval().requires_grad_(False).to(device)
+    return DiffusionModel(
+        unet=unet,
+        scheduler=scheduler,
+        vqvae=vqvae,
+        model_id=model_id,
+        revision="local" if local else (revision or "main"),
+    )
+
+
+def _hub_has(model_id: str, filename: str, revision: str | None) -> bool:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(model_id, filename, revision=revision)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,112 @@
+"""Process set-up shared by the CLI and the flows: quiet offline Prefect, threads, run locks.
+
+Prefect's settings must be in the environment before ``prefect`` is imported, so
+:func:`configure_environment` runs first thing in every CLI command.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+# Quiet, offline, local Prefect: no analytics, no UI, no background services, a startup
+# timeout that survives a cold SQLite migration on 2 busy cores (stack-notes §2).
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+    "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CLEANUP_RECONCILER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "[]",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def hmine_home() -> Path:
+    """Where hmine keeps Prefect's database and cached results (``$HMINE_HOME`` or ./.hmine)."""
+    return Path(os.environ.get("HMINE_HOME", ".hmine")).resolve()
+
+
+def configure_environment() -> None:
+    """Set quiet Prefect defaults and thread settings; the user's own variables win."""
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(hmine_home() / "prefect"))
+    # Spinning OpenMP threads under contention made torch 5-10x slower (stack-notes §0.2).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so atexit handlers stop Prefect's local server.
+
+    Without this the uvicorn child outlives a terminated run (stack-notes §7).
+    """
+
+    def handler(signum, frame):
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, released by the OS when the holder dies.
+
+    ``flock`` locks belong to the open file, so a killed process (even by SIGKILL)
+    never holds the lock forever; the PID written inside is only for the message.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise RunLocked(
+                    f"run directory {self.path.parent} is in use by process {holder}; "
+                    "wait for it to finish or stop it, then rerun"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,210 @@
+"""A DDIM-family sampler with exact regeneration and h-space edits.
+
+A sample is fully determined by (model, seed, eta schedule, number of steps): its x_T
+and its per-step noise z_t come, in that order, from one ``torch.Generator`` seeded with
+the sample's seed (on the CPU, so the draw does not depend on the device or on the batch
+the sample lands in). Regenerating a seed with a delta on h therefore replays the same
+trajectory, and only the edit differs (Haas et al. 2024, §3).
+
+The step is DDIM's generalised update (Song et al. 2021, eq. 12), written out here so the
+predicted-x0 and direction terms can take different eps (Asyrp, Kwon et al. 2023, eq. 5)::
+
+    sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+    P_t     = (x_t - sqrt(1 - a_t) * eps_P) / sqrt(a_t)          # predicted x0
+    D_t     = sqrt(1 - a_prev - sigma_t**2) * eps_D               # direction to x_t
+    x_prev  = sqrt(a_prev) * P_t + D_t + sigma_t * z_t
+
+eta = 0 is DDIM, eta = 1 is DDPM-like; eta may differ per step. Without edits
+eps_P = eps_D = eps. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
+unless ``asymmetric=True``, where it is the original eps (one extra U-Net pass per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hmine.hooks import HPosition, HSpaceHook
+from hmine.models import DiffusionModel
+
+
+@dataclass
+class SampleOutput:
+    """What a sampling run returns.
+
+    Attributes
+    ----------
+    images : Tensor of shape (batch, color, height, width)
+        Final images in [-1, 1] (decoded for a latent model).
+    h : Tensor of shape (batch, step, channel, y, x), or None
+        h at every step, as computed before any edit.
+    timesteps : Tensor of shape (step,)
+    trajectory : Tensor of shape (batch, step, C, H, W), or None
+        The U-Net input x_t of every step (when asked for).
+    """
+
+    images: torch.Tensor
+    h: torch.Tensor | None
+    timesteps: torch.Tensor
+    trajectory: torch.Tensor | None = None
+
+
+def resolve_etas(eta: float | Sequence[float], num_inference_steps: int) -> list[float]:
+    """One eta per step from a scalar or a per-step list (checked for length and range)."""
+    etas = [float(eta)] * num_inference_steps if isinstance(eta, (int, float)) else [float(e) for e in eta]
+    if len(etas) != num_inference_steps:
+        raise ValueError(
+            f"eta has {len(etas)} entries but num_inference_steps is {num_inference_steps}; "
+            "give one eta per step or a single number"
+        )
+    if any(e < 0 for e in etas):
+        raise ValueError(f"eta must be >= 0 at every step, got {etas}")
+    return etas
+
+
+def noise_for_seed(seed: int, shape: tuple[int, ...], num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T of shape ``shape`` and per-step noise of shape (num_steps, *shape) for one seed."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    x_T = torch.randn(shape, generator=generator)
+    z = torch.randn((num_steps, *shape), generator=generator)
+    return x_T, z
+
+
+class Sampler:
+    """Batched DDIM / DDPM-like sampling with h capture and h edits.
+
+    Parameters
+    ----------
+    model : DiffusionModel
+    num_inference_steps : int, default=10
+    eta : float or list of float, default=0.0
+        0 is DDIM, 1 is DDPM-like; a list gives one eta per step.
+    h_position : {"before", "middle", "after"}, default="after"
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        *,
+        num_inference_steps: int = 10,
+        eta: float | Sequence[float] = 0.0,
+        h_position: HPosition = "after",
+    ):
+        from diffusers import DDIMScheduler
+
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
+        if prediction_type != "epsilon":
+            raise ValueError(
+                f"the model predicts {prediction_type!r}; hmine's sampler needs an "
+                "epsilon-prediction model"
+            )
+        self.model = model
+        self.h_position = h_position
+        self.etas = resolve_etas(eta, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        # DDIM's timestep spacing and alpha bookkeeping, whatever scheduler the model ships.
+        self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.timesteps = self.scheduler.timesteps.clone()
+
+    def _alphas(self, t: int) -> tuple[float, float]:
+        sched = self.scheduler
+        prev_t = t - sched.config.num_train_timesteps // sched.num_inference_steps
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        return float(a_t), float(a_prev)
+
+    def step(self, eps_P, eps_D, t: int, x_t, eta: float, z) -> torch.Tensor:
+        """One DDIM update (module docstring); ``z`` is the stored noise of this step."""
+        a_t, a_prev = self._alphas(int(t))
+        # 1. sigma_t of eq. 12 (Song et al. 2021), eq. 16 for eta
+        sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        # 2. predicted x0, "P_t" in Asyrp's notation
+        pred_x0 = (x_t - (1 - a_t) ** 0.5 * eps_P) / a_t**0.5
+        # 3. direction pointing to x_t, "D_t"
+        direction = (1 - a_prev - sigma**2) ** 0.5 * eps_D
+        x_prev = a_prev**0.5 * pred_x0 + direction
+        if eta > 0:
+            x_prev = x_prev + sigma * z
+        return x_prev
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        *,
+        delta_h: torch.Tensor | None = None,
+        edit_steps: Sequence[bool] | None = None,
+        asymmetric: bool = False,
+        record_h: bool = True,
+        return_trajectory: bool = False,
+    ) -> SampleOutput:
+        """Generate (or regenerate) one image per seed.
+
+        Parameters
+        ----------
+        seeds : sequence of int
+        delta_h : Tensor of shape (step, channel, y, x) or (batch, step, channel, y, x), optional
+            Added to h at each edited step.
+        edit_steps : sequence of bool of length step, optional
+            Which steps get the edit (e.g. only t >= t_edit); all steps by default.
+        asymmetric : bool, default=False
+            Asyrp's step: the original eps in the direction term.
+        record_h : bool, default=True
+        return_trajectory : bool, default=False
+        """
+        unet = self.model.unet
+        param = next(unet.parameters())
+        device, dtype = param.device, param.dtype
+        n_steps = self.num_inference_steps
+        shape = self.model.sample_shape
+        draws = [noise_for_seed(s, shape, n_steps) for s in seeds]
+        x = torch.stack([d[0] for d in draws]).to(device=device, dtype=dtype)
+        noise = torch.stack([d[1] for d in draws], dim=1).to(device=device, dtype=dtype)
+        if edit_steps is None:
+            edit_steps = [True] * n_steps
+        if len(edit_steps) != n_steps:
+            raise ValueError(f"edit_steps has {len(edit_steps)} entries, expected {n_steps}")
+        if delta_h is not None:
+            delta_h = delta_h.to(device=device, dtype=dtype)
+            step_axis = 0 if delta_h.ndim == 4 else 1
+            if delta_h.shape[step_axis] != n_steps:
+                raise ValueError(
+                    f"delta_h has {delta_h.shape[step_axis]} steps, expected {n_steps}"
+                )
+        hs, trajectory = [], []
+        with HSpaceHook(unet, self.h_position, record=record_h) as hook:
+            for i, t in enumerate(self.timesteps):
+                if return_trajectory:
+                    trajectory.append(x)
+                t_batch = t.expand(len(seeds)).to(device)
+                editing = delta_h is not None and edit_steps[i]
+                hook.delta = None
+                eps = eps_original = None
+                if not editing or asymmetric:
+                    eps_original = unet(x, t_batch).sample
+                    if record_h:
+                        hs.append(hook.recorded.pop())
+                if editing:
+                    hook.delta = delta_h[i] if delta_h.ndim == 4 else delta_h[:, i]
+                    eps = unet(x, t_batch).sample
+                    hook.delta = None
+                    if record_h:
+                        h_edit = hook.recorded.pop()
+                        if not asymmetric:
+                            hs.append(h_edit)
+                eps_P = eps if editing else eps_original
+                eps_D = eps_original if (asymmetric or not editing) else eps
+                x = self.step(eps_P, eps_D, int(t), x, self.etas[i], noise[i])
+                hook.clear()
+        images = self.model.decode(x)
+        return SampleOutput(
+            images=images,
+            h=torch.stack(hs, dim=1) if record_h else None,
+            timesteps=self.timesteps,
+            trajectory=torch.stack(trajectory, dim=1) if return_trajectory else None,
+        )

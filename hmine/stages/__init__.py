@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions that read and write the stores of a run directory."""

@@ -1,0 +1,239 @@
+"""Zarr stores as the contract between stages: templates, chunk-aligned regions, done-marks.
+
+The life of a store (pangeo-forge's pattern):
+
+1. :func:`prepare_store` creates the template — every array with its dims, chunks and
+   attributes, the stage's config hash and a fresh ``hmine:store_uuid`` — and only then
+   sets ``hmine:initialised``. A folder without that mark is debris of a crash during
+   creation and is recreated. A store written by another config is refused.
+2. The stage writes one chunk-aligned region per batch, data first, then the batch's
+   entries of the ``done`` array. zarr's local store writes each chunk file atomically
+   (temp file + rename), so a kill at any moment loses at most the batch in flight.
+3. ``hmine:complete`` is set last, after every batch is done.
+
+:func:`verify_done_chunks` checks on every rerun that the chunk files of batches marked
+done exist and decode; a batch whose chunk was deleted or truncated is un-marked (and the
+store gets a new uuid, so cached downstream results keyed on it are invalidated), then
+redone instead of being read as fill values.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import hmine
+
+COMPLETE = "hmine:complete"
+INITIALISED = "hmine:initialised"
+CONFIG_HASH = "hmine:config_hash"
+STORE_UUID = "hmine:store_uuid"
+
+
+class StoreConfigMismatch(RuntimeError):
+    """A store at the target path was written by a different config."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store template."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    dims: tuple[str, ...]
+    attrs: dict | None = None
+    fill_value: object = None
+    compressed: bool = True
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(hmine.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_attrs(stage_config: dict, config_hash: str, extra: dict | None = None) -> dict:
+    """Namespaced provenance attributes every store carries."""
+    attrs = {
+        CONFIG_HASH: config_hash,
+        "hmine:version": hmine.__version__,
+        "hmine:git_sha": _git_sha(),
+        "hmine:stage_config": json.dumps(stage_config, sort_keys=True),
+        "hmine:created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    attrs.update(extra or {})
+    return attrs
+
+
+def _compressors(spec: ArraySpec):
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    if not spec.compressed:
+        return None
+    return [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)]
+
+
+def open_group(path: Path, mode: str = "r"):
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode)
+
+
+def store_state(path: Path) -> str:
+    """``missing``, ``debris`` (crashed during creation), ``partial`` or ``complete``."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        return "debris" if path.exists() else "missing"
+    attrs = open_group(path).attrs
+    if not attrs.get(INITIALISED):
+        return "debris"
+    return "complete" if attrs.get(COMPLETE) else "partial"
+
+
+def prepare_store(
+    path: Path,
+    arrays: list[ArraySpec],
+    attrs: dict,
+    coords: dict[str, np.ndarray] | None = None,
+):
+    """Create the store template, or reopen a compatible one; return the zarr group.
+
+    ``attrs`` must hold ``hmine:config_hash``. A store at ``path`` with another config
+    hash raises :class:`StoreConfigMismatch`; debris of a crashed creation is removed.
+    Coordinate arrays in ``coords`` are written with the template.
+    """
+    path = Path(path)
+    state = store_state(path)
+    if state == "debris":
+        shutil.rmtree(path)
+    elif state in ("partial", "complete"):
+        group = open_group(path, mode="r+")
+        found = group.attrs.get(CONFIG_HASH)
+        if found != attrs[CONFIG_HASH]:
+            raise StoreConfigMismatch(
+                f"{path} was written by config {found}, not {attrs[CONFIG_HASH]}; "
+                "use another run name (name: in the config) or delete the store to start over"
+            )
+        return group
+    import zarr
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w", attributes={**attrs, STORE_UUID: uuid.uuid4().hex})
+    for spec in arrays:
+        array = group.create_array(
+            spec.name,
+            shape=spec.shape,
+            chunks=spec.chunks,
+            dtype=spec.dtype,
+            compressors=_compressors(spec),
+            dimension_names=spec.dims,
+            fill_value=spec.fill_value,
+            attributes=spec.attrs or {},
+        )
+        if coords and spec.name in coords:
+            array[...] = coords[spec.name]
+    group.attrs[INITIALISED] = True
+    return group
+
+
+def done_batches(group, batch_size: int) -> np.ndarray:
+    """Boolean per batch: every sample of the batch is marked done."""
+    done = group["done"][...]
+    n_batches = -(-len(done) // batch_size)
+    return np.array([done[b * batch_size : (b + 1) * batch_size].all() for b in range(n_batches)])
+
+
+def batch_region(batch: int, batch_size: int, n: int) -> slice:
+    """The sample slice of a batch; regions line up with chunks by construction."""
+    start = batch * batch_size
+    if start >= n:
+        raise IndexError(f"batch {batch} starts at {start}, past the {n} samples")
+    return slice(start, min(n, start + batch_size))
+
+
+def verify_done_chunks(group, path: Path, arrays: list[str], batch_size: int) -> list[int]:
+    """Find batches marked done whose chunk files are missing or truncated; un-mark them.
+
+    A chunk is damaged when its file is missing or shorter than its Blosc header says.
+    Returns the list of damaged batch indices. When any is found the store's uuid is
+    renewed and the complete mark removed, so nothing downstream trusts the old content.
+    """
+    path = Path(path)
+    done = group["done"][...]
+    n = len(done)
+    damaged: list[int] = []
+    for batch, is_done in enumerate(done_batches(group, batch_size)):
+        if not is_done:
+            continue
+        region = batch_region(batch, batch_size, n)
+        for name in arrays:
+            array = group[name]
+            chunk_rows = array.chunks[0]
+            expected = _chunk_files(path / name, array, region.start // chunk_rows)
+            if not all(_chunk_intact(f, compressed=bool(array.compressors)) for f in expected):
+                damaged.append(batch)
+                break
+    if damaged:
+        for batch in damaged:
+            group["done"][batch_region(batch, batch_size, n)] = False
+        group.attrs[STORE_UUID] = uuid.uuid4().hex
+        if COMPLETE in group.attrs:
+            del group.attrs[COMPLETE]
+    return damaged
+
+
+def _chunk_intact(file: Path, compressed: bool) -> bool:
+    """A chunk file exists and, if Blosc-compressed, is as long as its header says.
+
+    Blosc's 16-byte header stores the frame's compressed size at bytes 12..15, so a
+    truncated chunk is caught with one stat and a 16-byte read, not a full decode.
+    """
+    try:
+        size = file.stat().st_size
+        if not compressed:
+            return size > 0
+        with open(file, "rb") as handle:
+            header = handle.read(16)
+    except OSError:
+        return False
+    return len(header) == 16 and int.from_bytes(header[12:16], "little") == size
+
+
+def _chunk_files(array_dir: Path, array, first_index: int) -> list[Path]:
+    """Chunk files of one chunk row (index ``first_index`` along the first dim)."""
+    grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
+
+    files = []
+    for rest in itertools.product(*[range(g) for g in grid[1:]]):
+        key = "/".join(str(i) for i in (first_index, *rest))
+        files.append(array_dir / "c" / key)
+    return files
+
+
+def mark_complete(group) -> None:
+    group.attrs[COMPLETE] = True
+
+
+def store_uuid(path: Path) -> str | None:
+    """The uuid of a complete store, None otherwise (used in downstream cache keys)."""
+    if store_state(path) != "complete":
+        return None
+    return open_group(path).attrs.get(STORE_UUID)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight models saved to disk and loaded back by path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def make_tiny_unet(sample_size: int = 16, in_channels: int = 3, attention: bool = True):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        add_attention=attention,
+    )
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model_dir(tmp_path_factory):
+    """A tiny pixel model in the flat layout of google/ddpm-ema-celebahq-256."""
+    path = tmp_path_factory.mktemp("tiny-pixel")
+    make_tiny_unet().save_pretrained(path)
+    make_scheduler().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_model_dir(tmp_path_factory):
+    """A tiny latent model in the folder layout of CompVis/ldm-celebahq-256."""
+    from diffusers import DDIMScheduler, VQModel
+
+    path = tmp_path_factory.mktemp("tiny-latent")
+    make_tiny_unet(sample_size=8, in_channels=3).save_pretrained(path / "unet")
+    torch.manual_seed(1)
+    VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=4,
+        num_vq_embeddings=16,
+        vq_embed_dim=3,
+    ).save_pretrained(path / "vqvae")
+    DDIMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(path / "scheduler")
+    return path
