@@ -26,7 +26,9 @@ import numpy as np
 
 from hmine.config import RunConfig
 from hmine.stores import (
+    CONFIG_HASH,
     ArraySpec,
+    open_group,
     done_batches,
     batch_region,
     mark_complete,
@@ -123,15 +125,18 @@ def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) ->
     from hmine.sampling import Sampler
 
     started = time.perf_counter()
+    repaired: list[int] = []
     path = samples_path(config)
     n, b = config.sample.n_samples, config.sample.batch_size
     n_batches = -(-n // b)
     if store_state(path) == "complete":
-        from hmine.stores import open_group
-
-        if open_group(path).attrs.get("hmine:config_hash") == config.stage_hash("sample"):
-            logger.info("sample stage: %s is complete, nothing to do", path)
-            return StageResult(path, n_batches, 0, n_batches, 0, time.perf_counter() - started)
+        group = open_group(path, mode="r+")
+        if group.attrs.get(CONFIG_HASH) == config.stage_hash("sample"):
+            # the complete mark is not trusted blindly: chunks may have been lost since
+            repaired = verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)
+            if not repaired:
+                logger.info("sample stage: %s is complete, nothing to do", path)
+                return StageResult(path, n_batches, 0, n_batches, 0, time.perf_counter() - started)
     if model is None:
         model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
     sampler = Sampler(
@@ -148,7 +153,7 @@ def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) ->
     image_shape = (3, *image_size)
     arrays, attrs, coords = _store_template(config, shape_of_h, image_shape, sampler.timesteps.numpy())
     group = prepare_store(path, arrays, attrs, coords)
-    repaired = verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)
+    repaired = sorted(set(repaired) | set(verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)))
     if repaired:
         logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
     todo = [i for i, done in enumerate(done_batches(group, b)) if not done]

@@ -1,0 +1,54 @@
+import pytest
+
+from hmine.config import ConfigError, RunConfig, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_round_trip(tmp_path):
+    config = load_config(_write(tmp_path, "name: x\nsample:\n  n_samples: 8\n"))
+    assert config.sample.n_samples == 8 and config.model.h_position == "after"
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("sample:\n  n_sampels: 3\n", "sample.n_sampels"),
+        ("sample:\n  n_samples: 0\n", "sample.n_samples"),
+        ("sample:\n  n_samples: many\n", "sample.n_samples"),
+        ("sample:\n  num_inference_steps: 0\n", "sample.num_inference_steps"),
+        ("model:\n  h_position: inside\n", "model.h_position"),
+        ("sample:\n  eta: -1\n", "sample.eta"),
+        ("colour: red\n", "colour"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert f"'{field}'" in str(info.value)
+
+
+def test_eta_list_must_match_steps(tmp_path):
+    with pytest.raises(ConfigError, match="one eta per step"):
+        load_config(_write(tmp_path, "sample:\n  num_inference_steps: 3\n  eta: [0, 1]\n"))
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = _write(tmp_path, "name: x\n")
+    config = load_config(path, ["sample.n_samples=16", "model.h_position=before"])
+    assert config.sample.n_samples == 16 and config.model.h_position == "before"
+    with pytest.raises(ConfigError, match="sample.batch_size"):
+        load_config(path, ["sample.batch_size=-2"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["sample.batch_size"])
+
+
+def test_stage_hash_ignores_device_but_not_settings(tmp_path):
+    base = load_config(None)
+    assert base.stage_hash("sample") == load_config(None, ["model.device=cuda"]).stage_hash("sample")
+    assert base.stage_hash("sample") != load_config(None, ["sample.eta=1.0"]).stage_hash("sample")
