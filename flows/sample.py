@@ -32,4 +32,5 @@ def sample_images(config_json: str) -> dict:
 @flow(name="hmine-sample")
 def sample_flow(config_json: str) -> dict:
     """Stage 1: sample images and store per-step h."""
-    return sample_images(config_json)
+    state = sample_images(config_json, return_state=True)
+    return {**state.result(), "cache_hit": state.name == "Cached"}

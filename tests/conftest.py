@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One private Prefect home (database, cached results) for the whole test session.
+os.environ["HMINE_HOME"] = tempfile.mkdtemp(prefix="hmine-test-home-")
+
+from hmine.runtime import configure_environment  # noqa: E402
+
+configure_environment()
 
 import pytest
 import torch
