@@ -15,7 +15,9 @@ predicted-x0 and direction terms can take different eps (Asyrp, Kwon et al. 2023
     x_prev  = sqrt(a_prev) * P_t + D_t + sigma_t * z_t
 
 eta = 0 is DDIM, eta = 1 is DDPM-like; eta may differ per step. Without edits
-eps_P = eps_D = eps. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
+eps_P = eps_D = eps. When the model's scheduler config sets ``clip_sample`` (as
+google/ddpm-ema-celebahq-256 does), P_t is clipped to [-1, 1] exactly as diffusers'
+DDIMScheduler does. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
 unless ``asymmetric=True``, where it is the original eps (one extra U-Net pass per step).
 """
 
@@ -110,6 +112,10 @@ class Sampler:
         self.scheduler = DDIMScheduler.from_config(model.scheduler.config)
         self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps = self.scheduler.timesteps.clone()
+        self.clip_sample = bool(self.scheduler.config.get("clip_sample", False))
+        self.clip_sample_range = float(self.scheduler.config.get("clip_sample_range", 1.0))
+        if self.scheduler.config.get("thresholding", False):
+            raise ValueError("dynamic thresholding is not supported; set thresholding=False in the scheduler config")
 
     def _alphas(self, t: int) -> tuple[float, float]:
         sched = self.scheduler
@@ -123,8 +129,11 @@ class Sampler:
         a_t, a_prev = self._alphas(int(t))
         # 1. sigma_t of eq. 12 (Song et al. 2021), eq. 16 for eta
         sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
-        # 2. predicted x0, "P_t" in Asyrp's notation
+        # 2. predicted x0, "P_t" in Asyrp's notation; clipped like DDIMScheduler when the
+        #    model's scheduler asks for it (google/ddpm-* do), the direction keeps raw eps
         pred_x0 = (x_t - (1 - a_t) ** 0.5 * eps_P) / a_t**0.5
+        if self.clip_sample:
+            pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         # 3. direction pointing to x_t, "D_t"
         direction = (1 - a_prev - sigma**2) ** 0.5 * eps_D
         x_prev = a_prev**0.5 * pred_x0 + direction

@@ -10,14 +10,19 @@ def model(tiny_pixel_model_dir):
     return load_model(str(tiny_pixel_model_dir))
 
 
-def test_step_matches_diffusers_ddim_step(model):
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_step_matches_diffusers_ddim_step(model, clip_sample):
+    from dataclasses import replace
+
     from diffusers import DDIMScheduler
 
-    sampler = Sampler(model, num_inference_steps=5, eta=1.0)
-    ddim = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler = DDIMScheduler.from_config(model.scheduler.config, clip_sample=clip_sample)
+    sampler = Sampler(replace(model, scheduler=scheduler), num_inference_steps=5, eta=1.0)
+    assert sampler.clip_sample == clip_sample
+    ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(5)
     g = torch.Generator().manual_seed(0)
-    x, eps, z = (torch.randn(2, 3, 16, 16, generator=g) for _ in range(3))
+    x, eps, z = (3 * torch.randn(2, 3, 16, 16, generator=g) for _ in range(3))
     for t in ddim.timesteps:
         for eta in (0.0, 0.5, 1.0):
             ours = sampler.step(eps, eps, int(t), x, eta, z)
