@@ -63,6 +63,87 @@ class SampleConfig(_Frozen):
         return list(range(self.seed_start, self.seed_start + self.n_samples))
 
 
+class LabelConfig(_Frozen):
+    """The label stage: which labeller scores the images, and which attributes matter."""
+
+    labeller: Literal["world", "clip"] = "world"
+    classifier_path: Path | None = Field(None, description="world classifier folder; the embedded one if unset")
+    clip_model_id: str = "openai/clip-vit-base-patch32"
+    clip_revision: str | None = None
+    clip_prompts: dict[str, tuple[str, str]] = Field(
+        default_factory=dict, description="attribute -> (positive prompt, negative prompt)"
+    )
+    attributes: list[str] = Field(
+        default_factory=list, description="binary attributes (scores in [0, 1]) used downstream"
+    )
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _clip_needs_prompts(self):
+        if self.labeller == "clip" and not self.clip_prompts:
+            raise ValueError(
+                "label.clip_prompts is empty; give attribute: [positive prompt, negative prompt] pairs"
+            )
+        if self.labeller == "clip":
+            unknown = [a for a in self.attributes if a not in self.clip_prompts]
+            if unknown:
+                raise ValueError(f"label.attributes {unknown} have no entry in label.clip_prompts")
+        return self
+
+    @property
+    def required_attributes(self) -> list[str]:
+        return list(self.attributes)
+
+
+class DirectionsConfig(_Frozen):
+    """The direction stage: PCA, mean difference, linear probes, conditional projections."""
+
+    pca_components: int = Field(8, ge=1)
+    pca_modes: list[Literal["per_step", "all_steps"]] = ["per_step"]
+    top_k: int = Field(100, ge=1, description="samples per side for the mean difference")
+    probe_C: float = Field(1.0, gt=0)
+    probe_test_fraction: float = Field(0.25, gt=0, lt=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="binarises attribute scores")
+    conditional: dict[str, list[str]] = Field(
+        default_factory=dict, description="attribute -> attributes whose directions are projected away"
+    )
+    memory_budget_gb: float = Field(4.0, gt=0, description="above this PCA runs out of core with dask")
+    random_state: int = 0
+
+
+class EditConfig(_Frozen):
+    """The edit stage: apply directions to stored samples and measure what changes."""
+
+    directions: list[str] = Field(
+        default_factory=list, description="direction names to apply; empty = every supervised direction"
+    )
+    n_samples: int = Field(64, ge=1, description="the first N samples of the run are edited")
+    scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    t_edit: int | None = Field(None, ge=0, description="edit only steps with timestep >= t_edit")
+    asymmetric: bool = False
+    batch_size: int = Field(64, ge=1)
+    strip_samples: int = Field(6, ge=1, description="samples shown per PNG strip")
+
+
+class JacobianConfig(_Frozen):
+    """The Jacobian stage: per-image top singular directions of d eps / d h."""
+
+    n_samples: int = Field(4, ge=0, description="the first N samples get Jacobian directions")
+    k: int = Field(3, ge=1)
+    steps: list[int] | None = Field(None, description="timestep values to analyse; all if unset")
+    mask: Literal["none", "shape", "background", "files"] = "none"
+    mask_dir: Path | None = Field(None, description="one <seed>.npy or <seed>.png per sample, for mask: files")
+    tol: float = Field(1e-3, gt=0)
+    max_iter: int = Field(50, ge=1)
+    edit_scales: list[float] = [-1.0, 0.0, 1.0]
+
+    @model_validator(mode="after")
+    def _files_need_a_folder(self):
+        if self.mask == "files" and self.mask_dir is None:
+            raise ValueError("jacobian.mask is 'files' but jacobian.mask_dir is not set")
+        return self
+
+
 class RunConfig(_Frozen):
     """A whole mining run: where it writes and the settings of every stage."""
 
@@ -71,6 +152,10 @@ class RunConfig(_Frozen):
     report_root: Path = Path("reports")
     model: ModelConfig = ModelConfig()
     sample: SampleConfig = SampleConfig()
+    label: LabelConfig = LabelConfig()
+    directions: DirectionsConfig = DirectionsConfig()
+    edit: EditConfig = EditConfig()
+    jacobian: JacobianConfig = JacobianConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -81,9 +166,21 @@ class RunConfig(_Frozen):
         return config_hash(self.stage_inputs(stage))
 
     def stage_inputs(self, stage: str) -> dict:
+        # Each stage's inputs are its own settings plus those of the stages it reads.
         model = self.model.model_dump(mode="json", exclude={"device"})
+        sample = {"model": model, "sample": self.sample.model_dump(mode="json")}
+        label = {**sample, "label": self.label.model_dump(mode="json", exclude={"batch_size"})}
+        directions = {**label, "directions": self.directions.model_dump(mode="json")}
         if stage == "sample":
-            return {"model": model, "sample": self.sample.model_dump(mode="json")}
+            return sample
+        if stage == "label":
+            return label
+        if stage == "directions":
+            return directions
+        if stage == "edit":
+            return {**directions, "edit": self.edit.model_dump(mode="json", exclude={"batch_size", "strip_samples"})}
+        if stage == "jacobian":
+            return {**sample, "jacobian": self.jacobian.model_dump(mode="json")}
         raise KeyError(f"unknown stage {stage!r}")
 
 

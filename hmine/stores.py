@@ -237,3 +237,42 @@ def store_uuid(path: Path) -> str | None:
     if store_state(path) != "complete":
         return None
     return open_group(path).attrs.get(STORE_UUID)
+
+
+# --------------------------------------------------------------------------------------
+# Tables (parquet): written whole, atomically, with hmine metadata in the schema
+# --------------------------------------------------------------------------------------
+
+_TABLE_META_KEY = b"hmine"
+
+
+def write_table(frame, path: Path, meta: dict) -> None:
+    """Write a DataFrame to parquet via a temp file and rename, with ``meta`` in its schema.
+
+    A reader never sees a half-written table: the file either does not exist yet or is
+    complete, and its metadata says which config and upstream store produced it.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame)
+    metadata = dict(table.schema.metadata or {})
+    metadata[_TABLE_META_KEY] = json.dumps({**meta, COMPLETE: True}).encode()
+    table = table.replace_schema_metadata(metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def table_meta(path: Path) -> dict | None:
+    """hmine metadata of a parquet table, or None if it is missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError):
+        return None
+    raw = metadata.get(_TABLE_META_KEY)
+    return json.loads(raw) if raw else None

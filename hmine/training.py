@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from hmine import world
+from hmine.imaging import write_image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,6 @@ def export_ddpm(unet, scheduler, export_dir: Path) -> None:
 def save_sample_grid(unet, scheduler, path: Path, n: int = 64, steps: int = 10, seed: int = 0):
     """Sample ``n`` images with 10-step DDIM and save them as an 8-wide PNG grid."""
     from diffusers import DDIMScheduler
-    from PIL import Image
 
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
@@ -223,19 +223,4 @@ def save_sample_grid(unet, scheduler, path: Path, n: int = 64, steps: int = 10, 
     for t in ddim.timesteps:
         x = ddim.step(unet(x, t).sample, t, x).prev_sample
     unet.train(was_training)
-    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    write_image_grid(images, path, columns=8)
-
-
-def write_image_grid(images: np.ndarray, path: Path, columns: int = 8, pad: int = 2) -> None:
-    """Save uint8 images of shape (n, 3, H, W) as one PNG grid."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
-    Image.fromarray(canvas).save(path)
+    write_image_grid(x.numpy(), path, columns=8)

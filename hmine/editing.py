@@ -1,0 +1,55 @@
+"""Edits in h-space: deltas from unit directions and scales, and their application.
+
+The scale convention is the one of :mod:`hmine.directions`: a direction is stored as a
+unit vector per step ``u_t`` with ``scale_unit_t``, the standard deviation of the data
+projected on ``u_t``. An edit at scale ``s`` adds ``s * scale_unit_t * u_t`` to h at every
+edited step, so a scale of 1 moves h by one standard deviation of the data along the
+direction, whichever method found it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hmine.imaging import write_image_grid
+from hmine.sampling import Sampler
+
+
+def edit_steps_from(timesteps: Sequence[int], t_edit: int | None) -> list[bool]:
+    """Which steps are edited: every step with timestep >= ``t_edit`` (all when None)."""
+    return [t_edit is None or int(t) >= t_edit for t in timesteps]
+
+
+def delta_for(unit: np.ndarray, scale_unit: np.ndarray, scale: float) -> torch.Tensor:
+    """delta_h of shape (step, channel, y, x) = scale * scale_unit_t * u_t."""
+    unit = np.asarray(unit, dtype=np.float32)
+    scale_unit = np.asarray(scale_unit, dtype=np.float32).reshape(-1, *([1] * (unit.ndim - 1)))
+    return torch.from_numpy(float(scale) * scale_unit * unit)
+
+
+def regenerate_with_delta(
+    sampler: Sampler,
+    seeds: Sequence[int],
+    delta_h: torch.Tensor,
+    *,
+    t_edit: int | None = None,
+    asymmetric: bool = False,
+) -> np.ndarray:
+    """Regenerate ``seeds`` with ``delta_h`` (step, C, H, W) or (batch, step, C, H, W); images as numpy."""
+    out = sampler.sample(
+        list(seeds),
+        delta_h=delta_h,
+        edit_steps=edit_steps_from(sampler.timesteps.tolist(), t_edit),
+        asymmetric=asymmetric,
+        record_h=False,
+    )
+    return out.images.float().cpu().numpy()
+
+
+def write_strip(images: np.ndarray, path, *, upscale: int = 1) -> None:
+    """Save images (rows, columns, 3, H, W) in [-1, 1] as one PNG: rows are samples, columns scales."""
+    rows, cols = images.shape[:2]
+    write_image_grid(images.reshape(rows * cols, *images.shape[2:]), path, columns=cols, upscale=upscale)

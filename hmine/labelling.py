@@ -1,0 +1,74 @@
+"""Labellers: score images for attributes, one column per attribute.
+
+A labeller has a ``name``, the tuple of ``attributes`` it scores and a
+``score(images) -> DataFrame`` method taking images (n, 3, H, W) in [-1, 1] and returning
+one float column per attribute, one row per image, in order. Binary attributes are
+scored as probabilities in [0, 1] so that thresholds and score changes read the same
+for every labeller.
+
+* :class:`WorldLabeller` — the embedded shapes world's attribute classifier;
+* :class:`hmine.clip_labeller.ClipLabeller` — CLIP zero-shot prompt pairs.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def embedded_classifier_path() -> Path:
+    """Folder of the shapes-world attribute classifier shipped inside the package."""
+    return Path(str(resources.files("hmine") / "embedded" / "shapes-classifier"))
+
+
+class WorldLabeller:
+    """Scores of the shapes-world classifier: factors, class probabilities, binary attributes.
+
+    Parameters
+    ----------
+    path : Path, optional
+        Classifier folder (``config.json`` + ``model.safetensors``); the embedded one by default.
+    batch_size : int, default=256
+    """
+
+    name = "world"
+
+    def __init__(self, path: Path | None = None, *, batch_size: int = 256):
+        from hmine.classifier import load_classifier
+
+        self.path = Path(path) if path is not None else embedded_classifier_path()
+        self.model = load_classifier(self.path)
+        self.batch_size = batch_size
+        probe = self.score(np.zeros((1, 3, 32, 32), dtype=np.float32))
+        self.attributes = tuple(probe.columns)
+
+    def score(self, images) -> pd.DataFrame:
+        from hmine.classifier import predict_attributes
+
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.asarray(images, dtype=np.float32))
+        if images.shape[-2:] != (32, 32):
+            raise ValueError(
+                f"the shapes-world classifier scores 32x32 images, got {tuple(images.shape[-2:])}; "
+                "use label.labeller: clip for other models"
+            )
+        table = predict_attributes(self.model, images.float(), batch_size=self.batch_size)
+        return table.astype(np.float64)
+
+
+def make_labeller(config):
+    """The labeller a :class:`hmine.config.LabelConfig` asks for."""
+    if config.labeller == "world":
+        return WorldLabeller(config.classifier_path, batch_size=config.batch_size)
+    from hmine.clip_labeller import ClipLabeller
+
+    return ClipLabeller(
+        {k: tuple(v) for k, v in config.clip_prompts.items()},
+        model_id=config.clip_model_id,
+        revision=config.clip_revision,
+        batch_size=config.batch_size,
+    )

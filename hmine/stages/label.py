@@ -1,0 +1,118 @@
+"""Label stage: score every sample's image with a labeller into ``labels.parquet``.
+
+One row per sample, indexed by the sample's seed (index name ``seed``), one float column
+per attribute score; read it with ``pd.read_parquet(run_dir / "labels.parquet")``.
+
+The table is keyed by the label stage's config hash and the identity (uuid) of the
+samples store it was computed from; a rerun with both unchanged does nothing. Work in
+progress is kept per batch in ``labels.parts/`` (one parquet file per batch, each
+written atomically), so a killed run resumes; the final table is written atomically
+last, so a half-written table never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hmine.config import RunConfig
+from hmine.stages.sample import StageResult, samples_path
+from hmine.stores import STORE_UUID, open_group, store_state, table_meta, write_table
+
+logger = logging.getLogger(__name__)
+
+LABELS_TABLE = "labels.parquet"
+
+
+def labels_path(config: RunConfig) -> Path:
+    return config.run_dir / LABELS_TABLE
+
+
+def label_identity(config: RunConfig) -> dict:
+    """What the labels depend on: the stage config and the samples store they read."""
+    return {
+        "hmine:config_hash": config.stage_hash("label"),
+        "hmine:samples_uuid": open_group(samples_path(config)).attrs[STORE_UUID],
+    }
+
+
+def read_labels(config: RunConfig) -> pd.DataFrame:
+    """The label table of a run, refusing one that is missing or from another config."""
+    path = labels_path(config)
+    meta = table_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is missing; run `hmine label` first")
+    if meta.get("hmine:config_hash") != config.stage_hash("label"):
+        raise ValueError(f"{path} was written by another label config; rerun `hmine label`")
+    return pd.read_parquet(path)
+
+
+def run_label_stage(config: RunConfig, *, labeller=None, progress: bool = True) -> StageResult:
+    """Label every sample of the run's complete samples store.
+
+    Parameters
+    ----------
+    config : RunConfig
+    labeller : object with ``score(images) -> DataFrame``, optional
+        Built from ``config.label`` when not given.
+    """
+    from hmine.labelling import make_labeller
+
+    started = time.perf_counter()
+    out_path = labels_path(config)
+    source = samples_path(config)
+    if store_state(source) != "complete":
+        raise FileNotFoundError(f"{source} is not complete; run the sample stage first")
+    identity = label_identity(config)
+    meta = table_meta(out_path)
+    if meta is not None and all(meta.get(k) == v for k, v in identity.items()):
+        logger.info("label stage: %s is up to date", out_path)
+        return StageResult(out_path, 1, 0, 1, 0, time.perf_counter() - started)
+
+    parts = out_path.with_name("labels.parts")
+    manifest = parts / "identity.json"
+    if parts.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != identity):
+        shutil.rmtree(parts)  # parts of another config or samples store: start over
+    parts.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(identity))
+
+    labeller = labeller or make_labeller(config.label)
+    missing = [a for a in config.label.required_attributes if a not in labeller.attributes]
+    if missing:
+        raise ValueError(
+            f"label.attributes names {missing}, which labeller {labeller.name!r} does not score; "
+            f"it scores {list(labeller.attributes)}"
+        )
+    group = open_group(source)
+    seeds = group["sample"][...]
+    batch = config.label.batch_size
+    n_batches = -(-len(seeds) // batch)
+    todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
+    iterator = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc="label", unit="batch")
+    for b in iterator:
+        region = slice(b * batch, min(len(seeds), (b + 1) * batch))
+        scores = labeller.score(np.asarray(group["x0"][region], dtype=np.float32))
+        scores.index = pd.Index(seeds[region], name="seed")
+        tmp = parts / f"part-{b:06d}.parquet.tmp"
+        scores.to_parquet(tmp)
+        tmp.replace(parts / f"part-{b:06d}.parquet")
+    table = pd.concat([pd.read_parquet(parts / f"part-{b:06d}.parquet") for b in range(n_batches)])
+    write_table(
+        table,
+        out_path,
+        {**identity, "hmine:labeller": labeller.name, "hmine:stage_config": json.dumps(config.stage_inputs("label"), sort_keys=True)},
+    )
+    shutil.rmtree(parts)
+    seconds = time.perf_counter() - started
+    logger.info("label stage: %d of %d batches labelled in %.1f s", len(todo), n_batches, seconds)
+    return StageResult(out_path, n_batches, len(todo), n_batches - len(todo), 0, seconds)
