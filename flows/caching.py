@@ -1,21 +1,34 @@
-"""Cache keys for whole stages: the stage's config hash plus the identity of its store.
+"""Cache keys for whole stages: the stage's config hash plus the identity of its output.
 
-A stage's Prefect result is reused only when its output store is complete and is the same
-store (same ``hmine:store_uuid``) the result was computed for; a deleted, repaired or
-partial store gives a key that matches nothing, so the stage body runs and resumes from
-the store's own done-marks.
+A stage's Prefect result is reused only when its output is complete and is the same
+output (same ``hmine:store_uuid`` for a zarr store, same metadata for a table) the
+result was computed for; a deleted, repaired or partial output gives a key that matches
+nothing, so the stage body runs and resumes from the output's own done-marks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from pathlib import Path
 
-from hmine.stores import store_uuid
+from hmine.stores import store_uuid, table_meta
 
 
-def stage_cache_key(stage: str, config_hash: str, store_path: Path) -> str:
-    identity = store_uuid(Path(store_path))
+def output_identity(path: Path) -> str | None:
+    """A string naming a complete stage output, None when it is missing or partial."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        meta = table_meta(path)
+        if meta is None:
+            return None
+        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return store_uuid(path)
+
+
+def stage_cache_key(stage: str, config_hash: str, output_path: Path) -> str:
+    identity = output_identity(output_path)
     if identity is None:
         identity = "pending-" + uuid.uuid4().hex  # never matches a stored result
     return f"hmine-{stage}-{config_hash}-{identity}"

@@ -38,8 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a config, resuming what exists")
     _add_config_args(p)
-    p = sub.add_parser("sample", help="stage 1: sample images and store per-step h")
-    _add_config_args(p)
+    for stage, text in [
+        ("sample", "stage 1: sample images and store per-step h"),
+        ("label", "stage 2: score every sample's image with the labeller"),
+        ("directions", "stage 3: PCA, mean-difference, probe and conditional directions"),
+        ("edit", "stage 4: apply directions at several scales and measure the effect"),
+        ("jacobian", "stage 5: per-image Jacobian directions by subspace iteration"),
+        ("report", "write the HTML report of a run"),
+    ]:
+        _add_config_args(sub.add_parser(stage, help=text))
 
     p = sub.add_parser("status", help="per stage: complete / partial / missing / stale")
     p.add_argument("run_dir", type=Path)
@@ -109,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             from hmine.pipeline import STAGES
 
             return _run_stages(args, STAGES)
-        if args.command == "sample":
-            return _run_stages(args, ("sample",))
+        if args.command in ("sample", "label", "directions", "edit", "jacobian", "report"):
+            return _run_stages(args, (args.command,))
         if args.command == "status":
             return _status(args)
         if args.command == "train-embedded":

@@ -15,8 +15,14 @@ from pathlib import Path
 from hmine.config import RunConfig
 from hmine.stores import CONFIG_HASH, open_group, store_state
 
-STAGE_OUTPUTS = {"sample": "samples.zarr"}
-STAGES = tuple(STAGE_OUTPUTS)
+STAGE_OUTPUTS = {
+    "sample": "samples.zarr",
+    "label": "labels.parquet",
+    "directions": "directions.zarr",
+    "edit": "edits.zarr",
+    "jacobian": "jacobian.zarr",
+}
+STAGES = (*STAGE_OUTPUTS, "report")
 
 
 @dataclass
@@ -52,8 +58,25 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
     statuses = []
     for stage, output in STAGE_OUTPUTS.items():
         expected = config.stage_hash(stage) if config is not None else None
-        statuses.append(_zarr_status(stage, run_dir / output, expected))
+        if output.endswith(".parquet"):
+            statuses.append(_table_status(stage, run_dir / output, expected))
+        else:
+            statuses.append(_zarr_status(stage, run_dir / output, expected))
     return statuses
+
+
+def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:
+    from hmine.stores import table_meta
+
+    meta = table_meta(path)
+    parts = path.with_name(path.stem + ".parts")
+    if meta is None:
+        if parts.exists():
+            return StageStatus(stage, "partial", f"{len(list(parts.glob('part-*.parquet')))} batches done")
+        return StageStatus(stage, "missing", path.name)
+    if expected_hash is not None and meta.get(CONFIG_HASH) != expected_hash:
+        return StageStatus(stage, "stale", f"written by config {meta.get(CONFIG_HASH)}")
+    return StageStatus(stage, "complete", path.name)
 
 
 def write_run_config(config: RunConfig) -> Path:
@@ -66,21 +89,63 @@ def write_run_config(config: RunConfig) -> Path:
     return path
 
 
+def run_stage(stage: str, config: RunConfig) -> dict:
+    """Run one stage as a plain function; return a small JSON-able summary."""
+    if stage == "report":
+        from hmine.report import build_report
+
+        return {"path": str(build_report(config)), "computed": 1, "skipped": 0}
+    if stage == "sample":
+        from hmine.stages.sample import run_sample_stage as run
+    elif stage == "label":
+        from hmine.stages.label import run_label_stage as run
+    elif stage == "directions":
+        from hmine.stages.directions import run_directions_stage as run
+    elif stage == "edit":
+        from hmine.stages.edit import run_edit_stage as run
+    elif stage == "jacobian":
+        from hmine.stages.jacobian import run_jacobian_stage as run
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    result = run(config)
+    return {
+        "path": str(result.path),
+        "computed": result.computed,
+        "skipped": result.skipped,
+        "repaired": result.repaired,
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> None:
+    record = {
+        "stage": stage,
+        "seconds": round(seconds, 2),
+        "computed": summary.get("computed", 0),
+        "skipped": summary.get("skipped", 0),
+        "cache_hit": bool(summary.get("cache_hit", False)) or summary.get("computed", 1) == 0,
+    }
+    with open(config.run_dir / "run_log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
 def run_stages(config: RunConfig, stages: tuple[str, ...] = STAGES, *, use_prefect: bool = True) -> dict:
-    """Run the given stages in order; with Prefect each stage is a flow run."""
+    """Run the given stages in order, logging each one's time and cache use in run_log.jsonl."""
+    import time
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown}; stages are {', '.join(STAGES)}")
     results = {}
     config_json = config.model_dump_json()
     for stage in stages:
-        if stage == "sample":
-            if use_prefect:
-                from flows.sample import sample_flow
+        started = time.perf_counter()
+        if use_prefect:
+            from flows.stages import pipeline_flow
 
-                results[stage] = sample_flow(config_json)
-            else:
-                from hmine.stages.sample import run_sample_stage
-
-                r = run_sample_stage(config)
-                results[stage] = {"path": str(r.path), "computed": r.computed, "skipped": r.skipped}
+            summary = pipeline_flow(config_json, [stage])[stage]
         else:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            summary = run_stage(stage, config)
+        _log_stage(config, stage, summary, time.perf_counter() - started)
+        results[stage] = summary
     return results

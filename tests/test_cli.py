@@ -72,7 +72,7 @@ def test_other_config_on_same_run_dir_is_refused(config_file, tmp_path):
 def test_second_run_on_a_locked_run_dir_is_refused_at_once(config_file, tmp_path):
     run_dir = tmp_path / "stores" / "cli"
     with RunLock(run_dir):
-        out = _run(["run", str(config_file), "--no-prefect"], tmp_path)
+        out = _run(["sample", str(config_file), "--no-prefect"], tmp_path)
     assert out.returncode == 2 and "in use by process" in out.stderr
-    # the lock dies with its holder: a later run gets it
-    assert _run(["run", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+    # released by its holder: a later run gets it
+    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0

@@ -8,7 +8,7 @@ from hmine.config import load_config
 
 
 def test_sample_flow_runs_then_is_served_from_cache(tiny_pixel_model_dir, tmp_path):
-    from flows.sample import sample_flow
+    from flows.stages import sample_flow
 
     config = load_config(
         None,

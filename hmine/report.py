@@ -1,0 +1,212 @@
+"""The HTML report of a run: one page that opens offline, images beside it.
+
+``reports/<run>/index.html`` reads only the run's stores and tables, so it can be rebuilt
+at any time with ``hmine report CONFIG``. Sections: provenance, sample grid, PCA,
+per-attribute probes and edit strips, the attribute-change matrix, Jacobian directions.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hmine.config import RunConfig
+from hmine.imaging import write_image_grid
+
+REPORT_STAGES = ("sample", "label", "directions", "edit", "jacobian")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _table(frame: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    return frame.to_html(float_format=lambda v: float_format.format(v), border=0, classes="data")
+
+
+def _img(src: str, alt: str, width: int | None = None) -> str:
+    style = f' style="width:{width}px;image-rendering:pixelated"' if width else ' style="image-rendering:pixelated"'
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}"{style}>'
+
+
+def read_run_log(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "run_log.jsonl"
+    if not path.exists():
+        return pd.DataFrame(columns=["stage", "seconds", "computed", "skipped", "cache_hit"])
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def attribute_change_matrix(effects: pd.DataFrame, attributes: list[str], scale: float | None = None) -> pd.DataFrame:
+    """Rows: directions; columns: attributes; values: mean score change at ``scale``.
+
+    ``scale`` defaults to the largest positive scale edited (Haas et al. Table I reads one
+    fixed edit strength).
+    """
+    if scale is None:
+        scale = float(effects.loc[effects["scale"] > 0, "scale"].max())
+    chosen = effects[(effects["scale"] == scale) & (effects["attribute"].isin(attributes))]
+    matrix = chosen.pivot(index="direction", columns="attribute", values="mean_change")
+    return matrix.reindex(columns=[a for a in attributes if a in matrix.columns])
+
+
+def build_report(config: RunConfig) -> Path:
+    """Write ``<report_root>/<name>/index.html`` and its images; return the page's path."""
+    import xarray as xr
+
+    run_dir = config.run_dir
+    out = config.report_root / config.name
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "img").mkdir(parents=True)
+    plt = _plt()
+    sections: list[str] = []
+
+    # -- provenance ------------------------------------------------------------------
+    samples = xr.open_zarr(run_dir / "samples.zarr", consolidated=False)
+    log = read_run_log(run_dir)
+    import hmine
+
+    prov = [
+        f"<p>Run <b>{html.escape(config.name)}</b>, model <code>{html.escape(config.model.id)}</code>, "
+        f"h position <code>{config.model.h_position}</code>, {samples.sizes['sample']} samples, "
+        f"{samples.sizes['step']} steps, eta {config.sample.eta}. hmine {hmine.__version__}, "
+        f"git <code>{html.escape(str(samples.attrs.get('hmine:git_sha', '?'))[:12])}</code>.</p>",
+        "<table class='data'><tr><th>stage</th><th>config hash</th></tr>"
+        + "".join(f"<tr><td>{s}</td><td><code>{config.stage_hash(s)}</code></td></tr>" for s in REPORT_STAGES)
+        + "</table>",
+    ]
+    if len(log):
+        prov.append("<h3>Stage timings and cache hits (latest invocation of each stage)</h3>")
+        latest = log.groupby("stage").tail(1).set_index("stage")
+        prov.append(_table(latest, "{:.2f}"))
+    prov.append(f"<details><summary>config</summary><pre>{html.escape(config.model_dump_json(indent=2))}</pre></details>")
+    sections.append("<h2>Provenance</h2>" + "".join(prov))
+
+    # -- samples ---------------------------------------------------------------------
+    n_grid = min(64, samples.sizes["sample"])
+    write_image_grid(samples["x0"][:n_grid].values, out / "img" / "samples.png", columns=16, upscale=3)
+    sections.append("<h2>Sample stage</h2><p>The first samples of the run (seed order).</p>" + _img("img/samples.png", "sample grid"))
+
+    # -- label -----------------------------------------------------------------------
+    labels_file = run_dir / "labels.parquet"
+    attributes = list(config.label.attributes)
+    if labels_file.exists():
+        labels = pd.read_parquet(labels_file)
+        frac = labels[attributes].gt(config.directions.threshold).mean().to_frame("fraction positive")
+        corr = labels[attributes].gt(config.directions.threshold).astype(float).corr()
+        sections.append(
+            f"<h2>Label stage</h2><p>Labeller <code>{config.label.labeller}</code>; {len(labels)} samples.</p>"
+            + _table(frac) + "<h3>Correlation of the binary decisions</h3>" + _table(corr)
+        )
+    else:
+        sections.append("<h2>Label stage</h2><p>Not run.</p>")
+
+    # -- directions ------------------------------------------------------------------
+    directions_file = run_dir / "directions.zarr"
+    if directions_file.exists():
+        from hmine.directions import open_directions
+
+        directions = open_directions(directions_file)
+        methods = directions["method"].values.astype(str)
+        steps = directions["step"].values
+        parts = []
+        pca = directions.sel(direction=methods == "pca")
+        if pca.sizes["direction"]:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            evr = pca["explained_variance_ratio"].values
+            for c in range(evr.shape[0]):
+                ax.plot(steps, evr[c], marker="o", label=f"PC {c}")
+            ax.set_xlabel("timestep"); ax.set_ylabel("explained variance ratio"); ax.invert_xaxis()
+            ax.legend(fontsize=7, ncol=2); fig.tight_layout(); fig.savefig(out / "img" / "pca_evr.png", dpi=110); plt.close(fig)
+            parts.append("<h3>PCA: explained variance per timestep</h3>" + _img("img/pca_evr.png", "PCA explained variance"))
+        probe = directions.sel(direction=methods == "probe")
+        if probe.sizes["direction"]:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            for i, name in enumerate(probe["attribute"].values.astype(str)):
+                ax.plot(steps, probe["probe_accuracy"].values[i], marker="o", label=name)
+            ax.set_xlabel("timestep"); ax.set_ylabel("held-out probe accuracy"); ax.invert_xaxis(); ax.set_ylim(0.4, 1.01)
+            ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(out / "img" / "probe_acc.png", dpi=110); plt.close(fig)
+            parts.append("<h3>Linear probes: held-out accuracy per timestep</h3>" + _img("img/probe_acc.png", "probe accuracy"))
+        sections.append("<h2>Direction stage</h2>" + "".join(parts))
+    else:
+        sections.append("<h2>Direction stage</h2><p>Not run.</p>")
+
+    # -- edits -----------------------------------------------------------------------
+    effects_file = run_dir / "edit_effects.parquet"
+    strips_dir = run_dir / "edit_strips"
+    if effects_file.exists():
+        effects = pd.read_parquet(effects_file)
+        parts = []
+        matrix = attribute_change_matrix(effects, attributes)
+        if len(matrix):
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * matrix.shape[1], 0.9 + 0.4 * matrix.shape[0]))
+            im = ax.imshow(matrix.values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+            ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
+            for (r, c), v in np.ndenumerate(matrix.values):
+                ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.04); fig.tight_layout()
+            fig.savefig(out / "img" / "attribute_change.png", dpi=110); plt.close(fig)
+            scale = float(effects.loc[effects["scale"] > 0, "scale"].max())
+            parts.append(
+                f"<h3>Attribute-change matrix (scale {scale:+g})</h3><p>Mean change of each attribute score "
+                "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
+                + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
+            )
+        for attribute in attributes:
+            shown = []
+            for name in sorted(effects["direction"].unique()):
+                if attribute not in name.split("/")[-1].split("|")[0:1]:
+                    continue
+                from hmine.stages.edit import strip_filename
+
+                src = strips_dir / strip_filename(name)
+                if src.exists():
+                    shutil.copy(src, out / "img" / src.name)
+                    shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
+            if shown:
+                parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
+        sections.append("<h2>Edit stage</h2>" + "".join(parts))
+    else:
+        sections.append("<h2>Edit stage</h2><p>Not run.</p>")
+
+    # -- jacobian --------------------------------------------------------------------
+    jac_dir = run_dir / "jacobian_strips"
+    if (run_dir / "jacobian.zarr").exists():
+        shown = []
+        for src in sorted(jac_dir.glob("*.png")) if jac_dir.exists() else []:
+            shutil.copy(src, out / "img" / ("jac-" + src.name))
+            shown.append(f"<figure>{_img('img/jac-' + src.name, src.stem, 260)}<figcaption>{html.escape(src.stem)}</figcaption></figure>")
+        sections.append(
+            f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>. Each strip: mask, then the "
+            "top direction's edit at the configured scales.</p><div class='row'>" + "".join(shown) + "</div>"
+        )
+    else:
+        sections.append("<h2>Jacobian stage</h2><p>Not run.</p>")
+
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>hmine report: {html.escape(config.name)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 1em auto; color: #222; }}
+table.data {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }}
+table.data td, table.data th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 0.75em; }}
+</style></head><body>
+<h1>hmine report: {html.escape(config.name)}</h1>
+{''.join(f'<section>{s}</section>' for s in sections)}
+</body></html>
+"""
+    page_path = out / "index.html"
+    page_path.write_text(page)
+    return page_path

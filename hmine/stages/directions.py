@@ -1,0 +1,82 @@
+"""Direction stage: PCA, mean-difference, probe and conditional directions into ``directions.zarr``.
+
+Read it with ``xr.open_zarr(run_dir / "directions.zarr", consolidated=False)``: unit
+vectors ``direction`` with dims (direction, step, channel, y, x), ``scale_unit``
+(direction, step) and per-direction statistics; the coords ``name``, ``method``,
+``attribute`` and ``component`` say what each direction is. The store is keyed by the
+stage's config hash and the identity of the labels and samples it was fitted on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from hmine.config import RunConfig
+from hmine.stages.label import labels_path, read_labels
+from hmine.stages.sample import StageResult, samples_path
+from hmine.stores import STORE_UUID, open_group, store_state, table_meta
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS_STORE = "directions.zarr"
+
+
+def directions_path(config: RunConfig) -> Path:
+    return config.run_dir / DIRECTIONS_STORE
+
+
+def directions_identity(config: RunConfig) -> dict:
+    """What the directions depend on: the stage config and the upstream stores' identities."""
+    labels = table_meta(labels_path(config)) or {}
+    return {
+        "hmine:config_hash": config.stage_hash("directions"),
+        "hmine:samples_uuid": open_group(samples_path(config)).attrs[STORE_UUID],
+        "hmine:labels_samples_uuid": labels.get("hmine:samples_uuid", ""),
+    }
+
+
+def run_directions_stage(config: RunConfig) -> StageResult:
+    """Fit every configured direction on the run's h and labels and write them atomically."""
+    import xarray as xr
+
+    from hmine.directions import fit_directions, write_directions
+
+    started = time.perf_counter()
+    path = directions_path(config)
+    identity = directions_identity(config)
+    if store_state(path) == "complete":
+        attrs = open_group(path).attrs
+        if all(attrs.get(k) == v for k, v in identity.items()):
+            logger.info("directions stage: %s is up to date", path)
+            return StageResult(path, 1, 0, 1, 0, time.perf_counter() - started)
+    labels = read_labels(config)
+    attributes = list(config.label.attributes)
+    missing = [a for a in attributes if a not in labels.columns]
+    if missing:
+        raise ValueError(f"labels.parquet has no column {missing}; check label.attributes")
+    for attribute, others in config.directions.conditional.items():
+        unknown = [a for a in [attribute, *others] if a not in attributes]
+        if unknown:
+            raise ValueError(
+                f"directions.conditional names {unknown}, which are not in label.attributes {attributes}"
+            )
+    h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
+    directions = fit_directions(
+        h,
+        labels,
+        pca_components=config.directions.pca_components,
+        pca_modes=list(config.directions.pca_modes),
+        attributes=attributes,
+        top_k=config.directions.top_k,
+        probe_C=config.directions.probe_C,
+        conditional={k: list(v) for k, v in config.directions.conditional.items()},
+        memory_budget_bytes=int(config.directions.memory_budget_gb * 2**30),
+        random_state=config.directions.random_state,
+    )
+    directions.attrs.update({**identity, STORE_UUID: __import__("uuid").uuid4().hex})
+    write_directions(directions, path)
+    seconds = time.perf_counter() - started
+    logger.info("directions stage: %d directions in %.1f s", directions.sizes["direction"], seconds)
+    return StageResult(path, 1, 1, 0, 0, seconds)
