@@ -142,3 +142,21 @@ def binary_attributes(factors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "is_top": factors["y"] < CENTER,
         "is_light_bg": factors["background"] > BG_LIGHT_THRESHOLD,
     }
+
+
+def foreground_mask(images: np.ndarray, min_contrast: float = 0.2) -> np.ndarray:
+    """The shape's region in images of this world (generated ones included), (n, H, W) bool.
+
+    The background is flat, so its colour is the median of the border pixels. A pixel is
+    foreground when its colour distance to the background is more than half the largest
+    distance in the image, i.e. when the shape covers more than half of it (edges are
+    antialiased); ``min_contrast`` keeps a shapeless image from being all foreground.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    border = np.concatenate(
+        [images[:, :, 0, :], images[:, :, -1, :], images[:, :, :, 0], images[:, :, :, -1]], axis=2
+    )
+    background = np.median(border, axis=2)[:, :, None, None]  # (n, 3, 1, 1)
+    distance = np.sqrt(((images - background) ** 2).sum(axis=1))
+    threshold = np.maximum(0.5 * distance.max(axis=(1, 2), keepdims=True), min_contrast)
+    return distance > threshold
