@@ -1,0 +1,81 @@
+"""Label stage mechanics with a simple deterministic labeller (the real ones have their own tests)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmine.config import load_config
+from hmine.stages.label import label_identity, labels_path, read_labels, run_label_stage
+from hmine.stages.sample import run_sample_stage
+from hmine.stores import table_meta
+
+
+class RednessLabeller:
+    """Scores 'is_reddish' as the mean of (red - blue) mapped to [0, 1]; counts its calls."""
+
+    name = "redness"
+    attributes = ("is_reddish", "brightness")
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, images):
+        self.calls += 1
+        images = np.asarray(images, dtype=np.float64)
+        redness = (images[:, 0] - images[:, 2]).mean(axis=(1, 2))
+        return pd.DataFrame({"is_reddish": 1 / (1 + np.exp(-4 * redness)), "brightness": images.mean(axis=(1, 2, 3))})
+
+
+@pytest.fixture
+def sampled(tiny_pixel_model_dir, tmp_path):
+    config = load_config(
+        None,
+        [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=lab", "sample.n_samples=10",
+         "sample.batch_size=4", "sample.num_inference_steps=2", "label.batch_size=3", "label.attributes=[is_reddish]"],
+    )
+    run_sample_stage(config, progress=False)
+    return config
+
+
+def test_labels_table_is_keyed_by_seed_and_matches_the_labeller(sampled):
+    import xarray as xr
+
+    labeller = RednessLabeller()
+    run_label_stage(sampled, labeller=labeller, progress=False)
+    table = pd.read_parquet(labels_path(sampled))
+    assert table.index.name == "seed" and list(table.index) == list(range(10))
+    x0 = xr.open_zarr(sampled.run_dir / "samples.zarr", consolidated=False)["x0"].values
+    expected = RednessLabeller().score(x0)
+    np.testing.assert_allclose(table["is_reddish"].to_numpy(), expected["is_reddish"].to_numpy())
+    meta = table_meta(labels_path(sampled))
+    assert meta["hmine:config_hash"] == sampled.stage_hash("label") and meta["hmine:complete"]
+    assert read_labels(sampled).equals(table)
+
+
+def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
+    labeller = RednessLabeller()
+    run_label_stage(sampled, labeller=labeller, progress=False)
+    assert labeller.calls == 4
+    again = run_label_stage(sampled, labeller=labeller, progress=False)
+    assert again.computed == 0 and labeller.calls == 4
+    # simulate a crash after two of four batches: the table gone, two parts left
+    reference = pd.read_parquet(labels_path(sampled))
+    labels_path(sampled).unlink()
+    parts = sampled.run_dir / "labels.parts"
+    parts.mkdir()
+    (parts / "identity.json").write_text(json.dumps(label_identity(sampled)))
+    for b in range(2):
+        reference.iloc[b * 3 : (b + 1) * 3].to_parquet(parts / f"part-{b:06d}.parquet")
+    resumed = run_label_stage(sampled, labeller=labeller, progress=False)
+    assert resumed.computed == 2 and resumed.skipped == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(labels_path(sampled)), reference)
+    assert not parts.exists()
+
+
+def test_unknown_attribute_is_refused_before_work(sampled):
+    config = sampled.model_copy(update={"label": sampled.label.model_copy(update={"attributes": ["is_smiling"]})})
+    with pytest.raises(ValueError, match="is_smiling"):
+        run_label_stage(config, labeller=RednessLabeller(), progress=False)
+    assert not labels_path(config).exists()
