@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def _run_stages(args, stages) -> int:
     exit_cleanly_on_sigterm()
     with RunLock(config.run_dir):
         write_run_config(config)
+        if not args.no_prefect and not os.environ.get("PREFECT_API_URL"):
+            from hmine.runtime import start_prefect_server
+
+            start_prefect_server()
         results = run_stages(config, stages, use_prefect=not args.no_prefect)
     for stage, result in results.items():
         print(f"{stage}: {result}")

@@ -48,6 +48,8 @@ def configure_environment() -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(hmine_home() / "prefect"))
+    # Prefect creates its home without parents and fails on a fresh HMINE_HOME
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     # Spinning OpenMP threads under contention made torch 5-10x slower (stack-notes §0.2).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +65,34 @@ def exit_cleanly_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def start_prefect_server() -> str:
+    """Start Prefect's local server now, guarded by a watchdog; return its API URL.
+
+    Starting it here, rather than lazily inside the first flow, lets hmine know the
+    server's PID and hand it to :mod:`hmine.watchdog`, which stops the server if this
+    process is killed with SIGKILL. Normal exits and SIGTERM stop it through Prefect's
+    own atexit handler.
+    """
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    subprocess.Popen(
+        [sys.executable, "-m", "hmine.watchdog", str(os.getpid()), str(server.server_process.pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.environ["PREFECT_API_URL"] = server.api_url
+    # settings are read once at import; make the running process see the URL too
+    temporary_settings({PREFECT_API_URL: server.api_url}).__enter__()
+    return server.api_url
 
 
 class RunLocked(RuntimeError):
