@@ -120,7 +120,7 @@ def build_report(config: RunConfig) -> Path:
         methods = directions["method"].values.astype(str)
         steps = directions["step"].values
         parts = []
-        pca = directions.sel(direction=methods == "pca")
+        pca = directions.isel(direction=methods == "pca")
         if pca.sizes["direction"]:
             fig, ax = plt.subplots(figsize=(6, 3.2))
             evr = pca["explained_variance_ratio"].values
@@ -129,7 +129,7 @@ def build_report(config: RunConfig) -> Path:
             ax.set_xlabel("timestep"); ax.set_ylabel("explained variance ratio"); ax.invert_xaxis()
             ax.legend(fontsize=7, ncol=2); fig.tight_layout(); fig.savefig(out / "img" / "pca_evr.png", dpi=110); plt.close(fig)
             parts.append("<h3>PCA: explained variance per timestep</h3>" + _img("img/pca_evr.png", "PCA explained variance"))
-        probe = directions.sel(direction=methods == "probe")
+        probe = directions.isel(direction=methods == "probe")
         if probe.sizes["direction"]:
             fig, ax = plt.subplots(figsize=(6, 3.2))
             for i, name in enumerate(probe["attribute"].values.astype(str)):

@@ -74,6 +74,8 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         conditional={k: list(v) for k, v in config.directions.conditional.items()},
         memory_budget_bytes=int(config.directions.memory_budget_gb * 2**30),
         random_state=config.directions.random_state,
+        threshold=config.directions.threshold,
+        probe_test_fraction=config.directions.probe_test_fraction,
     )
     directions.attrs.update({**identity, STORE_UUID: __import__("uuid").uuid4().hex})
     write_directions(directions, path)

@@ -68,7 +68,7 @@ def select_directions(directions, requested: list[str]) -> list[str]:
 
 def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bool = True) -> StageResult:
     """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
-    from hmine.directions import open_directions
+    from hmine.directions import direction_by_name, open_directions
     from hmine.editing import delta_for, regenerate_with_delta, write_strip
     from hmine.labelling import make_labeller
     from hmine.models import load_model
@@ -139,9 +139,9 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bo
     strips = run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
     for d in iterator:
-        selected = directions.sel(direction=directions["name"] == names[d])
-        unit = selected["direction"].values[0]
-        scale_unit = selected["scale_unit"].values[0]
+        selected = direction_by_name(directions, names[d])
+        unit = selected["direction"].values
+        scale_unit = selected["scale_unit"].values
         for s, scale in enumerate(scales):
             delta = delta_for(unit, scale_unit, scale)
             for start in range(0, len(seeds), batch):
