@@ -103,9 +103,9 @@ def store_state(path: Path) -> str:
     if not (path / "zarr.json").exists():
         return "debris" if path.exists() else "missing"
     attrs = open_group(path).attrs
-    if not attrs.get(INITIALISED):
-        return "debris"
-    return "complete" if attrs.get(COMPLETE) else "partial"
+    if attrs.get(COMPLETE):
+        return "complete"  # stores written whole (then marked) have no template stage
+    return "partial" if attrs.get(INITIALISED) else "debris"
 
 
 def prepare_store(

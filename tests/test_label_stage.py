@@ -12,11 +12,11 @@ from hmine.stages.sample import run_sample_stage
 from hmine.stores import table_meta
 
 
-class RednessLabeller:
-    """Scores 'is_reddish' as the mean of (red - blue) mapped to [0, 1]; counts its calls."""
+class LeftBrightLabeller:
+    """Scores 'is_left_bright' from the left half's brightness minus the right half's; counts calls."""
 
-    name = "redness"
-    attributes = ("is_reddish", "brightness")
+    name = "left-bright"
+    attributes = ("is_left_bright", "brightness")
 
     def __init__(self):
         self.calls = 0
@@ -24,8 +24,9 @@ class RednessLabeller:
     def score(self, images):
         self.calls += 1
         images = np.asarray(images, dtype=np.float64)
-        redness = (images[:, 0] - images[:, 2]).mean(axis=(1, 2))
-        return pd.DataFrame({"is_reddish": 1 / (1 + np.exp(-4 * redness)), "brightness": images.mean(axis=(1, 2, 3))})
+        half = images.shape[-1] // 2
+        contrast = images[..., :half].mean(axis=(1, 2, 3)) - images[..., half:].mean(axis=(1, 2, 3))
+        return pd.DataFrame({"is_left_bright": 1 / (1 + np.exp(-20 * contrast)), "brightness": images.mean(axis=(1, 2, 3))})
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def sampled(tiny_pixel_model_dir, tmp_path):
     config = load_config(
         None,
         [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=lab", "sample.n_samples=10",
-         "sample.batch_size=4", "sample.num_inference_steps=2", "label.batch_size=3", "label.attributes=[is_reddish]"],
+         "sample.batch_size=4", "sample.num_inference_steps=2", "label.batch_size=3", "label.attributes=[is_left_bright]"],
     )
     run_sample_stage(config, progress=False)
     return config
@@ -42,20 +43,20 @@ def sampled(tiny_pixel_model_dir, tmp_path):
 def test_labels_table_is_keyed_by_seed_and_matches_the_labeller(sampled):
     import xarray as xr
 
-    labeller = RednessLabeller()
+    labeller = LeftBrightLabeller()
     run_label_stage(sampled, labeller=labeller, progress=False)
     table = pd.read_parquet(labels_path(sampled))
     assert table.index.name == "seed" and list(table.index) == list(range(10))
     x0 = xr.open_zarr(sampled.run_dir / "samples.zarr", consolidated=False)["x0"].values
-    expected = RednessLabeller().score(x0)
-    np.testing.assert_allclose(table["is_reddish"].to_numpy(), expected["is_reddish"].to_numpy())
+    expected = LeftBrightLabeller().score(x0)
+    np.testing.assert_allclose(table["is_left_bright"].to_numpy(), expected["is_left_bright"].to_numpy())
     meta = table_meta(labels_path(sampled))
     assert meta["hmine:config_hash"] == sampled.stage_hash("label") and meta["hmine:complete"]
     assert read_labels(sampled).equals(table)
 
 
 def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
-    labeller = RednessLabeller()
+    labeller = LeftBrightLabeller()
     run_label_stage(sampled, labeller=labeller, progress=False)
     assert labeller.calls == 4
     again = run_label_stage(sampled, labeller=labeller, progress=False)
@@ -77,5 +78,5 @@ def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
 def test_unknown_attribute_is_refused_before_work(sampled):
     config = sampled.model_copy(update={"label": sampled.label.model_copy(update={"attributes": ["is_smiling"]})})
     with pytest.raises(ValueError, match="is_smiling"):
-        run_label_stage(config, labeller=RednessLabeller(), progress=False)
+        run_label_stage(config, labeller=LeftBrightLabeller(), progress=False)
     assert not labels_path(config).exists()

@@ -101,11 +101,11 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bo
             {"long_name": "edited image", "units": "pixel value in [-1, 1]"},
         ),
         ArraySpec("done", (len(names),), (1,), "bool", ("direction",), {"long_name": "direction written"}, False, False),
-        ArraySpec("direction", (len(names),), (len(names),), "<U128", ("direction",), None, "", False),
+        ArraySpec("direction", (len(names),), (len(names),), "str", ("direction",), None, "", False),
         ArraySpec("scale", (len(scales),), (len(scales),), "float64", ("scale",), {"units": "std of the data along the direction"}, None, False),
         ArraySpec("sample", (len(seeds),), (len(seeds),), "int64", ("sample",), {"long_name": "seed"}, None, False),
     ]
-    coords = {"direction": np.array(names, dtype="<U128"), "scale": np.array(scales), "sample": seeds}
+    coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
     attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, upstream)
     if store_state(path) == "complete":
         group = open_group(path)

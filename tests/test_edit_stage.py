@@ -1,0 +1,82 @@
+"""Direction and edit stages on a tiny model, with a simple deterministic labeller."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from hmine.config import load_config
+from hmine.stages.directions import directions_path, run_directions_stage
+from hmine.stages.edit import run_edit_stage
+from hmine.stages.label import run_label_stage
+from hmine.stages.sample import run_sample_stage
+from hmine.stores import open_group
+from test_label_stage import LeftBrightLabeller
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pixel_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit")
+    config = load_config(
+        None,
+        [f"model.id={tiny_pixel_model_dir}", f"output_root={root}", "name=e", "sample.n_samples=24",
+         "sample.batch_size=4", "sample.num_inference_steps=3", "sample.eta=1.0", "label.attributes=[is_left_bright]",
+         "directions.pca_components=2", "directions.top_k=6", "edit.n_samples=8", "edit.scales=[-4,4]",
+         "edit.strip_samples=3"],
+    )
+    labeller = LeftBrightLabeller()
+    run_sample_stage(config, progress=False)
+    run_label_stage(config, labeller=labeller, progress=False)
+    run_directions_stage(config)
+    run_edit_stage(config, labeller=labeller, progress=False)
+    return config, labeller
+
+
+def test_directions_store_has_every_method(run):
+    config, _ = run
+    ds = xr.open_zarr(directions_path(config), consolidated=False)
+    names = [str(n) for n in ds["name"].values]
+    assert names == ["pca/0", "pca/1", "mean_difference/is_left_bright", "probe/is_left_bright"]
+    assert ds["direction"].dims == ("direction", "step", "channel", "y", "x")
+    assert ds.attrs["hmine:config_hash"] == config.stage_hash("directions")
+
+
+def test_edit_at_scale_zero_reproduces_the_stored_images_exactly(run):
+    config, _ = run
+    edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
+    assert edits["images"].dims == ("direction", "scale", "sample", "color", "height", "width")
+    assert list(edits["scale"].values) == [-4.0, 0.0, 4.0]
+    x0 = open_group(config.run_dir / "samples.zarr")["x0"][:8]
+    for d in range(edits.sizes["direction"]):
+        np.testing.assert_array_equal(edits["images"].isel(direction=d).sel(scale=0.0).values, x0)
+        assert np.abs(edits["images"].isel(direction=d).sel(scale=4.0).values - x0).max() > 1e-3
+
+
+def test_effects_table_and_strips(run):
+    config, _ = run
+    effects = pd.read_parquet(config.run_dir / "edit_effects.parquet")
+    assert set(effects["direction"]) == {"mean_difference/is_left_bright", "probe/is_left_bright"}
+    zero = effects[effects["scale"] == 0.0]
+    assert np.allclose(zero["mean_change"], 0.0) and np.allclose(zero["flip_to_positive"].fillna(0), 0.0)
+    # scores at scale 0 are the labeller's scores of the stored images; edits move them
+    x0 = open_group(config.run_dir / "samples.zarr")["x0"][:8]
+    expected = LeftBrightLabeller().score(x0)["brightness"].mean()
+    brightness = effects[effects["attribute"] == "brightness"].set_index(["direction", "scale"])["mean_score"]
+    assert np.isclose(brightness[("probe/is_left_bright", 0.0)], expected)
+    edited = effects[(effects["scale"] != 0.0) & (effects["attribute"] == "brightness")]
+    assert (edited["mean_change"].abs() > 1e-4).all()
+    assert len(list((config.run_dir / "edit_strips").glob("*.png"))) == 2
+
+
+def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
+    config, labeller = run
+    calls = labeller.calls
+    assert run_directions_stage(config).computed == 0
+    assert run_edit_stage(config, labeller=labeller, progress=False).computed == 0
+    assert labeller.calls == calls
+    before = open_group(directions_path(config)).attrs["hmine:store_uuid"]
+    changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [2.0]})})
+    assert changed.stage_hash("directions") == config.stage_hash("directions")
+    assert changed.stage_hash("edit") != config.stage_hash("edit")
+    assert run_directions_stage(changed).computed == 0
+    assert open_group(directions_path(config)).attrs["hmine:store_uuid"] == before
