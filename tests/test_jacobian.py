@@ -1,0 +1,180 @@
+"""hmine.jacobian against the exact SVD of a materialised Jacobian on a tiny float64 U-Net."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_unet
+from hmine.jacobian import (
+    JacobianResult,
+    eps_of_h,
+    exact_jacobian_svd,
+    h_at,
+    jacobian_subspace,
+    principal_angles_degrees,
+    sequential_power_iteration,
+    use_math_attention,
+)
+
+SIZE, T, TOL = 8, 500, 1e-5
+
+
+@pytest.fixture(scope="module")
+def unet():
+    # 8x8 input -> h of 16 x 4 x 4 = 256 dims, eps of 3 x 8 x 8 = 192: jacrev is cheap.
+    # float64 so that the iterative methods can be compared with the exact SVD tightly.
+    return make_tiny_unet(sample_size=SIZE).eval().double().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def x_t():
+    # seed 2 gives every case below a spectral gap of at least 7% between sigma_3 and sigma_4
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(1, 3, SIZE, SIZE, generator=generator, dtype=torch.float64)
+
+
+def _mask(name):
+    if name is None:
+        return None
+    mask = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.float64)
+    if name == "left":
+        mask[..., : SIZE // 2] = 1.0
+    elif name == "ones":
+        mask[:] = 1.0
+    return mask
+
+
+def _problem(unet, x_t, position="after", mask=None):
+    return eps_of_h(unet, x_t, T, position, _mask(mask)), h_at(unet, x_t, T, position)
+
+
+def _vector_angles(a, b):
+    """Angle (degrees) between each pair of matching vectors, sign ignored."""
+    return np.array([principal_angles_degrees(a[i : i + 1], b[i : i + 1])[0] for i in range(len(a))])
+
+
+def _relative_errors(got, want):
+    return ((got - want).abs() / want).numpy()
+
+
+def test_use_math_attention_switches_every_attention_and_is_idempotent(unet):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    attention = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert attention, "the test U-Net must have mid-block attention"
+    use_math_attention(unet)
+    processors = [m.processor for m in attention]
+    assert all(type(p) is AttnProcessor for p in processors)
+    assert use_math_attention(unet) is unet
+    assert [m.processor for m in attention] == processors  # second call changes nothing
+
+
+@pytest.mark.parametrize("mask", [None, "left"])
+def test_f_of_h0_is_the_masked_noise_prediction(unet, x_t, mask):
+    f, h0 = _problem(unet, x_t, "after", mask)
+    with torch.no_grad():
+        eps = unet(x_t, T).sample
+    expected = eps[0] if mask is None else (_mask(mask) * eps)[0]
+    torch.testing.assert_close(f(h0), expected, rtol=1e-12, atol=1e-12)
+    assert h0.shape == (16, SIZE // 2, SIZE // 2)
+
+
+@pytest.mark.parametrize(
+    "position, mask", [("after", None), ("after", "left"), ("before", "left"), ("middle", None)]
+)
+def test_subspace_iteration_matches_exact_svd(unet, x_t, position, mask):
+    f, h0 = _problem(unet, x_t, position, mask)
+    exact = exact_jacobian_svd(f, h0, k=4)
+    assert exact.singular_values[2] / exact.singular_values[3] > 1.05, "test needs a spectral gap"
+    result = jacobian_subspace(f, h0, k=3, tol=TOL, max_iter=300)
+
+    assert isinstance(result, JacobianResult) and result.converged
+    assert result.vectors.shape == (3, *h0.shape) and result.singular_values.shape == (3,)
+    assert (result.residuals < TOL).all()
+    angles = principal_angles_degrees(result.vectors, exact.vectors[:3])
+    assert angles.max() < 1.0, angles
+    assert _vector_angles(result.vectors, exact.vectors[:3]).max() < 1.0
+    assert _relative_errors(result.singular_values, exact.singular_values[:3]).max() < 1e-3
+    # descending, unit norm, and the same deterministic signs as the exact vectors
+    assert (result.singular_values[:-1] >= result.singular_values[1:]).all()
+    torch.testing.assert_close(result.vectors.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(result.vectors, exact.vectors[:3], rtol=0, atol=1e-3)
+
+
+def test_sequential_power_iteration_matches_exact_svd(unet, x_t):
+    f, h0 = _problem(unet, x_t, "after", "left")
+    exact = exact_jacobian_svd(f, h0, k=2)
+    result = sequential_power_iteration(f, h0, k=2, tol=TOL, max_iter=300)
+    assert result.converged
+    assert _vector_angles(result.vectors, exact.vectors).max() < 1.0
+    assert _relative_errors(result.singular_values, exact.singular_values).max() < 1e-3
+    assert (result.residuals < 10 * TOL).all()  # undeflated residuals: see the docstring
+    assert result.n_jvp == result.n_vjp == result.iterations > 0
+
+
+def test_the_mask_changes_the_top_direction(unet, x_t):
+    f_full, h0 = _problem(unet, x_t, "after", None)
+    f_left, _ = _problem(unet, x_t, "after", "left")
+    f_ones, _ = _problem(unet, x_t, "after", "ones")
+    full = jacobian_subspace(f_full, h0, k=1, tol=TOL, max_iter=300)
+    left = jacobian_subspace(f_left, h0, k=1, tol=TOL, max_iter=300)
+    ones = jacobian_subspace(f_ones, h0, k=1, tol=TOL, max_iter=300)
+    # the comparison can tell: an all-ones mask gives the unmasked direction back ...
+    assert principal_angles_degrees(ones.vectors, full.vectors)[0] < 0.1
+    # ... and masking half of the image turns the top direction well away from it
+    assert principal_angles_degrees(left.vectors, full.vectors)[0] > 20.0
+    assert left.singular_values[0] < full.singular_values[0]  # masking only removes rows
+
+
+def test_products_are_counted_per_column(unet, x_t):
+    f, h0 = _problem(unet, x_t)
+    result = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300)
+    assert result.iterations > 1
+    assert result.n_jvp == result.n_vjp == result.iterations * 3
+    capped = jacobian_subspace(f, h0, k=2, tol=1e-14, max_iter=4)
+    assert not capped.converged and capped.iterations == 4 and capped.n_jvp == capped.n_vjp == 8
+    sequential = sequential_power_iteration(f, h0, k=2, tol=1e-14, max_iter=4)
+    assert not sequential.converged and sequential.iterations == sequential.n_jvp == 8
+
+
+def test_same_seed_same_result_and_caller_grad_mode_does_not_matter(unet, x_t):
+    f, h0 = _problem(unet, x_t)
+    first = jacobian_subspace(f, h0, k=2, tol=1e-3)
+    with torch.inference_mode():
+        f_inf, h0_inf = _problem(unet, x_t)
+        second = jacobian_subspace(f_inf, h0_inf, k=2, tol=1e-3)
+    with torch.no_grad():
+        third = jacobian_subspace(f, h0, k=2, tol=1e-3)
+    for other in (second, third):
+        assert other.iterations == first.iterations
+        torch.testing.assert_close(other.vectors, first.vectors, rtol=0, atol=1e-12)
+    assert not any(p.requires_grad for p in unet.parameters())
+
+
+def test_signs_are_fixed_by_the_largest_entry(unet, x_t):
+    f, h0 = _problem(unet, x_t)
+    rows = jacobian_subspace(f, h0, k=3, tol=1e-3).vectors.flatten(1)
+    largest = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))
+    assert (largest > 0).all()
+
+
+def test_float32_model_converges_at_a_practical_tolerance(x_t):
+    unet32 = make_tiny_unet(sample_size=SIZE).eval().requires_grad_(False)
+    f, h0 = _problem(unet32, x_t.float())
+    exact = exact_jacobian_svd(f, h0, k=3)
+    result = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300)
+    assert result.converged and result.vectors.dtype == torch.float32
+    assert principal_angles_degrees(result.vectors, exact.vectors).max() < 2.0
+
+
+def test_bad_inputs_are_refused_with_a_fix(unet, x_t):
+    with pytest.raises(ValueError, match="does not broadcast"):
+        eps_of_h(unet, x_t, T, mask=torch.ones(1, 1, SIZE + 1, SIZE))
+    with pytest.raises(ValueError, match="one image"):
+        eps_of_h(unet, x_t.repeat(2, 1, 1, 1), T)
+    f, h0 = _problem(unet, x_t)
+    with pytest.raises(ValueError, match="k must be between"):
+        jacobian_subspace(f, h0, k=h0.numel() + 1)
+    training = make_tiny_unet(sample_size=SIZE)
+    with pytest.raises(ValueError, match="eval"):
+        eps_of_h(training, x_t.float(), T)
