@@ -1,0 +1,219 @@
+"""Jacobian stage: per-image top singular directions of d eps / d h, into ``jacobian.zarr``.
+
+For each of the first ``jacobian.n_samples`` samples and each analysed step, the
+trajectory is regenerated from the sample's seed and the top-k right singular vectors
+of J = d(M * eps(x_t, h)) / dh are found by batched subspace iteration
+(:func:`hmine.jacobian.jacobian_subspace`), never materialising J.
+
+Layout (``xr.open_zarr(run_dir / "jacobian.zarr", consolidated=False)``):
+``singular_values`` (sample, step, k), ``vectors`` (sample, step, k, channel, y, x),
+``residuals`` (sample, step, k), ``iterations`` (sample, step), ``mask``
+(sample, height, width) and ``done`` (sample, step). Resumable per (sample, step); the
+store is keyed by the stage's config hash, which covers k, the tolerance, the steps and
+the model, plus the content hash of the masks.
+
+With a mask, the stage also edits each sample along its top direction of the first
+analysed step, used at every step ("global at t", scaled in standard deviations of the
+data along it, as every direction in hmine), writes strips (mask, then the edits) to
+``jacobian_strips/`` and records ``inside_mask_fraction`` (sample, variant): the share
+of the edit's absolute pixel change that falls inside the mask, for the masked
+direction and for the unmasked top direction of the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmine.config import RunConfig
+from hmine.stages.sample import StageResult, samples_path
+from hmine.stores import (
+    ArraySpec,
+    CONFIG_HASH,
+    mark_complete,
+    open_group,
+    prepare_store,
+    provenance_attrs,
+    store_state,
+)
+
+logger = logging.getLogger(__name__)
+
+JACOBIAN_STORE = "jacobian.zarr"
+STRIPS_DIR = "jacobian_strips"
+
+
+def jacobian_path(config: RunConfig) -> Path:
+    return config.run_dir / JACOBIAN_STORE
+
+
+def load_masks(config: RunConfig, seeds: np.ndarray, images: np.ndarray) -> np.ndarray | None:
+    """Masks (sample, height, width) in [0, 1] for the analysed samples, or None for no mask."""
+    from hmine import world
+
+    kind = config.jacobian.mask
+    height, width = images.shape[-2:]
+    if kind == "none":
+        return None
+    if kind in ("shape", "background"):
+        foreground = world.foreground_mask(images)
+        return (foreground if kind == "shape" else ~foreground).astype(np.float32)
+    masks = []
+    for seed in seeds:
+        stem = Path(config.jacobian.mask_dir) / str(int(seed))
+        if stem.with_suffix(".npy").exists():
+            mask = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+        elif stem.with_suffix(".png").exists():
+            from PIL import Image
+
+            mask = np.asarray(Image.open(stem.with_suffix(".png")).convert("L"), dtype=np.float32) / 255.0
+        else:
+            raise FileNotFoundError(
+                f"no mask for sample {int(seed)}: expected {stem}.npy or {stem}.png in jacobian.mask_dir"
+            )
+        mask = np.asarray(mask, dtype=np.float32)
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"mask for sample {int(seed)} has shape {mask.shape}, but the images are "
+                f"{height}x{width}; save masks at the image size"
+            )
+        masks.append(mask)
+    return np.stack(masks)
+
+
+def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
+    """A (1, 1, H, W) mask at the resolution of eps (downsampled for a latent model)."""
+    tensor = torch.from_numpy(mask)[None, None]
+    if tuple(tensor.shape[-2:]) != tuple(sample_shape[-2:]):
+        tensor = torch.nn.functional.interpolate(tensor, size=tuple(sample_shape[-2:]), mode="area")
+    return tensor
+
+
+def run_jacobian_stage(config: RunConfig, *, model=None, progress: bool = True) -> StageResult:
+    """Compute Jacobian directions for the first ``jacobian.n_samples`` samples."""
+    from hmine.jacobian import eps_of_h, jacobian_subspace, use_math_attention
+    from hmine.models import load_model
+    from hmine.sampling import Sampler
+
+    started = time.perf_counter()
+    jac = config.jacobian
+    path = jacobian_path(config)
+    samples = open_group(samples_path(config))
+    seeds = samples["sample"][...][: jac.n_samples]
+    all_steps = [int(t) for t in samples["step"][...]]
+    steps = all_steps if jac.steps is None else list(jac.steps)
+    unknown = [t for t in steps if t not in all_steps]
+    if unknown:
+        raise ValueError(f"jacobian.steps {unknown} are not timesteps of the run; they are {all_steps}")
+    images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
+    masks = load_masks(config, seeds, images)
+    mask_hash = hashlib.sha256(masks.tobytes()).hexdigest()[:16] if masks is not None else "none"
+    config_hash = hashlib.sha256(f"{config.stage_hash('jacobian')}-{mask_hash}".encode()).hexdigest()[:16]
+    if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
+        logger.info("jacobian stage: %s is up to date", path)
+        return StageResult(path, len(seeds) * len(steps), 0, len(seeds) * len(steps), 0, time.perf_counter() - started)
+
+    h_shape = tuple(samples["h"].shape[2:])
+    n, s, k = len(seeds), len(steps), jac.k
+    height, width = images.shape[-2:]
+    arrays = [
+        ArraySpec("singular_values", (n, s, k), (1, 1, k), "float32", ("sample", "step", "k"), None, None, False),
+        ArraySpec("vectors", (n, s, k, *h_shape), (1, 1, k, *h_shape), "float32", ("sample", "step", "k", "channel", "y", "x")),
+        ArraySpec("residuals", (n, s, k), (1, 1, k), "float32", ("sample", "step", "k"), None, None, False),
+        ArraySpec("iterations", (n, s), (1, 1), "int32", ("sample", "step"), None, None, False),
+        ArraySpec("done", (n, s), (1, 1), "bool", ("sample", "step"), None, False, False),
+        ArraySpec("mask", (n, height, width), (n, height, width), "float32", ("sample", "height", "width"), None, 1.0, False),
+        ArraySpec("inside_mask_fraction", (n, 2), (n, 2), "float32", ("sample", "variant"), None, float("nan"), False),
+        ArraySpec("sample", (n,), (n,), "int64", ("sample",), None, None, False),
+        ArraySpec("step", (s,), (s,), "int64", ("step",), None, None, False),
+    ]
+    coords = {"sample": seeds, "step": np.asarray(steps, dtype=np.int64)}
+    if masks is not None:
+        coords["mask"] = masks
+    attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
+    group = prepare_store(path, arrays, attrs, coords)
+
+    if model is None:
+        model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
+    use_math_attention(model.unet)
+    sampler = Sampler(model, num_inference_steps=config.sample.num_inference_steps, eta=config.sample.eta, h_position=config.model.h_position)
+    step_index = {t: i for i, t in enumerate(all_steps)}
+    done = group["done"][...]
+    todo = [(i, j) for i in range(n) for j in range(s) if not done[i, j]]
+    iterator = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc="jacobian", unit="step")
+    trajectories: dict[int, object] = {}
+    for i, j in iterator:
+        if i not in trajectories:
+            trajectories = {i: sampler.sample([int(seeds[i])], return_trajectory=True)}
+        out = trajectories[i]
+        t_idx = step_index[steps[j]]
+        x_t = out.trajectory[:, t_idx]
+        mask = _mask_for_eps(masks[i], model.sample_shape) if masks is not None else None
+        f = eps_of_h(model.unet, x_t, sampler.timesteps[t_idx], config.model.h_position, mask=mask)
+        result = jacobian_subspace(f, out.h[0, t_idx].float(), k=k, tol=jac.tol, max_iter=jac.max_iter, seed=int(seeds[i]))
+        group["vectors"][i, j] = result.vectors.float().numpy()
+        group["singular_values"][i, j] = result.singular_values.float().numpy()
+        group["residuals"][i, j] = result.residuals.float().numpy()
+        group["iterations"][i, j] = result.iterations
+        group["done"][i, j] = True  # data first, the mark second
+
+    if masks is not None and n:
+        _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks)
+    mark_complete(group)
+    seconds = time.perf_counter() - started
+    logger.info("jacobian stage: %d (sample, step) pairs in %.1f s", len(todo), seconds)
+    return StageResult(path, n * s, len(todo), n * s - len(todo), 0, seconds)
+
+
+def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks) -> None:
+    """Strips and inside-mask fractions for the top direction of the first analysed step."""
+    import xarray as xr
+
+    from hmine.editing import delta_for, regenerate_with_delta, write_strip
+    from hmine.jacobian import eps_of_h, jacobian_subspace
+
+    jac = config.jacobian
+    h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
+    # the data's spread along a direction, estimated on up to 512 samples held in memory
+    reference = np.asarray(h.isel(sample=slice(0, 512)).values, dtype=np.float32)
+    reference = reference.reshape(reference.shape[0], reference.shape[1], -1)
+    t_idx = step_index[steps[0]]
+    strips = config.run_dir / STRIPS_DIR
+    strips.mkdir(parents=True, exist_ok=True)
+    fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
+    scales = sorted(set(jac.edit_scales) | {0.0})
+    for i, seed in enumerate(seeds):
+        masked_direction = np.asarray(group["vectors"][i, 0, 0])
+        out = sampler.sample([int(seed)], return_trajectory=True)
+        f = eps_of_h(model.unet, out.trajectory[:, t_idx], sampler.timesteps[t_idx], config.model.h_position)
+        unmasked = jacobian_subspace(f, out.h[0, t_idx].float(), k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed))
+        row = []
+        for v, direction in enumerate([masked_direction, unmasked.vectors[0].numpy()]):
+            unit = np.ascontiguousarray(np.broadcast_to(direction, (h.sizes["step"], *direction.shape)))
+            scale_unit = data_std_along(reference, direction)
+            edited = {
+                scale: regenerate_with_delta(sampler, [int(seed)], delta_for(unit, scale_unit, scale))[0]
+                for scale in scales
+            }
+            change = np.abs(edited[max(scales)] - edited[0.0]).sum(axis=0)
+            fractions[i, v] = float((change * masks[i]).sum() / max(change.sum(), 1e-12))
+            if v == 0:
+                mask_tile = masks[i][None].repeat(3, axis=0) * 2 - 1
+                row = [mask_tile] + [edited[s] for s in scales]
+        write_strip(np.stack(row)[None], strips / f"sample-{int(seed)}-t{steps[0]}.png")
+    group["inside_mask_fraction"][...] = fractions
+
+
+def data_std_along(h: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Per step: the standard deviation of h (sample, step, feature) projected on a unit direction."""
+    projections = h.astype(np.float64) @ direction.reshape(-1).astype(np.float64)  # (sample, step)
+    return projections.std(axis=0)

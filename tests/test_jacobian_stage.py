@@ -1,0 +1,71 @@
+"""The Jacobian stage on a tiny model: store layout, masks from files, resume, bad masks."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from hmine.config import load_config
+from hmine.stages.jacobian import run_jacobian_stage
+from hmine.stages.sample import run_sample_stage
+from hmine.stores import open_group
+
+
+def _config(model_dir, root, *extra):
+    return load_config(
+        None,
+        [f"model.id={model_dir}", f"output_root={root}", "name=j", "sample.n_samples=6", "sample.batch_size=3",
+         "sample.num_inference_steps=3", "jacobian.n_samples=2", "jacobian.k=2", "jacobian.steps=[333]",
+         "jacobian.tol=1e-3", "jacobian.max_iter=60", *extra],
+    )
+
+
+def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
+    config = _config(tiny_pixel_model_dir, tmp_path)
+    run_sample_stage(config, progress=False)
+    first = run_jacobian_stage(config, progress=False)
+    assert first.computed == 2
+    ds = xr.open_zarr(config.run_dir / "jacobian.zarr", consolidated=False)
+    assert ds["vectors"].dims == ("sample", "step", "k", "channel", "y", "x")
+    assert ds["vectors"].shape == (2, 1, 2, 16, 8, 8)
+    norms = np.sqrt((ds["vectors"].values.reshape(2, 1, 2, -1) ** 2).sum(-1))
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    sv = ds["singular_values"].values
+    assert (sv[..., 0] >= sv[..., 1]).all() and (sv > 0).all()
+    assert list(ds["step"].values) == [333]
+    # un-mark one (sample, step): only that one is recomputed, to the same answer
+    group = open_group(config.run_dir / "jacobian.zarr", mode="r+")
+    reference = group["vectors"][...]
+    group["done"][1, 0] = False
+    del group.attrs["hmine:complete"]
+    again = run_jacobian_stage(config, progress=False)
+    assert again.computed == 1 and again.skipped == 1
+    np.testing.assert_allclose(open_group(config.run_dir / "jacobian.zarr")["vectors"][...], reference, atol=1e-6)
+
+
+def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model_dir, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    left = np.zeros((16, 16), dtype=np.float32)
+    left[:, :8] = 1
+    for seed in range(2):
+        np.save(masks / f"{seed}.npy", left)
+    plain = _config(tiny_pixel_model_dir, tmp_path / "a")
+    masked = _config(tiny_pixel_model_dir, tmp_path / "b", "jacobian.mask=files", f"jacobian.mask_dir={masks}")
+    for config in (plain, masked):
+        run_sample_stage(config, progress=False)
+        run_jacobian_stage(config, progress=False)
+    a = open_group(plain.run_dir / "jacobian.zarr")
+    b = open_group(masked.run_dir / "jacobian.zarr")
+    np.testing.assert_array_equal(b["mask"][0], left)
+    cos = abs((a["vectors"][0, 0, 0] * b["vectors"][0, 0, 0]).sum())
+    assert cos < 0.99  # the mask matters
+    frac = b["inside_mask_fraction"][...]
+    assert np.isfinite(frac).all() and (frac >= 0).all() and (frac <= 1).all()
+    assert len(list((masked.run_dir / "jacobian_strips").glob("*.png"))) == 2
+
+    np.save(masks / "1.npy", np.ones((8, 8), dtype=np.float32))
+    wrong = _config(tiny_pixel_model_dir, tmp_path / "c", "jacobian.mask=files", f"jacobian.mask_dir={masks}")
+    run_sample_stage(wrong, progress=False)
+    with pytest.raises(ValueError, match="mask for sample 1 has shape"):
+        run_jacobian_stage(wrong, progress=False)
+    assert not (wrong.run_dir / "jacobian.zarr").exists()
