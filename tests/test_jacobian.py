@@ -130,11 +130,21 @@ def test_products_are_counted_per_column(unet, x_t):
     f, h0 = _problem(unet, x_t)
     result = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300)
     assert result.iterations > 1
-    assert result.n_jvp == result.n_vjp == result.iterations * 3
-    capped = jacobian_subspace(f, h0, k=2, tol=1e-14, max_iter=4)
+    assert result.n_jvp == result.n_vjp == result.iterations * (3 + 2)  # default oversample=2
+    capped = jacobian_subspace(f, h0, k=2, tol=1e-14, max_iter=4, oversample=0)
     assert not capped.converged and capped.iterations == 4 and capped.n_jvp == capped.n_vjp == 8
     sequential = sequential_power_iteration(f, h0, k=2, tol=1e-14, max_iter=4)
     assert not sequential.converged and sequential.iterations == sequential.n_jvp == 8
+
+
+def test_oversampling_keeps_the_answer_and_does_not_slow_convergence(unet, x_t):
+    f, h0 = _problem(unet, x_t)
+    exact = exact_jacobian_svd(f, h0, k=3)
+    plain = jacobian_subspace(f, h0, k=3, tol=TOL, max_iter=300, oversample=0)
+    extra = jacobian_subspace(f, h0, k=3, tol=TOL, max_iter=300, oversample=3)
+    assert extra.vectors.shape == plain.vectors.shape == exact.vectors.shape
+    assert _vector_angles(extra.vectors, exact.vectors).max() < 1.0
+    assert extra.iterations <= plain.iterations
 
 
 def test_same_seed_same_result_and_caller_grad_mode_does_not_matter(unet, x_t):
