@@ -80,15 +80,16 @@ def start_prefect_server() -> str:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    # the watchdog first, so that a kill during the server's start-up is covered too
     subprocess.Popen(
-        [sys.executable, "-m", "hmine.watchdog", str(os.getpid()), str(server.server_process.pid)],
+        [sys.executable, "-m", "hmine.watchdog", str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
     os.environ["PREFECT_API_URL"] = server.api_url
     # settings are read once at import; make the running process see the URL too
     temporary_settings({PREFECT_API_URL: server.api_url}).__enter__()
