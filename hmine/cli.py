@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="current config, to detect stale stages")
 
     p = sub.add_parser("train-embedded", help="train (or resume) the embedded shapes-world models")
-    p.add_argument("what", choices=["ddpm"])
-    p.add_argument("config", type=Path, help="training config YAML (configs/embedded-ddpm.yaml)")
+    p.add_argument("what", choices=["ddpm", "classifier"])
+    p.add_argument("config", type=Path, help="training config YAML (configs/embedded-ddpm.yaml or configs/embedded-classifier.yaml)")
     p.add_argument("--work-dir", type=Path, required=True, help="checkpoints, logs and grids")
     p.add_argument("--export-dir", type=Path, default=None, help="write the final model here")
     return parser
@@ -96,10 +96,15 @@ def _status(args) -> int:
 def _train_embedded(args) -> int:
     import yaml
 
-    from hmine.training import DDPMTrainConfig, train_ddpm
+    settings = yaml.safe_load(args.config.read_text()) or {}
+    if args.what == "ddpm":
+        from hmine.training import DDPMTrainConfig, train_ddpm
 
-    config = DDPMTrainConfig(**(yaml.safe_load(args.config.read_text()) or {}))
-    train_ddpm(config, args.work_dir, export_dir=args.export_dir)
+        train_ddpm(DDPMTrainConfig(**settings), args.work_dir, export_dir=args.export_dir)
+    else:
+        from hmine.classifier import ClassifierTrainConfig, train_classifier
+
+        train_classifier(ClassifierTrainConfig(**settings), args.work_dir, export_dir=args.export_dir)
     return 0
 
 
