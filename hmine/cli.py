@@ -58,17 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="training config YAML (configs/embedded-ddpm.yaml or configs/embedded-classifier.yaml)")
     p.add_argument("--work-dir", type=Path, required=True, help="checkpoints, logs and grids")
     p.add_argument("--export-dir", type=Path, default=None, help="write the final model here")
+    p.add_argument("--until-step", type=int, default=None, help="stop (with a checkpoint) at this step")
     return parser
 
 
 def _run_stages(args, stages) -> int:
     from hmine.config import load_config
-    from hmine.pipeline import run_stages, write_run_config
+    from hmine.pipeline import check_run_dir, run_stages, write_run_config
     from hmine.runtime import RunLock, exit_cleanly_on_sigterm
 
     config = load_config(args.config, args.overrides)
     exit_cleanly_on_sigterm()
     with RunLock(config.run_dir):
+        check_run_dir(config)  # before anything is written
         write_run_config(config)
         if not args.no_prefect and not os.environ.get("PREFECT_API_URL"):
             from hmine.runtime import start_prefect_server
@@ -100,7 +102,7 @@ def _train_embedded(args) -> int:
     if args.what == "ddpm":
         from hmine.training import DDPMTrainConfig, train_ddpm
 
-        train_ddpm(DDPMTrainConfig(**settings), args.work_dir, export_dir=args.export_dir)
+        train_ddpm(DDPMTrainConfig(**settings), args.work_dir, export_dir=args.export_dir, until_step=args.until_step)
     else:
         from hmine.classifier import ClassifierTrainConfig, train_classifier
 

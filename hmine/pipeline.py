@@ -79,6 +79,24 @@ def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageSta
     return StageStatus(stage, "complete", path.name)
 
 
+def check_run_dir(config: RunConfig) -> None:
+    """Refuse a run directory whose samples were drawn under another config.
+
+    Downstream stages are recomputed when their config changes, but samples are the
+    expensive data every other output stands on: they are never mixed or overwritten.
+    """
+    from hmine.stores import StoreConfigMismatch
+
+    path = config.run_dir / STAGE_OUTPUTS["sample"]
+    if store_state(path) in ("partial", "complete"):
+        found = open_group(path).attrs.get(CONFIG_HASH)
+        if found != config.stage_hash("sample"):
+            raise StoreConfigMismatch(
+                f"{path} was written by config {found}, not {config.stage_hash('sample')}; "
+                "use another run name (name: in the config) or delete the store to start over"
+            )
+
+
 def write_run_config(config: RunConfig) -> Path:
     """Save the run's config beside its stores (reloads to an equal object)."""
     path = config.run_dir / "config.json"

@@ -98,11 +98,11 @@ class Sampler:
 
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type != "epsilon":
+        self.prediction_type = model.scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
-                f"the model predicts {prediction_type!r}; hmine's sampler needs an "
-                "epsilon-prediction model"
+                f"the model predicts {self.prediction_type!r}; hmine's sampler supports "
+                "'epsilon' and 'v_prediction' models"
             )
         self.model = model
         self.h_position = h_position
@@ -123,6 +123,18 @@ class Sampler:
         a_t = sched.alphas_cumprod[t]
         a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
         return float(a_t), float(a_prev)
+
+    def eps(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor) -> torch.Tensor:
+        """The noise prediction eps from the U-Net's output.
+
+        For a v-prediction model (Salimans & Ho 2022), v = sqrt(a_t) eps - sqrt(1 - a_t) x0,
+        so eps = sqrt(a_t) v + sqrt(1 - a_t) x_t: an affine map with x_t fixed, so the
+        h-space Jacobian of eps is sqrt(a_t) times that of v.
+        """
+        if self.prediction_type == "epsilon":
+            return model_output
+        a_t, _ = self._alphas(int(t))
+        return a_t**0.5 * model_output + (1 - a_t) ** 0.5 * x_t
 
     def step(self, eps_P, eps_D, t: int, x_t, eta: float, z) -> torch.Tensor:
         """One DDIM update (module docstring); ``z`` is the stored noise of this step."""
@@ -195,12 +207,12 @@ class Sampler:
                 hook.delta = None
                 eps = eps_original = None
                 if not editing or asymmetric:
-                    eps_original = unet(x, t_batch).sample
+                    eps_original = self.eps(unet(x, t_batch).sample, t, x)
                     if record_h:
                         hs.append(hook.recorded.pop())
                 if editing:
                     hook.delta = delta_h[i] if delta_h.ndim == 4 else delta_h[:, i]
-                    eps = unet(x, t_batch).sample
+                    eps = self.eps(unet(x, t_batch).sample, t, x)
                     hook.delta = None
                     if record_h:
                         h_edit = hook.recorded.pop()

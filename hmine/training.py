@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,10 @@ class DDPMTrainConfig(BaseModel):
     sample_every: int = Field(500, ge=1)
     log_every: int = Field(20, ge=1)
     torch_threads: int = Field(1, ge=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    init_from: Path | None = Field(
+        None, description="start from the EMA weights of this training checkpoint (fine-tuning)"
+    )
 
 
 def build_unet(config: DDPMTrainConfig):
@@ -80,6 +85,7 @@ def build_scheduler(config: DDPMTrainConfig):
         beta_start=1e-4,
         beta_end=0.02,
         clip_sample=True,
+        prediction_type=config.prediction_type,
     )
 
 
@@ -97,7 +103,9 @@ def _lr_at(step: int, config: DDPMTrainConfig) -> float:
     return float(config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))))
 
 
-def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None = None):
+def train_ddpm(
+    config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None = None, *, until_step: int | None = None
+):
     """Train (or resume training) the shapes-world DDPM; return the EMA U-Net.
 
     Parameters
@@ -108,6 +116,9 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
         A work dir written with a different config is refused.
     export_dir : Path, optional
         Where to write the final EMA model in diffusers layout (``unet/``, ``scheduler/``).
+    until_step : int, optional
+        Stop (with a checkpoint) once this step is reached, e.g. to fit a session; a
+        later call with the same config continues to ``config.steps``.
     """
     torch.set_num_threads(config.torch_threads)
     work_dir = Path(work_dir)
@@ -123,7 +134,10 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
     else:
         config_path.write_text(config.model_dump_json(indent=2))
 
+    torch.manual_seed(config.seed)  # the initial weights are part of the seeded run
     unet = build_unet(config)
+    if config.init_from is not None:
+        unet.load_state_dict(torch.load(config.init_from, weights_only=True)["ema"])
     ema = build_unet(config)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
@@ -143,7 +157,8 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
     log_file = open(work_dir / "log.jsonl", "a")
     unet.train()
     t0 = time.perf_counter()
-    for step in range(start_step, config.steps):
+    last_step = config.steps if until_step is None else min(config.steps, until_step)
+    for step in range(start_step, last_step):
         batch = world.generate(config.batch_size, seed=config.seed * 1_000_003 + step)
         x0 = torch.from_numpy(batch.images)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -153,7 +168,11 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if config.prediction_type == "epsilon":
+            target = noise
+        else:  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(unet(xt, t).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -174,7 +193,7 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             logger.info("step %d loss %.4f", done, record["loss"])
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if done % config.checkpoint_every == 0 or done in (config.steps, last_step):
             _atomic_torch_save(
                 {
                     "model": unet.state_dict(),
@@ -188,7 +207,7 @@ def train_ddpm(config: DDPMTrainConfig, work_dir: Path, export_dir: Path | None 
             save_sample_grid(ema, scheduler, work_dir / f"grid-{done:06d}.png")
     log_file.close()
     ema.eval()
-    if export_dir is not None:
+    if export_dir is not None and last_step == config.steps:
         export_ddpm(ema, scheduler, Path(export_dir))
     return ema
 

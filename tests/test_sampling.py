@@ -79,3 +79,24 @@ def test_eta_list_is_checked():
         resolve_etas([0.0, 1.0], 3)
     with pytest.raises(ValueError, match=">= 0"):
         resolve_etas(-1.0, 2)
+
+
+def test_v_prediction_output_is_converted_to_eps(model):
+    from dataclasses import replace
+
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.scheduler.config, prediction_type="v_prediction")
+    sampler = Sampler(replace(model, scheduler=scheduler), num_inference_steps=4)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
+    t = int(sampler.timesteps[1])
+    a = float(sampler.scheduler.alphas_cumprod[t])
+    x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    v = a**0.5 * eps - (1 - a) ** 0.5 * x0
+    torch.testing.assert_close(sampler.eps(v, t, x_t), eps, rtol=1e-5, atol=1e-5)
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(4)
+    z = torch.randn(2, 3, 16, 16, generator=g)
+    ours = sampler.step(sampler.eps(v, t, x_t), sampler.eps(v, t, x_t), t, x_t, 0.0, z)
+    torch.testing.assert_close(ours, ddim.step(v, t, x_t, eta=0.0).prev_sample, rtol=1e-4, atol=1e-4)
