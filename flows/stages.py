@@ -33,7 +33,15 @@ def run_stage_task(stage: str, config_json: str) -> dict:
     return run_stage(stage, RunConfig.model_validate_json(config_json))
 
 
+@task(name="build_report")
+def build_report_task(config_json: str) -> dict:
+    """Write the HTML report; cheap and read-only on the stores, so never cached."""
+    return run_stage("report", RunConfig.model_validate_json(config_json))
+
+
 def _run(stage: str, config_json: str) -> dict:
+    if stage == "report":
+        return {**build_report_task(config_json), "cache_hit": False}
     state = run_stage_task(stage, config_json, return_state=True)
     return {**state.result(), "cache_hit": state.name == "Cached"}
 

@@ -202,6 +202,7 @@ table.data {{ border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }}
 table.data td, table.data th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ margin: 0; }} figcaption {{ font-size: 0.75em; }}
+img {{ max-width: 100%; height: auto; }}
 </style></head><body>
 <h1>hmine report: {html.escape(config.name)}</h1>
 {''.join(f'<section>{s}</section>' for s in sections)}
