@@ -86,9 +86,13 @@ def build_report(config: RunConfig) -> Path:
         + "</table>",
     ]
     if len(log):
-        prov.append("<h3>Stage timings and cache hits (latest invocation of each stage)</h3>")
-        latest = log.groupby("stage").tail(1).set_index("stage")
-        prov.append(_table(latest, "{:.2f}"))
+        prov.append("<h3>Stage timings and cache hits (all invocations in this run directory)</h3>")
+        computed = log[log["computed"] > 0].groupby("stage").tail(1).set_index("stage")["seconds"]
+        summary = log.groupby("stage", sort=False).agg(
+            invocations=("stage", "size"), cache_hits=("cache_hit", "sum"), last_seconds=("seconds", "last")
+        )
+        summary.insert(0, "seconds_when_computed", computed.reindex(summary.index))
+        prov.append(_table(summary, "{:.2f}"))
     prov.append(f"<details><summary>config</summary><pre>{html.escape(config.model_dump_json(indent=2))}</pre></details>")
     sections.append("<h2>Provenance</h2>" + "".join(prov))
 
