@@ -136,6 +136,10 @@ class Sampler:
         a_t, _ = self._alphas(int(t))
         return a_t**0.5 * model_output + (1 - a_t) ** 0.5 * x_t
 
+    def eps_jacobian_scale(self, t: int) -> float:
+        """d eps / d(U-Net output) at fixed x_t: 1, or sqrt(a_t) for a v-prediction model."""
+        return 1.0 if self.prediction_type == "epsilon" else self._alphas(int(t))[0] ** 0.5
+
     def step(self, eps_P, eps_D, t: int, x_t, eta: float, z) -> torch.Tensor:
         """One DDIM update (module docstring); ``z`` is the stored noise of this step."""
         a_t, a_prev = self._alphas(int(t))

@@ -95,6 +95,9 @@ def test_v_prediction_output_is_converted_to_eps(model):
     x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps
     v = a**0.5 * eps - (1 - a) ** 0.5 * x0
     torch.testing.assert_close(sampler.eps(v, t, x_t), eps, rtol=1e-5, atol=1e-5)
+    # with x_t fixed, d eps / d v = sqrt(a_t): the Jacobian stage rescales singular values by it
+    assert sampler.eps_jacobian_scale(t) == pytest.approx(a**0.5)
+    assert Sampler(model, num_inference_steps=4).eps_jacobian_scale(t) == 1.0
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(4)
     z = torch.randn(2, 3, 16, 16, generator=g)

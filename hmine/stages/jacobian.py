@@ -161,7 +161,9 @@ def run_jacobian_stage(config: RunConfig, *, model=None, progress: bool = True) 
         f = eps_of_h(model.unet, x_t, sampler.timesteps[t_idx], config.model.h_position, mask=mask)
         result = jacobian_subspace(f, out.h[0, t_idx].float(), k=k, tol=jac.tol, max_iter=jac.max_iter, seed=int(seeds[i]))
         group["vectors"][i, j] = result.vectors.float().numpy()
-        group["singular_values"][i, j] = result.singular_values.float().numpy()
+        # f is the masked U-Net output; for a v-prediction model J_eps = sqrt(a_t) J_v
+        scale = sampler.eps_jacobian_scale(int(sampler.timesteps[t_idx]))
+        group["singular_values"][i, j] = scale * result.singular_values.float().numpy()
         group["residuals"][i, j] = result.residuals.float().numpy()
         group["iterations"][i, j] = result.iterations
         group["done"][i, j] = True  # data first, the mark second
