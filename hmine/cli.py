@@ -106,7 +106,7 @@ def _train_embedded(args) -> int:
     else:
         from hmine.classifier import ClassifierTrainConfig, train_classifier
 
-        train_classifier(ClassifierTrainConfig(**settings), args.work_dir, export_dir=args.export_dir)
+        train_classifier(ClassifierTrainConfig(**settings), args.work_dir, export_dir=args.export_dir, until_step=args.until_step)
     return 0
 
 
