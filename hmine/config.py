@@ -8,8 +8,10 @@ reads from, so a change invalidates exactly the stages downstream of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,11 +167,19 @@ class RunConfig(_Frozen):
         """Hash of everything that determines the given stage's output."""
         return config_hash(self.stage_inputs(stage))
 
+    def _labeller_identity(self) -> str:
+        return _labeller_identity_for(self.label)
+
     def stage_inputs(self, stage: str) -> dict:
         # Each stage's inputs are its own settings plus those of the stages it reads.
         model = self.model.model_dump(mode="json", exclude={"device"})
+        model["weights"] = model_identity(self.model.id, self.model.revision)
         sample = {"model": model, "sample": self.sample.model_dump(mode="json")}
-        label = {**sample, "label": self.label.model_dump(mode="json", exclude={"batch_size"})}
+        label = {
+            **sample,
+            "label": self.label.model_dump(mode="json", exclude={"batch_size"}),
+            "labeller": self._labeller_identity(),
+        }
         directions = {**label, "directions": self.directions.model_dump(mode="json")}
         if stage == "sample":
             return sample
@@ -182,6 +192,48 @@ class RunConfig(_Frozen):
         if stage == "jacobian":
             return {**sample, "jacobian": self.jacobian.model_dump(mode="json")}
         raise KeyError(f"unknown stage {stage!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _files_digest(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """Content hash of the weight files under a local model folder ("" if there are none).
+
+    Local and embedded models have no revision, so the weights themselves identify them:
+    retraining the embedded model invalidates stores made with the old one.
+    """
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    stamps = tuple((os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    return _files_digest(tuple(files), stamps) if files else ""
+
+
+def model_identity(model_id: str, revision: str | None) -> str:
+    """Revision for a hub model, weights fingerprint for a local or embedded one."""
+    if model_id == "embedded:shapes-ddpm":
+        from hmine.models import embedded_model_path
+
+        return weights_fingerprint(embedded_model_path())
+    if Path(model_id).exists():
+        return weights_fingerprint(Path(model_id))
+    return revision or "main"
+
+
+def _labeller_identity_for(label: "LabelConfig") -> str:
+    if label.labeller == "clip":
+        return model_identity(label.clip_model_id, label.clip_revision)
+    if label.classifier_path is not None:
+        return weights_fingerprint(label.classifier_path)
+    from hmine.labelling import embedded_classifier_path
+
+    return weights_fingerprint(embedded_classifier_path())
 
 
 def config_hash(payload: dict) -> str:

@@ -52,3 +52,18 @@ def test_stage_hash_ignores_device_but_not_settings(tmp_path):
     base = load_config(None)
     assert base.stage_hash("sample") == load_config(None, ["model.device=cuda"]).stage_hash("sample")
     assert base.stage_hash("sample") != load_config(None, ["sample.eta=1.0"]).stage_hash("sample")
+
+
+def test_local_model_weights_are_part_of_the_sample_hash(tmp_path, tiny_pixel_model_dir):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_pixel_model_dir, copy)
+    config = load_config(None, [f"model.id={copy}"])
+    before = config.stage_hash("sample")
+    assert before == load_config(None, [f"model.id={copy}"]).stage_hash("sample")
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # retrained weights: same config, other content
+    weights.write_bytes(bytes(data))
+    assert load_config(None, [f"model.id={copy}"]).stage_hash("sample") != before
