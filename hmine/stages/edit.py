@@ -150,7 +150,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bo
                     sampler, chunk.tolist(), delta, t_edit=edit.t_edit, asymmetric=edit.asymmetric
                 )
         shown = group["images"][d, :, : edit.strip_samples]  # (scale, sample, ...)
-        write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]))
+        write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
         group["done"][d] = True
     mark_complete(group)
 

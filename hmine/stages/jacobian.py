@@ -211,7 +211,7 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
             if v == 0:
                 mask_tile = masks[i][None].repeat(3, axis=0) * 2 - 1
                 row = [mask_tile] + [edited[s] for s in scales]
-        write_strip(np.stack(row)[None], strips / f"sample-{int(seed)}-t{steps[0]}.png")
+        write_strip(np.stack(row)[None], strips / f"sample-{int(seed)}-t{steps[0]}.png", upscale=3)
     group["inside_mask_fraction"][...] = fractions
 
 
