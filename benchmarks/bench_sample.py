@@ -77,7 +77,7 @@ def hmine_stage(model_dir: Path, n: int, batch: int, steps: int, root: Path) -> 
     )
     model = load_model(str(model_dir))
     started = time.perf_counter()
-    run_sample_stage(config, model=model, progress=False)
+    run_sample_stage(config, model=model, show_progress=False)
     return time.perf_counter() - started
 
 

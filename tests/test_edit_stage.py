@@ -25,10 +25,10 @@ def run(tiny_pixel_model_dir, tmp_path_factory):
          "edit.strip_samples=3"],
     )
     labeller = LeftBrightLabeller()
-    run_sample_stage(config, progress=False)
-    run_label_stage(config, labeller=labeller, progress=False)
+    run_sample_stage(config, show_progress=False)
+    run_label_stage(config, labeller=labeller, show_progress=False)
     run_directions_stage(config)
-    run_edit_stage(config, labeller=labeller, progress=False)
+    run_edit_stage(config, labeller=labeller, show_progress=False)
     return config, labeller
 
 
@@ -72,7 +72,7 @@ def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
     config, labeller = run
     calls = labeller.calls
     assert run_directions_stage(config).computed == 0
-    assert run_edit_stage(config, labeller=labeller, progress=False).computed == 0
+    assert run_edit_stage(config, labeller=labeller, show_progress=False).computed == 0
     assert labeller.calls == calls
     before = open_group(directions_path(config)).attrs["hmine:store_uuid"]
     changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [2.0]})})

@@ -21,8 +21,8 @@ def _config(model_dir, root, *extra):
 
 def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
     config = _config(tiny_pixel_model_dir, tmp_path)
-    run_sample_stage(config, progress=False)
-    first = run_jacobian_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
+    first = run_jacobian_stage(config, show_progress=False)
     assert first.computed == 2
     ds = xr.open_zarr(config.run_dir / "jacobian.zarr", consolidated=False)
     assert ds["vectors"].dims == ("sample", "step", "k", "channel", "y", "x")
@@ -37,7 +37,7 @@ def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
     reference = group["vectors"][...]
     group["done"][1, 0] = False
     del group.attrs["hmine:complete"]
-    again = run_jacobian_stage(config, progress=False)
+    again = run_jacobian_stage(config, show_progress=False)
     assert again.computed == 1 and again.skipped == 1
     np.testing.assert_allclose(open_group(config.run_dir / "jacobian.zarr")["vectors"][...], reference, atol=1e-6)
 
@@ -52,8 +52,8 @@ def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model
     plain = _config(tiny_pixel_model_dir, tmp_path / "a")
     masked = _config(tiny_pixel_model_dir, tmp_path / "b", "jacobian.mask=files", f"jacobian.mask_dir={masks}")
     for config in (plain, masked):
-        run_sample_stage(config, progress=False)
-        run_jacobian_stage(config, progress=False)
+        run_sample_stage(config, show_progress=False)
+        run_jacobian_stage(config, show_progress=False)
     a = open_group(plain.run_dir / "jacobian.zarr")
     b = open_group(masked.run_dir / "jacobian.zarr")
     np.testing.assert_array_equal(b["mask"][0], left)
@@ -65,7 +65,7 @@ def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model
 
     np.save(masks / "1.npy", np.ones((8, 8), dtype=np.float32))
     wrong = _config(tiny_pixel_model_dir, tmp_path / "c", "jacobian.mask=files", f"jacobian.mask_dir={masks}")
-    run_sample_stage(wrong, progress=False)
+    run_sample_stage(wrong, show_progress=False)
     with pytest.raises(ValueError, match="mask for sample 1 has shape"):
-        run_jacobian_stage(wrong, progress=False)
+        run_jacobian_stage(wrong, show_progress=False)
     assert not (wrong.run_dir / "jacobian.zarr").exists()

@@ -36,7 +36,7 @@ def sampled(tiny_pixel_model_dir, tmp_path):
         [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=lab", "sample.n_samples=10",
          "sample.batch_size=4", "sample.num_inference_steps=2", "label.batch_size=3", "label.attributes=[is_left_bright]"],
     )
-    run_sample_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
     return config
 
 
@@ -44,7 +44,7 @@ def test_labels_table_is_keyed_by_seed_and_matches_the_labeller(sampled):
     import xarray as xr
 
     labeller = LeftBrightLabeller()
-    run_label_stage(sampled, labeller=labeller, progress=False)
+    run_label_stage(sampled, labeller=labeller, show_progress=False)
     table = pd.read_parquet(labels_path(sampled))
     assert table.index.name == "seed" and list(table.index) == list(range(10))
     x0 = xr.open_zarr(sampled.run_dir / "samples.zarr", consolidated=False)["x0"].values
@@ -57,9 +57,9 @@ def test_labels_table_is_keyed_by_seed_and_matches_the_labeller(sampled):
 
 def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
     labeller = LeftBrightLabeller()
-    run_label_stage(sampled, labeller=labeller, progress=False)
+    run_label_stage(sampled, labeller=labeller, show_progress=False)
     assert labeller.calls == 4
-    again = run_label_stage(sampled, labeller=labeller, progress=False)
+    again = run_label_stage(sampled, labeller=labeller, show_progress=False)
     assert again.computed == 0 and labeller.calls == 4
     # simulate a crash after two of four batches: the table gone, two parts left
     reference = pd.read_parquet(labels_path(sampled))
@@ -69,7 +69,7 @@ def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
     (parts / "identity.json").write_text(json.dumps(label_identity(sampled)))
     for b in range(2):
         reference.iloc[b * 3 : (b + 1) * 3].to_parquet(parts / f"part-{b:06d}.parquet")
-    resumed = run_label_stage(sampled, labeller=labeller, progress=False)
+    resumed = run_label_stage(sampled, labeller=labeller, show_progress=False)
     assert resumed.computed == 2 and resumed.skipped == 2
     pd.testing.assert_frame_equal(pd.read_parquet(labels_path(sampled)), reference)
     assert not parts.exists()
@@ -78,5 +78,5 @@ def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
 def test_unknown_attribute_is_refused_before_work(sampled):
     config = sampled.model_copy(update={"label": sampled.label.model_copy(update={"attributes": ["is_smiling"]})})
     with pytest.raises(ValueError, match="is_smiling"):
-        run_label_stage(config, labeller=LeftBrightLabeller(), progress=False)
+        run_label_stage(config, labeller=LeftBrightLabeller(), show_progress=False)
     assert not labels_path(config).exists()

@@ -26,7 +26,7 @@ def _config(model_dir, root, name="run", **sample):
 
 def test_store_layout_reads_with_plain_xarray(tiny_pixel_model_dir, tmp_path):
     config = _config(tiny_pixel_model_dir, tmp_path, seed_start=100, eta=1.0)
-    result = run_sample_stage(config, progress=False)
+    result = run_sample_stage(config, show_progress=False)
     ds = xr.open_zarr(result.path, consolidated=False)
     assert ds["h"].dims == ("sample", "step", "channel", "y", "x")
     assert ds["h"].shape == (10, 3, 16, 8, 8) and ds["h"].dtype == np.float16
@@ -49,7 +49,7 @@ def test_store_values_equal_a_direct_sampler_run(tiny_pixel_model_dir, tmp_path)
     from hmine.sampling import Sampler
 
     config = _config(tiny_pixel_model_dir, tmp_path, h_dtype="float32", n_samples=5)
-    run_sample_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
     ds = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)
     out = Sampler(load_model(str(tiny_pixel_model_dir)), num_inference_steps=3).sample([3, 4])
     np.testing.assert_allclose(ds["h"].sel(sample=[3, 4]).values, out.h.numpy(), rtol=1e-4, atol=1e-5)
@@ -58,22 +58,22 @@ def test_store_values_equal_a_direct_sampler_run(tiny_pixel_model_dir, tmp_path)
 
 def test_rerun_skips_and_other_config_is_refused(tiny_pixel_model_dir, tmp_path):
     config = _config(tiny_pixel_model_dir, tmp_path)
-    first = run_sample_stage(config, progress=False)
+    first = run_sample_stage(config, show_progress=False)
     assert first.computed == 3
-    again = run_sample_stage(config, progress=False)
+    again = run_sample_stage(config, show_progress=False)
     assert again.computed == 0 and again.skipped == 3
     with pytest.raises(StoreConfigMismatch, match="another run name"):
-        run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, eta=1.0), progress=False)
+        run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, eta=1.0), show_progress=False)
 
 
 def test_partial_store_resumes_only_missing_batches(tiny_pixel_model_dir, tmp_path):
     config = _config(tiny_pixel_model_dir, tmp_path)
-    run_sample_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
     group = open_group(config.run_dir / "samples.zarr", mode="r+")
     reference = group["h"][...]
     group["done"][4:8] = False
     del group.attrs["hmine:complete"]
-    result = run_sample_stage(config, progress=False)
+    result = run_sample_stage(config, show_progress=False)
     assert result.computed == 1 and result.skipped == 2
     np.testing.assert_array_equal(open_group(config.run_dir / "samples.zarr")["h"][...], reference)
 
@@ -81,7 +81,7 @@ def test_partial_store_resumes_only_missing_batches(tiny_pixel_model_dir, tmp_pa
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_damaged_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path, damage):
     config = _config(tiny_pixel_model_dir, tmp_path)
-    run_sample_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
     path = config.run_dir / "samples.zarr"
     reference = open_group(path)["h"][...]
     uuid_before = open_group(path).attrs["hmine:store_uuid"]
@@ -92,7 +92,7 @@ def test_damaged_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path, da
     else:
         chunk.write_bytes(chunk.read_bytes()[:20])
     # a complete store is re-verified on rerun: the stage must not trust the mark
-    result = run_sample_stage(config, progress=False)
+    result = run_sample_stage(config, show_progress=False)
     assert result.repaired == 1 and result.computed == 1
     group = open_group(path)
     np.testing.assert_array_equal(group["h"][...], reference)
@@ -106,7 +106,7 @@ KILLED_RUN = textwrap.dedent(
     from hmine.config import load_config
     from hmine.stages.sample import run_sample_stage
     config = load_config(None, {overrides!r})
-    run_sample_stage(config, progress=False)
+    run_sample_stage(config, show_progress=False)
     """
 )
 
@@ -135,9 +135,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_pixel_model_dir, tmp_p
     assert 0 < killed_done < 48, "the kill must land mid-run for this test to mean anything"
 
     config = load_config(None, overrides)
-    resumed = run_sample_stage(config, progress=False)
+    resumed = run_sample_stage(config, show_progress=False)
     assert resumed.skipped >= killed_done // 2
-    reference = run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, name="clean", **sample), progress=False)
+    reference = run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, name="clean", **sample), show_progress=False)
     a, b = open_group(store), open_group(reference.path)
     for name in ("h", "x0", "done", "sample", "step"):
         np.testing.assert_array_equal(a[name][...], b[name][...])

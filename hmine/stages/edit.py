@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from hmine.config import RunConfig
-from hmine.stages.sample import StageResult, samples_path
+from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
     ArraySpec,
     STORE_UUID,
@@ -66,13 +66,11 @@ def select_directions(directions, requested: list[str]) -> list[str]:
     return [n for n, m in zip(names, methods) if m in SUPERVISED_METHODS]
 
 
-def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bool = True) -> StageResult:
+def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progress: bool = True) -> StageResult:
     """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
     from hmine.directions import direction_by_name, open_directions
     from hmine.editing import delta_for, regenerate_with_delta, write_strip
     from hmine.labelling import make_labeller
-    from hmine.models import load_model
-    from hmine.sampling import Sampler
     from hmine.stages.directions import directions_path
 
     started = time.perf_counter()
@@ -121,24 +119,12 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, progress: bo
             shutil.rmtree(path)  # same settings, new directions: the old edits are stale
     group = prepare_store(path, arrays, attrs, coords)
 
-    if model is None:
-        model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
-    sampler = Sampler(
-        model,
-        num_inference_steps=config.sample.num_inference_steps,
-        eta=config.sample.eta,
-        h_position=config.model.h_position,
-    )
+    sampler = make_sampler(config, model)
     batch = config.sample.batch_size  # same batches as the sample stage: scale 0 is bit-identical
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
-    iterator = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(todo, desc="edit", unit="direction")
     strips = run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
-    for d in iterator:
+    for d in progress(todo, "edit", "direction", show_progress):
         selected = direction_by_name(directions, names[d])
         unit = selected["direction"].values
         scale_unit = selected["scale_unit"].values

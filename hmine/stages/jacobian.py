@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hmine.config import RunConfig
-from hmine.stages.sample import StageResult, samples_path
+from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
     ArraySpec,
     CONFIG_HASH,
@@ -94,11 +94,9 @@ def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
     return tensor
 
 
-def run_jacobian_stage(config: RunConfig, *, model=None, progress: bool = True) -> StageResult:
+def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Compute Jacobian directions for the first ``jacobian.n_samples`` samples."""
     from hmine.jacobian import eps_of_h, jacobian_subspace, use_math_attention
-    from hmine.models import load_model
-    from hmine.sampling import Sampler
 
     started = time.perf_counter()
     jac = config.jacobian
@@ -138,20 +136,14 @@ def run_jacobian_stage(config: RunConfig, *, model=None, progress: bool = True) 
     attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
     group = prepare_store(path, arrays, attrs, coords)
 
-    if model is None:
-        model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
+    sampler = make_sampler(config, model)
+    model = sampler.model
     use_math_attention(model.unet)
-    sampler = Sampler(model, num_inference_steps=config.sample.num_inference_steps, eta=config.sample.eta, h_position=config.model.h_position)
     step_index = {t: i for i, t in enumerate(all_steps)}
     done = group["done"][...]
     todo = [(i, j) for i in range(n) for j in range(s) if not done[i, j]]
-    iterator = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(todo, desc="jacobian", unit="step")
     trajectories: dict[int, object] = {}
-    for i, j in iterator:
+    for i, j in progress(todo, "jacobian", "step", show_progress):
         if i not in trajectories:
             trajectories = {i: sampler.sample([int(seeds[i])], return_trajectory=True)}
         out = trajectories[i]

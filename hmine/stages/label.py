@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hmine.config import RunConfig
-from hmine.stages.sample import StageResult, samples_path
+from hmine.stages.sample import StageResult, progress, samples_path
 from hmine.stores import STORE_UUID, open_group, store_state, table_meta, write_table
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def read_labels(config: RunConfig) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def run_label_stage(config: RunConfig, *, labeller=None, progress: bool = True) -> StageResult:
+def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = True) -> StageResult:
     """Label every sample of the run's complete samples store.
 
     Parameters
@@ -94,12 +94,7 @@ def run_label_stage(config: RunConfig, *, labeller=None, progress: bool = True) 
     batch = config.label.batch_size
     n_batches = -(-len(seeds) // batch)
     todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
-    iterator = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(todo, desc="label", unit="batch")
-    for b in iterator:
+    for b in progress(todo, "label", "batch", show_progress):
         region = slice(b * batch, min(len(seeds), (b + 1) * batch))
         scores = labeller.score(np.asarray(group["x0"][region], dtype=np.float32))
         scores.index = pd.Index(seeds[region], name="seed")

@@ -60,6 +60,34 @@ def samples_path(config: RunConfig) -> Path:
     return config.run_dir / SAMPLES_STORE
 
 
+def make_sampler(config: RunConfig, model=None):
+    """The run's sampler (steps, eta, h position), loading ``config.model`` if not given.
+
+    Every stage that regenerates samples uses it, so edits replay the sample stage's
+    trajectories exactly.
+    """
+    from hmine.models import load_model
+    from hmine.sampling import Sampler
+
+    if model is None:
+        model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
+    return Sampler(
+        model,
+        num_inference_steps=config.sample.num_inference_steps,
+        eta=config.sample.eta,
+        h_position=config.model.h_position,
+    )
+
+
+def progress(items: list, desc: str, unit: str, enabled: bool = True):
+    """``items`` with a progress bar when enabled and there is work to show."""
+    if not (enabled and items):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
 def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple[list, dict, dict]:
     sample = config.sample
     n, steps, b = sample.n_samples, sample.num_inference_steps, sample.batch_size
@@ -109,7 +137,7 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
     return arrays, attrs, coords
 
 
-def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) -> StageResult:
+def run_sample_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Sample every seed of ``config.sample`` into ``samples.zarr``, resuming if partial.
 
     Parameters
@@ -117,12 +145,10 @@ def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) ->
     config : RunConfig
     model : DiffusionModel, optional
         An already loaded model (else ``config.model`` is loaded).
-    progress : bool, default=True
+    show_progress : bool, default=True
         Show a progress bar over batches.
     """
     from hmine.hooks import h_shape as find_h_shape
-    from hmine.models import load_model
-    from hmine.sampling import Sampler
 
     started = time.perf_counter()
     repaired: list[int] = []
@@ -137,14 +163,8 @@ def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) ->
             if not repaired:
                 logger.info("sample stage: %s is complete, nothing to do", path)
                 return StageResult(path, n_batches, 0, n_batches, 0, time.perf_counter() - started)
-    if model is None:
-        model = load_model(config.model.id, revision=config.model.revision, device=config.model.device)
-    sampler = Sampler(
-        model,
-        num_inference_steps=config.sample.num_inference_steps,
-        eta=config.sample.eta,
-        h_position=config.model.h_position,
-    )
+    sampler = make_sampler(config, model)
+    model = sampler.model
     shape_of_h = find_h_shape(model.unet, config.model.h_position)
     size = model.unet.config.sample_size
     image_size = (size, size) if isinstance(size, int) else tuple(size)
@@ -158,12 +178,7 @@ def run_sample_stage(config: RunConfig, *, model=None, progress: bool = True) ->
         logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
     todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
     seeds = np.asarray(config.sample.seeds)
-    iterator = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(todo, desc="sample", unit="batch")
-    for batch in iterator:
+    for batch in progress(todo, "sample", "batch", show_progress):
         region = batch_region(batch, b, n)
         out = sampler.sample(seeds[region].tolist())
         # data first, the done-mark second: a kill in between only costs this batch
