@@ -113,12 +113,16 @@ def prepare_store(
     arrays: list[ArraySpec],
     attrs: dict,
     coords: dict[str, np.ndarray] | None = None,
+    *,
+    replace_stale: bool = False,
 ):
     """Create the store template, or reopen a compatible one; return the zarr group.
 
     ``attrs`` must hold ``hmine:config_hash``. A store at ``path`` with another config
-    hash raises :class:`StoreConfigMismatch`; debris of a crashed creation is removed.
-    Coordinate arrays in ``coords`` are written with the template.
+    hash raises :class:`StoreConfigMismatch`, unless ``replace_stale`` — for stores derived
+    from others, which a changed config must invalidate and recompute — in which case it
+    is removed and created anew. Debris of a crashed creation is removed. Coordinate
+    arrays in ``coords`` are written with the template.
     """
     path = Path(path)
     state = store_state(path)
@@ -127,6 +131,9 @@ def prepare_store(
     elif state in ("partial", "complete"):
         group = open_group(path, mode="r+")
         found = group.attrs.get(CONFIG_HASH)
+        if found != attrs[CONFIG_HASH] and replace_stale:
+            shutil.rmtree(path)
+            return prepare_store(path, arrays, attrs, coords)
         if found != attrs[CONFIG_HASH]:
             raise StoreConfigMismatch(
                 f"{path} was written by config {found}, not {attrs[CONFIG_HASH]}; "

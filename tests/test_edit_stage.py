@@ -80,3 +80,14 @@ def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
     assert changed.stage_hash("edit") != config.stage_hash("edit")
     assert run_directions_stage(changed).computed == 0
     assert open_group(directions_path(config)).attrs["hmine:store_uuid"] == before
+
+
+
+def test_a_changed_edit_config_recomputes_the_edits(run):
+    config, labeller = run
+    changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-2.0, 2.0]})})
+    result = run_edit_stage(changed, labeller=labeller, show_progress=False)
+    assert result.computed == 2
+    edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
+    assert list(edits["scale"].values) == [-2.0, 0.0, 2.0]
+    assert edits.attrs["hmine:config_hash"] == changed.stage_hash("edit")

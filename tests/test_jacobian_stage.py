@@ -40,6 +40,10 @@ def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
     again = run_jacobian_stage(config, show_progress=False)
     assert again.computed == 1 and again.skipped == 1
     np.testing.assert_allclose(open_group(config.run_dir / "jacobian.zarr")["vectors"][...], reference, atol=1e-6)
+    # a changed Jacobian config makes the store stale: it is recomputed, not refused
+    changed = _config(tiny_pixel_model_dir, tmp_path, "jacobian.k=1")
+    assert run_jacobian_stage(changed, show_progress=False).computed == 2
+    assert open_group(config.run_dir / "jacobian.zarr")["vectors"].shape[2] == 1
 
 
 def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model_dir, tmp_path):

@@ -117,7 +117,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
             import shutil
 
             shutil.rmtree(path)  # same settings, new directions: the old edits are stale
-    group = prepare_store(path, arrays, attrs, coords)
+    group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
 
     sampler = make_sampler(config, model)
     batch = config.sample.batch_size  # same batches as the sample stage: scale 0 is bit-identical

@@ -134,7 +134,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     if masks is not None:
         coords["mask"] = masks
     attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
-    group = prepare_store(path, arrays, attrs, coords)
+    group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
 
     sampler = make_sampler(config, model)
     model = sampler.model
