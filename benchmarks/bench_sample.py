@@ -99,8 +99,8 @@ def main() -> None:
             bare.append(bare_loop(model_dir, args.n, args.batch, args.steps))
             ours.append(hmine_stage(model_dir, args.n, args.batch, args.steps, root))
     b, o = min(bare), min(ours)
-    print(f"| config | n | batch | steps | bare diffusers loop (s) | hmine sample stage (s) | overhead ratio |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| config | n | batch | steps | bare diffusers loop (s) | hmine sample stage (s) | overhead ratio |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.config} | {args.n} | {args.batch} | {args.steps} | {b:.2f} | {o:.2f} | {o / b:.3f} |")
     print(f"(best of {args.repeats}; all runs: bare {[round(x, 2) for x in bare]}, hmine {[round(x, 2) for x in ours]})")
 

@@ -1,6 +1,5 @@
 """Prefect integration: the flows run offline against the session's temporary server."""
 
-import json
 
 import xarray as xr
 

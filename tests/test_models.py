@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from hmine.models import load_model
 from hmine.sampling import Sampler

@@ -43,7 +43,6 @@ def test_store_layout_reads_with_plain_xarray(tiny_pixel_model_dir, tmp_path):
 
 
 def test_store_values_equal_a_direct_sampler_run(tiny_pixel_model_dir, tmp_path):
-    import torch
 
     from hmine.models import load_model
     from hmine.sampling import Sampler

@@ -18,7 +18,6 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -29,7 +28,9 @@ import pandas as pd
 
 from hmine.config import RunConfig
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
+from hmine.config import config_hash as config_hash_of
 from hmine.stores import (
+    CONFIG_HASH,
     ArraySpec,
     STORE_UUID,
     mark_complete,
@@ -87,8 +88,10 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         )
     image_shape = samples["x0"].shape[1:]
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
-    config_hash = config.stage_hash("edit")
-    upstream = {"hmine:directions_uuid": directions.attrs.get(STORE_UUID, "")}
+    # the edits depend on the settings and on the very directions they apply: both go
+    # into the store's key, so new directions make the store stale like a new config
+    directions_uuid = directions.attrs.get(STORE_UUID, "")
+    config_hash = config_hash_of({"edit": config.stage_hash("edit"), "directions": directions_uuid})
     arrays = [
         ArraySpec(
             "images",
@@ -104,19 +107,11 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         ArraySpec("sample", (len(seeds),), (len(seeds),), "int64", ("sample",), {"long_name": "seed"}, None, False),
     ]
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
-    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, upstream)
-    if store_state(path) == "complete":
-        group = open_group(path)
-        if group.attrs.get("hmine:config_hash") == config_hash and all(group.attrs.get(k) == v for k, v in upstream.items()):
-            if table_meta(run_dir / EFFECTS_TABLE) is not None:
-                logger.info("edit stage: %s is up to date", path)
-                return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
-    if store_state(path) in ("partial", "complete"):
-        found = open_group(path).attrs
-        if found.get("hmine:config_hash") == config_hash and any(found.get(k) != v for k, v in upstream.items()):
-            import shutil
-
-            shutil.rmtree(path)  # same settings, new directions: the old edits are stale
+    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {"hmine:directions_uuid": directions_uuid})
+    if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
+        if table_meta(run_dir / EFFECTS_TABLE) is not None:
+            logger.info("edit stage: %s is up to date", path)
+            return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
 
     sampler = make_sampler(config, model)
