@@ -433,3 +433,42 @@ def test_fit_directions_names_missing_seeds():
     h, labels = two_attribute_world(n=40)
     with pytest.raises(ValueError, match="lack 2 of h's 40 samples"):
         fit_directions(h, labels.drop([1005, 1007]), pca_components=2, top_k=5)
+
+
+def test_principal_subspace_probe_finds_the_direction_the_data_varies_along():
+    # More features than samples, as in h: the class shows along u (the classes overlap
+    # there), a second factor w varies independently of it, and isotropic noise fills the
+    # other dimensions. The raw probe separates the training set perfectly through the
+    # noise dimensions, which the data never moves along; the probe fitted in the top
+    # principal components (span{u, w}) recovers u.
+    rng = np.random.default_rng(3)
+    n, spatial = 200, (32, 8, 8)
+    d = int(np.prod(spatial))
+    labels = rng.integers(0, 2, size=n)
+    u, w = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+    signal = (2 * labels - 1) * 2.0 + rng.normal(scale=2.0, size=n)
+    nuisance = rng.normal(scale=3.0, size=n)
+    array = signal[:, None] * u + nuisance[:, None] * w + rng.normal(scale=0.3, size=(n, d))
+    h = as_h(array.reshape(n, 1, *spatial).astype(np.float32), steps=(500,))
+    scores = pd.Series(np.where(labels == 1, 0.9, 0.1), index=pd.Index(h["sample"].values, name="seed"))
+
+    def cosine_with_u(probe):
+        coef = probe.coef_.values.reshape(-1)
+        return abs(coef @ u) / np.linalg.norm(coef)
+
+    raw = LinearProbe().fit(h, scores)
+    principal = LinearProbe(n_components=2).fit(h, scores)
+    assert principal.n_components_ == 2 and raw.n_components_ is None
+    assert raw.train_accuracy_.values[0] == 1.0 and cosine_with_u(raw) < 0.5
+    assert cosine_with_u(principal) > 0.9
+    assert principal.heldout_accuracy_.values[0] >= raw.heldout_accuracy_.values[0]
+    # the intercept is in uncentred h coordinates, as for the raw probe
+    x = h.isel(step=0).values.reshape(n, -1).astype(np.float64)
+    decision = x @ principal.coef_.isel(step=0).values.reshape(-1) + float(principal.intercept_.isel(step=0))
+    assert ((decision > 0) == (labels == 1)).mean() > 0.8
+
+
+def test_probe_refuses_zero_components():
+    h, scores, _ = separable()
+    with pytest.raises(ValueError, match="n_components must be >= 1"):
+        LinearProbe(n_components=0).fit(h, scores)

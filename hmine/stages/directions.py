@@ -71,6 +71,7 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         attributes=attributes,
         top_k=config.directions.top_k,
         probe_C=config.directions.probe_C,
+        probe_components=config.directions.probe_components,
         conditional={k: list(v) for k, v in config.directions.conditional.items()},
         memory_budget_bytes=int(config.directions.memory_budget_gb * 2**30),
         random_state=config.directions.random_state,
