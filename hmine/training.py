@@ -48,7 +48,11 @@ class DDPMTrainConfig(BaseModel):
     torch_threads: int = Field(1, ge=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     init_from: Path | None = Field(
-        None, description="start from the EMA weights of this training checkpoint (fine-tuning)"
+        None,
+        description=(
+            "start from these weights (fine-tuning): the EMA weights of a training checkpoint "
+            "(checkpoint.pt) or a U-Net in diffusers layout (a model folder, or its unet/ folder)"
+        ),
     )
 
 
@@ -95,6 +99,22 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a fine-tune starts from: a checkpoint's EMA, or a diffusers U-Net's weights."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)["ema"]
+    for folder in (path / "unet", path):
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(weights)
+    raise FileNotFoundError(
+        f"init_from {path} is neither a training checkpoint nor a diffusers U-Net folder "
+        "(expected diffusion_pytorch_model.safetensors in it or in its unet/ folder)"
+    )
+
+
 def _lr_at(step: int, config: DDPMTrainConfig) -> float:
     # Linear warm-up, then cosine decay to 10 % of the peak by the last step.
     if step < config.warmup_steps:
@@ -137,7 +157,7 @@ def train_ddpm(
     torch.manual_seed(config.seed)  # the initial weights are part of the seeded run
     unet = build_unet(config)
     if config.init_from is not None:
-        unet.load_state_dict(torch.load(config.init_from, weights_only=True)["ema"])
+        unet.load_state_dict(initial_weights(Path(config.init_from)))
     ema = build_unet(config)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
