@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from hmine.models import load_model
@@ -42,3 +43,21 @@ def test_v_prediction_fine_tune_starts_from_a_checkpoint(tmp_path):
     model = load_model(str(tmp_path / "export"))
     assert model.scheduler.config.prediction_type == "v_prediction"
     assert Sampler(model, num_inference_steps=2).sample([0]).images.shape == (1, 3, 32, 32)
+
+
+def test_fine_tune_starts_from_an_exported_model_folder(tmp_path):
+    from hmine.training import initial_weights
+
+    base = DDPMTrainConfig(**{**TINY, "steps": 1})
+    exported = train_ddpm(base, tmp_path / "base", export_dir=tmp_path / "export")
+    for folder in (tmp_path / "export", tmp_path / "export" / "unet"):
+        weights = initial_weights(folder)
+        for name, value in exported.state_dict().items():
+            torch.testing.assert_close(weights[name], value)
+    # a fine-tune from the folder starts exactly there: at learning rate ~0 it stays there
+    still = DDPMTrainConfig(**{**TINY, "steps": 1, "learning_rate": 1e-12, "init_from": tmp_path / "export"})
+    tuned = train_ddpm(still, tmp_path / "tuned")
+    for a, b in zip(tuned.parameters(), exported.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    with pytest.raises(FileNotFoundError, match="neither a training checkpoint nor a diffusers U-Net folder"):
+        initial_weights(tmp_path)
