@@ -59,6 +59,36 @@ def attribute_change_matrix(effects: pd.DataFrame, attributes: list[str], scale:
     return matrix.reindex(columns=[a for a in attributes if a in matrix.columns])
 
 
+def jacobian_summary(run_dir: Path) -> pd.DataFrame:
+    """Per analysed sample: top singular values and, with a mask, how local each top direction is."""
+    import xarray as xr
+
+    jac = xr.open_zarr(Path(run_dir) / "jacobian.zarr", consolidated=False)
+    first = jac.isel(step=0)
+    frame = pd.DataFrame(index=pd.Index(jac["sample"].values, name="seed"))
+    frame["step"] = int(first["step"])
+    for k in range(jac.sizes["k"]):
+        frame[f"sigma_{k + 1}"] = first["singular_values"].values[:, k]
+    measured = all(name in jac for name in ("inside_mask_fraction", "inside_mask_eps_fraction"))
+    if measured and np.isfinite(jac["inside_mask_fraction"].values).all():
+        frame["mask area"] = jac["mask"].values.mean(axis=(1, 2))
+        for v, variant in enumerate(("masked", "unmasked")):
+            frame[f"eps change inside, {variant}"] = jac["inside_mask_eps_fraction"].values[:, v]
+        for v, variant in enumerate(("masked", "unmasked")):
+            frame[f"pixel change inside, {variant}"] = jac["inside_mask_fraction"].values[:, v]
+    return frame
+
+
+def jacobian_summary_table(run_dir: Path) -> str:
+    frame = jacobian_summary(run_dir)
+    return (
+        "<p>Top singular values of d eps / d h at the first analysed step and, with a mask, the share "
+        "inside the mask of the top direction's change of eps at that step (|M J v|&sup2; / |J v|&sup2;, "
+        "what the masked objective controls) and of the edit's pixel change in the final image, for "
+        "the masked and the unmasked top direction.</p>" + _table(frame.reset_index())
+    )
+
+
 def build_report(config: RunConfig) -> Path:
     """Write ``<report_root>/<name>/index.html`` and its images; return the page's path."""
     import xarray as xr
@@ -194,6 +224,7 @@ def build_report(config: RunConfig) -> Path:
         sections.append(
             f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>. Each strip: mask, then the "
             "top direction's edit at the configured scales.</p><div class='row'>" + "".join(shown) + "</div>"
+            + jacobian_summary_table(run_dir)
         )
     else:
         sections.append("<h2>Jacobian stage</h2><p>Not run.</p>")

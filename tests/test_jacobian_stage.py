@@ -5,6 +5,7 @@ import pytest
 import xarray as xr
 
 from hmine.config import load_config
+from hmine.report import jacobian_summary
 from hmine.stages.jacobian import run_jacobian_stage
 from hmine.stages.sample import run_sample_stage
 from hmine.stores import open_group
@@ -65,6 +66,14 @@ def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model
     assert cos < 0.99  # the mask matters
     frac = b["inside_mask_fraction"][...]
     assert np.isfinite(frac).all() and (frac >= 0).all() and (frac <= 1).all()
+    # the masked objective puts more of eps's first-order change inside the mask than
+    # the unmasked top direction does (variant 0: masked, 1: unmasked)
+    eps_frac = b["inside_mask_eps_fraction"][...]
+    assert np.isfinite(eps_frac).all() and (eps_frac <= 1).all()
+    assert (eps_frac[:, 0] > eps_frac[:, 1]).all()
+    summary = jacobian_summary(masked.run_dir)  # the report's table
+    np.testing.assert_allclose(summary["eps change inside, masked"], eps_frac[:, 0])
+    assert "pixel change inside, unmasked" in summary and "mask area" not in jacobian_summary(plain.run_dir)
     assert len(list((masked.run_dir / "jacobian_strips").glob("*.png"))) == 2
 
     np.save(masks / "1.npy", np.ones((8, 8), dtype=np.float32))

@@ -15,9 +15,16 @@ the model, plus the content hash of the masks.
 With a mask, the stage also edits each sample along its top direction of the first
 analysed step, used at every step ("global at t", scaled in standard deviations of the
 data along it, as every direction in hmine), writes strips (mask, then the edits) to
-``jacobian_strips/`` and records ``inside_mask_fraction`` (sample, variant): the share
-of the edit's absolute pixel change that falls inside the mask, for the masked
-direction and for the unmasked top direction of the same step.
+``jacobian_strips/`` and records, for the masked direction and for the unmasked top
+direction of the same step (``variant`` 0 and 1):
+
+``inside_mask_fraction`` (sample, variant)
+    the share of the edit's absolute pixel change in the final image that falls inside
+    the mask;
+``inside_mask_eps_fraction`` (sample, variant)
+    the share of ‖J v‖², the first-order change of eps at the analysed step, that falls
+    inside the mask: what the masked objective ‖M ⊙ J v‖ controls. The first can be much
+    lower than the second, because the later denoising steps spread a local change of eps.
 """
 
 from __future__ import annotations
@@ -127,6 +134,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         ArraySpec("done", (n, s), (1, 1), "bool", ("sample", "step"), None, False, False),
         ArraySpec("mask", (n, height, width), (n, height, width), "float32", ("sample", "height", "width"), None, 1.0, False),
         ArraySpec("inside_mask_fraction", (n, 2), (n, 2), "float32", ("sample", "variant"), None, float("nan"), False),
+        ArraySpec("inside_mask_eps_fraction", (n, 2), (n, 2), "float32", ("sample", "variant"), None, float("nan"), False),
         ArraySpec("sample", (n,), (n,), "int64", ("sample",), None, None, False),
         ArraySpec("step", (s,), (s,), "int64", ("step",), None, None, False),
     ]
@@ -184,14 +192,18 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
     fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
+    eps_fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
     scales = sorted(set(jac.edit_scales) | {0.0})
     for i, seed in enumerate(seeds):
         masked_direction = np.asarray(group["vectors"][i, 0, 0])
         out = sampler.sample([int(seed)], return_trajectory=True)
         f = eps_of_h(model.unet, out.trajectory[:, t_idx], sampler.timesteps[t_idx], config.model.h_position)
-        unmasked = jacobian_subspace(f, out.h[0, t_idx].float(), k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed))
+        h0 = out.h[0, t_idx].float()
+        unmasked = jacobian_subspace(f, h0, k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed))
+        eps_mask = _mask_for_eps(masks[i], model.sample_shape)
         row = []
         for v, direction in enumerate([masked_direction, unmasked.vectors[0].numpy()]):
+            eps_fractions[i, v] = eps_change_inside(f, h0, torch.from_numpy(direction).float(), eps_mask)
             unit = np.ascontiguousarray(np.broadcast_to(direction, (h.sizes["step"], *direction.shape)))
             scale_unit = data_std_along(reference, direction)
             edited = {
@@ -205,6 +217,20 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
                 row = [mask_tile] + [edited[s] for s in scales]
         write_strip(np.stack(row)[None], strips / f"sample-{int(seed)}-t{steps[0]}.png", upscale=3)
     group["inside_mask_fraction"][...] = fractions
+    group["inside_mask_eps_fraction"][...] = eps_fractions
+
+
+def eps_change_inside(f, h0: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor) -> float:
+    """‖M ⊙ J v‖² / ‖J v‖² for the unmasked f(h) = eps(x_t, h) at h0 (one forward-mode product).
+
+    For a v-prediction model f is the U-Net's v; J_eps = sqrt(a_t) J_v, so the share is the same.
+    """
+    from torch.func import jvp
+
+    with torch.inference_mode(False), torch.no_grad():
+        change = jvp(f, (h0,), (direction.reshape(h0.shape),))[1]
+    weights = torch.broadcast_to(mask[0], change.shape)
+    return float((weights * change).square().sum() / change.square().sum().clamp_min(1e-30))
 
 
 def data_std_along(h: np.ndarray, direction: np.ndarray) -> np.ndarray:
