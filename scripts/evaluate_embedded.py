@@ -4,7 +4,7 @@ For 10-step DDIM (eta=0) and 10 steps with eta=1, over N samples: the fraction c
 with confidence >= 0.9 for shape and for colour, and the generated factor frequencies
 (including the deliberate circle/red correlation) against the training distribution.
 
-    python scripts/evaluate_embedded.py [--n 512] [--json out.json]
+    python scripts/evaluate_embedded.py [--n 512] [--json out.json] [--model PATH] [--etas 0 1]
 """
 
 from __future__ import annotations
@@ -40,16 +40,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder (e.g. an exported checkpoint)")
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
     args = parser.parse_args()
 
     started = time.perf_counter()
-    model = load_model()
+    model = load_model(args.model)
     load_seconds = time.perf_counter() - started
     labeller = WorldLabeller()
     truth = world.sample_factors(200_000, seed=12345)
     reference = frequencies(truth["shape"], truth["color"])
     report = {"load_seconds": round(load_seconds, 3), "training_distribution": reference}
-    for eta in (0.0, 1.0):
+    for eta in args.etas:
         sampler = Sampler(model, num_inference_steps=10, eta=eta)
         images, batch_seconds = [], []
         for start in range(0, args.n, args.batch):
