@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("label", "stage 2: score every sample's image with the labeller"),
         ("directions", "stage 3: PCA, mean-difference, probe and conditional directions"),
         ("edit", "stage 4: apply directions at several scales and measure the effect"),
-        ("jacobian", "stage 5: per-image Jacobian directions by subspace iteration"),
+        ("jacobian", "stage 5: per-image Jacobian directions by block Krylov iteration"),
         ("report", "write the HTML report of a run"),
     ]:
         _add_config_args(sub.add_parser(stage, help=text))

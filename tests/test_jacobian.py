@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_unet
 from hmine.jacobian import (
     JacobianResult,
+    _random_orthonormal,
     eps_of_h,
     exact_jacobian_svd,
     h_at,
@@ -101,10 +102,11 @@ def test_subspace_iteration_matches_exact_svd(unet, x_t, position, mask):
     torch.testing.assert_close(result.vectors, exact.vectors[:3], rtol=0, atol=1e-3)
 
 
-def test_sequential_power_iteration_matches_exact_svd(unet, x_t):
+@pytest.mark.parametrize("forward_mode", [False, True], ids=["vjp-of-vjp", "forward-mode"])
+def test_sequential_power_iteration_matches_exact_svd(unet, x_t, forward_mode):
     f, h0 = _problem(unet, x_t, "after", "left")
     exact = exact_jacobian_svd(f, h0, k=2)
-    result = sequential_power_iteration(f, h0, k=2, tol=TOL, max_iter=300)
+    result = sequential_power_iteration(f, h0, k=2, tol=TOL, max_iter=300, forward_mode=forward_mode)
     assert result.converged
     assert _vector_angles(result.vectors, exact.vectors).max() < 1.0
     assert _relative_errors(result.singular_values, exact.singular_values).max() < 1e-3
@@ -130,7 +132,9 @@ def test_products_are_counted_per_column(unet, x_t):
     f, h0 = _problem(unet, x_t)
     result = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300)
     assert result.iterations > 1
-    assert result.n_jvp == result.n_vjp == result.iterations * (3 + 2)  # default oversample=2
+    assert result.n_jvp == result.n_vjp == result.iterations * 3  # default oversample=0
+    wider = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300, oversample=2)
+    assert wider.n_jvp == wider.n_vjp == wider.iterations * (3 + 2)
     capped = jacobian_subspace(f, h0, k=2, tol=1e-14, max_iter=4, oversample=0)
     assert not capped.converged and capped.iterations == 4 and capped.n_jvp == capped.n_vjp == 8
     sequential = sequential_power_iteration(f, h0, k=2, tol=1e-14, max_iter=4)
@@ -188,3 +192,61 @@ def test_bad_inputs_are_refused_with_a_fix(unet, x_t):
     training = make_tiny_unet(sample_size=SIZE)
     with pytest.raises(ValueError, match="eval"):
         eps_of_h(training, x_t.float(), T)
+
+
+def _linear_problem(singular_values, shape):
+    """f(h) = A h, A with the given singular values and random singular vectors."""
+    generator = torch.Generator().manual_seed(0)
+    singular_values = torch.as_tensor(singular_values, dtype=torch.float64)
+    rank, d_h = len(singular_values), int(np.prod(shape))
+    left, _ = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(d_h, rank, generator=generator, dtype=torch.float64))
+    matrix = left * singular_values @ right.T
+    return (lambda h: matrix @ h.reshape(-1)), torch.zeros(shape, dtype=torch.float64), matrix
+
+
+def _plain_subspace_iteration_products(matrix, k, tol, seed, max_iter=5000):
+    """Products J v that plain subspace iteration (Haas et al. Alg. 1) needs to converge.
+
+    The method jacobian_subspace accelerates, with the same seeded start, Rayleigh–Ritz
+    step, residuals and stopping rule, run on the dense matrix: V ← orth(JᵀJ V).
+    """
+    directions = _random_orthonormal(matrix.shape[1], k, seed)
+    for iteration in range(1, max_iter + 1):
+        images = directions @ matrix.T
+        ritz_values, ritz_coords = torch.linalg.eigh(images @ images.T)
+        ritz_values, ritz_coords = ritz_values.flip(0), ritz_coords.flip(1)
+        directions = ritz_coords.T @ directions
+        pulled_back = ritz_coords.T @ images @ matrix
+        residuals = (pulled_back - ritz_values[:, None] * directions).norm(dim=1) / ritz_values
+        if residuals.max() < tol:
+            return iteration * k
+        directions = torch.linalg.qr(pulled_back.T)[0].T
+    raise AssertionError("plain subspace iteration did not converge")
+
+
+def test_block_krylov_needs_far_fewer_products_than_subspace_iteration_at_a_small_gap():
+    # σ_3 / σ_4 = 1.01: subspace iteration with 3 columns shrinks the error by only
+    # (σ_4/σ_3)² ≈ 0.98 per iteration; the Krylov space is searched as a whole
+    singular_values = [1.0, 0.95, 0.9] + [0.9 * 0.99 * 0.995**j for j in range(597)]
+    f, h0, matrix = _linear_problem(singular_values, (8, 16, 16))
+    result = jacobian_subspace(f, h0, k=3, tol=1e-4, max_iter=1000)
+    plain_products = _plain_subspace_iteration_products(matrix, k=3, tol=1e-4, seed=0)
+
+    assert result.converged and (result.residuals < 1e-4).all()
+    assert result.n_jvp * 4 < plain_products, (result.n_jvp, plain_products)  # measured: 75 against 573
+    _, exact_values, exact_right_t = torch.linalg.svd(matrix, full_matrices=False)
+    assert principal_angles_degrees(result.vectors, exact_right_t[:3].reshape(3, *h0.shape)).max() < 1.0
+    assert _relative_errors(result.singular_values, exact_values[:3]).max() < 1e-3
+
+
+def test_an_invariant_krylov_space_stops_the_iteration_with_dependent_columns_dropped():
+    # J of rank 5: W = JᵀJ Q lies in the 5-dimensional row space of J, which the basis
+    # holds completely after 3 iterations of 3 + 3 + 2 columns (W_2 has only two
+    # directions outside span(Q); the third is dropped); then no new column is left
+    f, h0, _ = _linear_problem([3.0, 2.0, 1.0, 0.5, 0.25], (2, 4, 4))
+    result = jacobian_subspace(f, h0, k=3, tol=0.0, max_iter=50)  # tol 0: never met
+    assert not result.converged and result.iterations == 3
+    assert result.n_jvp == result.n_vjp == 3 + 3 + 2
+    assert (result.residuals < 1e-10).all()
+    torch.testing.assert_close(result.singular_values, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))

@@ -2,7 +2,7 @@
 
 For each of the first ``jacobian.n_samples`` samples and each analysed step, the
 trajectory is regenerated from the sample's seed and the top-k right singular vectors
-of J = d(M * eps(x_t, h)) / dh are found by batched subspace iteration
+of J = d(M * eps(x_t, h)) / dh are found by batched block Krylov iteration
 (:func:`hmine.jacobian.jacobian_subspace`), never materialising J.
 
 Layout (``xr.open_zarr(run_dir / "jacobian.zarr", consolidated=False)``):
