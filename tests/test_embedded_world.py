@@ -29,8 +29,9 @@ def world_run(tmp_path_factory):
         [f"output_root={root}", "name=w", "sample.n_samples=256", "sample.batch_size=64",
          "label.attributes=[is_circle, is_red]", "directions.pca_components=4", "directions.top_k=40",
          "directions.conditional={is_circle: [is_red]}",
-         "edit.directions=[mean_difference/is_circle, conditional/mean_difference/is_circle|is_red, mean_difference/is_red]",
-         "edit.n_samples=32", "edit.scales=[-20.0, 20.0]"],
+         "edit.directions=[mean_difference/is_circle, conditional/mean_difference/is_circle|is_red, "
+         "mean_difference/is_red, probe/is_red]",
+         "edit.n_samples=32", "edit.scales=[-20.0, 20.0, 40.0]"],
     )
     for stage in ("sample", "label", "directions", "edit"):
         run_stage(stage, config)
@@ -45,15 +46,24 @@ def test_labels_recover_the_world_distribution(world_run):
     assert 0.15 < circle.mean() < 0.5
 
 
-def test_probes_decode_the_factors_from_h_at_late_steps(world_run):
-    from hmine.directions import direction_by_name, open_directions
+def test_probes_decode_the_factors_from_h(world_run):
+    import xarray as xr
+
+    from hmine.directions import LinearProbe, direction_by_name, open_directions
 
     directions = open_directions(world_run.run_dir / "directions.zarr")
+    h = xr.open_zarr(world_run.run_dir / "samples.zarr", consolidated=False)["h"]
+    labels = pd.read_parquet(world_run.run_dir / "labels.parquet")
     for attribute in ("is_circle", "is_red"):
+        # the stage's probes, in 32 principal components per step, decode best at the
+        # middle steps (measured at N=256: is_red 0.92 at t=700, 0.69 at the last step)
         accuracy = direction_by_name(directions, f"probe/{attribute}")["probe_accuracy"].values
-        # measured at N=256: 0.86 / 0.97 at the last step, ~0.7 / 0.8 at t=900
-        assert accuracy[-1] >= 0.8, (attribute, accuracy)
-        assert accuracy[-1] > accuracy[0]
+        assert accuracy.max() >= 0.8, (attribute, accuracy)
+        # probes on raw h decode at the last step (measured: 0.86 / 0.97), and better
+        # than at the first: the factor is linearly in h once the image has formed
+        raw = LinearProbe().fit(h.isel(step=[0, -1]), labels[attribute])
+        first, last = raw.heldout_accuracy_.values
+        assert last >= 0.8 and last > first, (attribute, first, last)
 
 
 def test_the_correlated_pair_leaks_into_raw_directions_and_conditioning_removes_it(world_run):
@@ -85,6 +95,13 @@ def test_a_mean_difference_direction_flips_its_attribute(world_run):
     effects = pd.read_parquet(world_run.run_dir / "edit_effects.parquet").set_index(["direction", "scale", "attribute"])
     # measured on these 256 samples / 32 edits: 0.95 of the non-red samples turn red at +20
     assert effects.loc[("mean_difference/is_red", 20.0, "is_red"), "flip_to_positive"] >= 0.7
+
+
+def test_a_probe_direction_flips_its_attribute(world_run):
+    effects = pd.read_parquet(world_run.run_dir / "edit_effects.parquet").set_index(["direction", "scale", "attribute"])
+    # measured on these 256 samples / 32 edits: 0.90 of the non-red samples turn red at +40
+    # (the demo, 1,024 samples: 0.85 at +20 and 1.00 at +40)
+    assert effects.loc[("probe/is_red", 40.0, "is_red"), "flip_to_positive"] >= 0.7
 
 
 def test_the_conditional_direction_at_least_halves_the_leakage(world_run):
