@@ -85,7 +85,7 @@ def jacobian_summary_table(run_dir: Path) -> str:
         "<p>Top singular values of d eps / d h at the first analysed step and, with a mask, the share "
         "inside the mask of the top direction's change of eps at that step (|M J v|&sup2; / |J v|&sup2;, "
         "what the masked objective controls) and of the edit's pixel change in the final image, for "
-        "the masked and the unmasked top direction.</p>" + _table(frame.reset_index())
+        "the masked and the unmasked top direction.</p>" + _table(frame)
     )
 
 
