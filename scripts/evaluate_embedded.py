@@ -25,7 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 
-def frequencies(shape: np.ndarray, color: np.ndarray) -> dict[str, float]:
+def frequencies(shape: np.ndarray, color: np.ndarray, continuous: dict[str, np.ndarray]) -> dict[str, float]:
+    """Discrete factor frequencies, the circle/red correlation, and the binary attributes of
+    the continuous factors (size, x, y, background above the middle of their range)."""
     from hmine import world
 
     out = {f"shape={name}": float((shape == i).mean()) for i, name in enumerate(world.SHAPES)}
@@ -33,6 +35,8 @@ def frequencies(shape: np.ndarray, color: np.ndarray) -> dict[str, float]:
     circles = shape == 0
     out["red|circle"] = float((color[circles] == 0).mean()) if circles.any() else float("nan")
     out["red|not circle"] = float((color[~circles] == 0).mean()) if (~circles).any() else float("nan")
+    binary = world.binary_attributes({"shape": shape, "color": color, **continuous})
+    out.update({name: float(binary[name].mean()) for name in ("is_large", "is_left", "is_top", "is_light_bg")})
     return out
 
 
@@ -84,7 +88,7 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
     labeller = WorldLabeller()
     truth = world.sample_factors(200_000, seed=12345)
-    reference = frequencies(truth["shape"], truth["color"])
+    reference = frequencies(truth["shape"], truth["color"], {k: truth[k] for k in world.CONTINUOUS_FACTORS})
     report = {"load_seconds": round(load_seconds, 3), "training_distribution": reference}
     for eta in args.etas:
         sampler = Sampler(model, num_inference_steps=10, eta=eta)
@@ -96,7 +100,10 @@ def main() -> None:
         table = labeller.score(np.concatenate(images))
         shape_conf = table[["p_circle", "p_square", "p_triangle"]].max(axis=1)
         color_conf = table[["p_red", "p_green", "p_blue"]].max(axis=1)
-        generated = frequencies(table["shape"].to_numpy(), table["color"].to_numpy())
+        generated = frequencies(
+            table["shape"].to_numpy().astype(int), table["color"].to_numpy().astype(int),
+            {k: table[k].to_numpy() for k in world.CONTINUOUS_FACTORS},
+        )  # fmt: skip
         report[f"eta={eta:g}"] = {
             "n": args.n,
             "shape_confident_0.9": float((shape_conf >= 0.9).mean()),
