@@ -3,15 +3,22 @@
 Each task is a thin call of a plain ``hmine.stages`` function, cached by the stage's
 config hash and the identity of its output (see :mod:`flows.caching`); each stage also
 resumes partial work on its own, so a crash inside a stage loses at most one batch.
+
+With ``runner.kind: dask`` the sample stage runs as a subflow with prefect-dask's
+DaskTaskRunner: the flow prepares the store, submits one task per shard of the batches
+left, waits for them all, then marks the store complete in its own process.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.caching import stage_cache_key
 from hmine.config import RunConfig
-from hmine.pipeline import STAGE_OUTPUTS, run_stage
+from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
 
 
@@ -39,9 +46,107 @@ def build_report_task(config_json: str) -> dict:
     return run_stage("report", RunConfig.model_validate_json(config_json))
 
 
+# The store's done-marks are the truth about which batches exist (stack-notes section 3,
+# pattern A), so a shard is never served from Prefect's cache: rerun, it skips its done
+# batches by itself, and a deleted or repaired store can never be reported as "Cached".
+@task(name="sample_shard", task_run_name="sample-shard-{shard}", cache_policy=NO_CACHE, persist_result=False)
+def sample_shard_task(config_json: str, batches: list[int], shard: int) -> list[int]:
+    """Sample one shard of batches into the prepared store (runs on a Dask worker)."""
+    from hmine.stages.sample import sample_batches
+
+    return sample_batches(RunConfig.model_validate_json(config_json), batches)
+
+
+def dask_task_runner(config: RunConfig):
+    """prefect-dask's task runner for ``config.runner``: the cluster at its address, or a
+    LocalCluster of single-threaded worker processes with scratch space in hmine's home."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = config.runner
+    if runner.address:
+        return DaskTaskRunner(address=runner.address)
+    scratch = hmine_home() / "dask"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": runner.n_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "local_directory": str(scratch),
+            "dashboard_address": None,
+        },
+    )
+
+
+@contextmanager
+def _api_url_for_workers():
+    """Make tasks on other processes report to this process's Prefect server.
+
+    Without an API URL every Dask worker process would start its own temporary server
+    (stack-notes section 4, checked: three servers for a 2-worker LocalCluster). The
+    URL of the server this flow talks to travels with each submitted task's serialized
+    settings. A cluster on other machines needs a server they can reach: export
+    ``PREFECT_API_URL`` (see the README).
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    url = str(FlowRunContext.get().client.api_url).rstrip("/")
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield
+
+
+def _worker_count(config: RunConfig) -> int:
+    from prefect.context import FlowRunContext
+
+    if config.runner.address:
+        client = FlowRunContext.get().task_runner.client  # connects to the cluster
+        return len(client.scheduler_info()["workers"]) or config.runner.n_workers
+    return config.runner.n_workers
+
+
+@flow(name="hmine-sample-dask")
+def sample_dask_flow(config_json: str) -> dict:
+    """Stage 1 on Dask: prepare the store, sample its shards on the workers, finish here.
+
+    Called with ``.with_options(task_runner=dask_task_runner(config))``; the cluster is
+    only started when there are batches to sample, and stopped when this flow ends.
+    """
+    from prefect.futures import wait
+
+    from hmine.stages.sample import finish_sample_stage, prepare_sample_stage, shard_batches
+
+    config = RunConfig.model_validate_json(config_json)
+    # workers may run elsewhere: give them an absolute output path (not in any hash)
+    config = RunConfig.model_validate({**config.model_dump(), "output_root": config.output_root.resolve()})
+    config_json = config.model_dump_json()
+    plan = prepare_sample_stage(config)
+    plan.model = None  # loaded here only to build the template; each shard loads its own
+    shards = []
+    if plan.todo:
+        with _api_url_for_workers():
+            shards = shard_batches(plan.todo, _worker_count(config) * config.runner.shards_per_worker)
+            futures = [sample_shard_task.submit(config_json, batches, i) for i, batches in enumerate(shards)]
+            wait(futures)  # every shard ends (its batches are kept) before a failure is raised
+            computed = sum(len(future.result()) for future in futures)
+    else:
+        computed = 0
+    return {**summarise(finish_sample_stage(plan, computed)), "shards": len(shards)}
+
+
 def _run(stage: str, config_json: str) -> dict:
     if stage == "report":
         return {**build_report_task(config_json), "cache_hit": False}
+    if stage == "sample":
+        config = RunConfig.model_validate_json(config_json)
+        if config.runner.kind == "dask":
+            # no stage-level cache here: an intact complete store costs one chunk check
+            on_dask = sample_dask_flow.with_options(task_runner=dask_task_runner(config))
+            return {**on_dask(config_json), "cache_hit": False}
     state = run_stage_task(stage, config_json, return_state=True)
     return {**state.result(), "cache_hit": state.name == "Cached"}
 

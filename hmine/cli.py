@@ -7,6 +7,7 @@ Heavy packages (torch, diffusers, prefect) are imported inside the subcommands, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -32,6 +33,25 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_dask_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="sample the batches on a Dask cluster: the scheduler at ADDRESS (e.g. tcp://host:8786), "
+        "or 'local' for a LocalCluster of runner.n_workers processes (same as runner.kind: dask)",
+    )
+
+
+def dask_overrides(address: str | None) -> list[str]:
+    """The config overrides that ``--dask ADDRESS`` stands for."""
+    if address is None:
+        return []
+    if address == "local":
+        return ["runner.kind=dask", "runner.address=null"]
+    return ["runner.kind=dask", f"runner.address={json.dumps(address)}"]  # quoted: YAML reads host:port oddly
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmine", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -39,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a config, resuming what exists")
     _add_config_args(p)
+    _add_dask_arg(p)
     for stage, text in [
         ("sample", "stage 1: sample images and store per-step h"),
         ("label", "stage 2: score every sample's image with the labeller"),
@@ -47,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("jacobian", "stage 5: per-image Jacobian directions by block Krylov iteration"),
         ("report", "write the HTML report of a run"),
     ]:
-        _add_config_args(sub.add_parser(stage, help=text))
+        p = sub.add_parser(stage, help=text)
+        _add_config_args(p)
+        if stage == "sample":
+            _add_dask_arg(p)
 
     p = sub.add_parser("status", help="per stage: complete / partial / missing / stale")
     p.add_argument("run_dir", type=Path)
@@ -67,7 +91,12 @@ def _run_stages(args, stages) -> int:
     from hmine.pipeline import check_run_dir, run_stages, write_run_config
     from hmine.runtime import RunLock, exit_cleanly_on_sigterm
 
-    config = load_config(args.config, args.overrides)
+    dask = getattr(args, "dask", None)
+    if dask is not None and args.no_prefect:
+        raise ValueError("--dask runs the sample stage as Prefect tasks; drop --no-prefect")
+    config = load_config(args.config, [*args.overrides, *dask_overrides(dask)])
+    if args.no_prefect and config.runner.kind == "dask" and "sample" in stages:
+        logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
     exit_cleanly_on_sigterm()
     with RunLock(config.run_dir):
         check_run_dir(config)  # before anything is written

@@ -149,6 +149,29 @@ class JacobianConfig(_Frozen):
         return self
 
 
+class RunnerConfig(_Frozen):
+    """Where the sample stage's batches run; never part of any stage's config hash.
+
+    ``local`` samples every batch in the calling process. ``dask`` (Prefect flows only)
+    splits the batches left into shards and runs one Prefect task per shard on a Dask
+    cluster through prefect-dask's DaskTaskRunner: the scheduler at ``address``, or a
+    LocalCluster of ``n_workers`` single-threaded worker processes started for the stage.
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://host:8786; null = LocalCluster")
+    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes (one model each)")
+    shards_per_worker: int = Field(
+        4, ge=1, description="shards (Prefect tasks, each loading the model once) per Dask worker"
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self):
+        if self.address is not None and self.kind != "dask":
+            raise ValueError("runner.address is set but runner.kind is not 'dask'")
+        return self
+
+
 class RunConfig(_Frozen):
     """A whole mining run: where it writes and the settings of every stage."""
 
@@ -161,6 +184,7 @@ class RunConfig(_Frozen):
     directions: DirectionsConfig = DirectionsConfig()
     edit: EditConfig = EditConfig()
     jacobian: JacobianConfig = JacobianConfig()
+    runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @property
     def run_dir(self) -> Path:

@@ -125,7 +125,11 @@ def run_stage(stage: str, config: RunConfig) -> dict:
         from hmine.stages.jacobian import run_jacobian_stage as run
     else:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    result = run(config)
+    return summarise(run(config))
+
+
+def summarise(result) -> dict:
+    """A stage's StageResult as a small JSON-able dict."""
     return {
         "path": str(result.path),
         "computed": result.computed,

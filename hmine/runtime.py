@@ -53,6 +53,8 @@ def configure_environment() -> None:
     # Spinning OpenMP threads under contention made torch 5-10x slower (stack-notes §0.2).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # dask.distributed logs every cluster start and stop at INFO; Dask reads this at import
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def exit_cleanly_on_sigterm() -> None:

@@ -75,3 +75,17 @@ def test_second_run_on_a_locked_run_dir_is_refused_at_once(config_file, tmp_path
     assert out.returncode == 2 and "in use by process" in out.stderr
     # released by its holder: a later run gets it
     assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+
+
+def test_dask_flag_sets_the_runner(tmp_path):
+    from hmine.cli import _run_stages, build_parser, dask_overrides
+    from hmine.config import load_config
+
+    args = build_parser().parse_args(["run", "c.yaml", "--dask", "localhost:8786"])
+    runner = load_config(None, dask_overrides(args.dask)).runner
+    assert (runner.kind, runner.address) == ("dask", "localhost:8786")
+    runner = load_config(None, ["runner.address=null", *dask_overrides("local")]).runner
+    assert (runner.kind, runner.address) == ("dask", None)
+    args = build_parser().parse_args(["sample", str(tmp_path / "c.yaml"), "--no-prefect", "--dask", "local"])
+    with pytest.raises(ValueError, match="drop --no-prefect"):
+        _run_stages(args, ("sample",))  # main() prints it as an error, exit status 2

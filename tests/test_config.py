@@ -67,3 +67,22 @@ def test_local_model_weights_are_part_of_the_sample_hash(tmp_path, tiny_pixel_mo
     data[-1] ^= 1  # retrained weights: same config, other content
     weights.write_bytes(bytes(data))
     assert load_config(None, [f"model.id={copy}"]).stage_hash("sample") != before
+
+
+def test_runner_section_is_validated_and_never_hashed(tmp_path):
+    config = load_config(_write(tmp_path, "runner:\n  kind: dask\n  address: tcp://10.0.0.1:8786\n  n_workers: 4\n"))
+    assert config.runner.kind == "dask" and config.runner.address == "tcp://10.0.0.1:8786"
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config
+    base = load_config(None)
+    for stage in ("sample", "label", "directions", "edit", "jacobian"):
+        assert config.stage_hash(stage) == base.stage_hash(stage)
+        assert "runner" not in config.stage_inputs(stage)
+    for text, field in [
+        ("runner:\n  workers: 4\n", "runner.workers"),
+        ("runner:\n  kind: slurm\n", "runner.kind"),
+        ("runner:\n  n_workers: 0\n", "runner.n_workers"),
+        ("runner:\n  address: tcp://h:8786\n", "runner"),  # an address needs kind: dask
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(_write(tmp_path, text))
+        assert f"'{field}'" in str(info.value)

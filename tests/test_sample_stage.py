@@ -140,3 +140,47 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_pixel_model_dir, tmp_p
     a, b = open_group(store), open_group(reference.path)
     for name in ("h", "x0", "done", "sample", "step"):
         np.testing.assert_array_equal(a[name][...], b[name][...])
+
+
+def test_three_steps_in_separate_shards_equal_run_sample_stage(tiny_pixel_model_dir, tmp_path):
+    from hmine.stages.sample import finish_sample_stage, prepare_sample_stage, sample_batches, shard_batches
+
+    reference = run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, name="serial"), show_progress=False)
+    config = _config(tiny_pixel_model_dir, tmp_path, name="sharded")
+    plan = prepare_sample_stage(config)
+    assert plan.todo == [0, 1, 2] and plan.model is not None  # loaded to build the template
+    shards = shard_batches(plan.todo[::-1], 2)
+    assert shards == [[2, 1], [0]]
+    # each shard as a worker would run it: its own call, its own model, in reverse order
+    assert sample_batches(config, shards[0]) == [2, 1]
+    with pytest.raises(RuntimeError, match=r"batches \[0\]"):
+        finish_sample_stage(plan)  # a shard is missing: the store must not be marked complete
+    assert "hmine:complete" not in open_group(plan.path).attrs
+    assert sample_batches(config, shards[1] + [1]) == [0]  # done batches are skipped
+    result = finish_sample_stage(plan, 3)
+    assert (result.computed, result.skipped, result.total) == (3, 0, 3)
+    a, b = open_group(reference.path), open_group(result.path)
+    assert b.attrs["hmine:complete"]
+    for name in ("h", "x0", "done", "sample", "step", "step_index"):
+        np.testing.assert_array_equal(a[name][...], b[name][...])
+    assert a.attrs["hmine:config_hash"] == b.attrs["hmine:config_hash"]
+    # an existing store is reopened without loading the model
+    again = prepare_sample_stage(config)
+    assert again.todo == [] and again.model is None
+
+
+def test_shards_and_sample_batches_guards(tiny_pixel_model_dir, tmp_path):
+    from hmine.stages.sample import sample_batches, shard_batches
+
+    assert shard_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard_batches([4, 5], 8) == [[4], [5]]
+    assert shard_batches([], 4) == []
+    config = _config(tiny_pixel_model_dir, tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare_sample_stage"):
+        sample_batches(config, [0])
+    run_sample_stage(config, show_progress=False)
+    with pytest.raises(StoreConfigMismatch):
+        sample_batches(_config(tiny_pixel_model_dir, tmp_path, eta=1.0), [0])
+    for outside in (3, -1):
+        with pytest.raises(IndexError):
+            sample_batches(config, [outside])

@@ -26,12 +26,14 @@ import numpy as np
 
 from hmine.config import RunConfig
 from hmine.stores import (
+    COMPLETE,
     CONFIG_HASH,
     ArraySpec,
-    open_group,
-    done_batches,
+    StoreConfigMismatch,
     batch_region,
+    done_batches,
     mark_complete,
+    open_group,
     prepare_store,
     provenance_attrs,
     store_state,
@@ -137,8 +139,169 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
     return arrays, attrs, coords
 
 
+@dataclass
+class SamplePlan:
+    """What :func:`prepare_sample_stage` found: the store and the batches still to sample.
+
+    ``model`` is the model ``prepare`` was given or had to load to build the store's
+    template (None when the store already existed); pass it on to
+    :func:`sample_batches` to avoid loading it twice in one process.
+    """
+
+    path: Path
+    batch_size: int
+    n_batches: int
+    todo: list[int]
+    repaired: list[int]
+    started: float
+    model: object = None
+
+
+def _image_shape(model) -> tuple[int, ...]:
+    size = model.unet.config.sample_size
+    image_size = (size, size) if isinstance(size, int) else tuple(size)
+    if model.vqvae is not None:
+        image_size = tuple(s * 2 ** (len(model.vqvae.config.block_out_channels) - 1) for s in image_size)
+    return (3, *image_size)
+
+
+def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
+    """Create or reopen ``samples.zarr`` and list the batches still to sample.
+
+    A store marked complete is re-verified (chunks may have been lost since); batches
+    marked done whose chunk files are missing or truncated are un-marked and listed
+    again. The model is loaded only to build the template of a store that does not
+    exist yet. A store written by another config raises
+    :class:`~hmine.stores.StoreConfigMismatch`.
+    """
+    from hmine.hooks import h_shape as find_h_shape
+
+    started = time.perf_counter()
+    repaired: list[int] = []
+    path = samples_path(config)
+    n, b = config.sample.n_samples, config.sample.batch_size
+    n_batches = -(-n // b)
+    state = store_state(path)
+    if state == "complete":
+        group = open_group(path, mode="r+")
+        if group.attrs.get(CONFIG_HASH) == config.stage_hash("sample"):
+            # the complete mark is not trusted blindly: chunks may have been lost since
+            repaired = verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)
+            if not repaired:
+                logger.info("sample stage: %s is complete, nothing to do", path)
+                return SamplePlan(path, b, n_batches, [], [], started, model)
+    if state in ("partial", "complete"):
+        # the template is only needed to create a store; an existing one is reopened
+        # (or refused, if another config wrote it) as it is
+        arrays, attrs = [], {CONFIG_HASH: config.stage_hash("sample")}
+        coords = None
+    else:
+        sampler = make_sampler(config, model)
+        model = sampler.model
+        shape_of_h = find_h_shape(model.unet, config.model.h_position)
+        arrays, attrs, coords = _store_template(config, shape_of_h, _image_shape(model), sampler.timesteps.numpy())
+    group = prepare_store(path, arrays, attrs, coords)
+    repaired = sorted(set(repaired) | set(verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)))
+    if repaired:
+        logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
+    todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
+    return SamplePlan(path, b, n_batches, todo, repaired, started, model)
+
+
+def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False) -> list[int]:
+    """Sample the given batches into a prepared ``samples.zarr``; return those computed.
+
+    Batches already marked done are skipped, so a shard that runs twice (a retried task,
+    a rescheduled worker) costs nothing the second time. Each batch is written data
+    first, done-mark second: a kill in between only costs that batch.
+
+    Batches may be sampled in any order, in separate calls, processes or machines
+    sharing the filesystem, concurrently: a batch's region is exactly one chunk row of
+    every array it writes (``h`` chunks are ``(batch_size, 1, ...)``, ``x0`` and ``done``
+    chunks are one batch long), so two batches never write the same chunk file, and
+    zarr writes each chunk file atomically. Only :func:`prepare_sample_stage` and
+    :func:`finish_sample_stage` touch the store's attributes.
+
+    Parameters
+    ----------
+    config : RunConfig
+    batches : list of int
+        Batch indices (batch ``i`` holds samples ``i * batch_size`` onwards).
+    model : DiffusionModel, optional
+        An already loaded model (else ``config.model`` is loaded, only if a batch is left).
+    show_progress : bool, default=False
+    """
+    path = samples_path(config)
+    if store_state(path) not in ("partial", "complete"):
+        raise FileNotFoundError(f"{path} has no store template; run prepare_sample_stage first")
+    group = open_group(path, mode="r+")
+    expected = config.stage_hash("sample")
+    if group.attrs.get(CONFIG_HASH) != expected:
+        raise StoreConfigMismatch(f"{path} was written by config {group.attrs.get(CONFIG_HASH)}, not {expected}")
+    n, b = config.sample.n_samples, config.sample.batch_size
+    done = done_batches(group, b)
+    if any(batch < 0 for batch in batches):
+        raise IndexError(f"negative batch index in {batches}")
+    regions = {batch: batch_region(batch, b, n) for batch in batches}  # IndexError past the end
+    todo = [batch for batch in dict.fromkeys(batches) if not done[batch]]
+    if not todo:
+        return []
+    sampler = make_sampler(config, model)
+    seeds = np.asarray(config.sample.seeds)
+    for batch in progress(todo, "sample", "batch", show_progress):
+        region = regions[batch]
+        out = sampler.sample(seeds[region].tolist())
+        # one chunk row per array, disjoint from every other batch's: concurrent workers
+        # on a shared filesystem never write the same chunk file.
+        # data first, the done-mark second: a kill in between only costs this batch
+        group["h"][region] = out.h.float().cpu().numpy().astype(config.sample.h_dtype)
+        group["x0"][region] = out.images.float().cpu().numpy().astype(config.sample.images_dtype)
+        group["done"][region] = True
+    return todo
+
+
+def finish_sample_stage(plan: SamplePlan, computed: int | None = None) -> StageResult:
+    """Mark the store complete once every batch is done; return the stage's result.
+
+    ``computed`` is the number of batches sampled since ``plan`` was made (default: all
+    of ``plan.todo``). Raises RuntimeError, leaving the store partial, if a batch is
+    still not done (a shard failed or was never run).
+    """
+    group = open_group(plan.path, mode="r+")
+    missing = [i for i, done in enumerate(done_batches(group, plan.batch_size)) if not done]
+    if missing:
+        raise RuntimeError(
+            f"sample stage: batches {missing} of {plan.path} are not done; rerun to resume them"
+        )
+    if not group.attrs.get(COMPLETE):
+        mark_complete(group)
+    computed = len(plan.todo) if computed is None else computed
+    seconds = time.perf_counter() - plan.started
+    if plan.todo:
+        logger.info(
+            "sample stage: %d batches computed, %d skipped in %.1f s", computed, plan.n_batches - computed, seconds
+        )
+    return StageResult(plan.path, plan.n_batches, computed, plan.n_batches - computed, len(plan.repaired), seconds)
+
+
+def shard_batches(batches: list[int], n_shards: int) -> list[list[int]]:
+    """Split batches into at most ``n_shards`` contiguous, near-equal, non-empty shards."""
+    n_shards = max(1, min(n_shards, len(batches)))
+    size, extra = divmod(len(batches), n_shards)
+    shards, start = [], 0
+    for i in range(n_shards):
+        stop = start + size + (i < extra)
+        shards.append(list(batches[start:stop]))
+        start = stop
+    return [shard for shard in shards if shard]
+
+
 def run_sample_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Sample every seed of ``config.sample`` into ``samples.zarr``, resuming if partial.
+
+    The three steps in one process: :func:`prepare_sample_stage`,
+    :func:`sample_batches` over every batch left, :func:`finish_sample_stage`. The
+    Prefect flow runs the same steps with the batches spread over Dask workers.
 
     Parameters
     ----------
@@ -148,44 +311,6 @@ def run_sample_stage(config: RunConfig, *, model=None, show_progress: bool = Tru
     show_progress : bool, default=True
         Show a progress bar over batches.
     """
-    from hmine.hooks import h_shape as find_h_shape
-
-    started = time.perf_counter()
-    repaired: list[int] = []
-    path = samples_path(config)
-    n, b = config.sample.n_samples, config.sample.batch_size
-    n_batches = -(-n // b)
-    if store_state(path) == "complete":
-        group = open_group(path, mode="r+")
-        if group.attrs.get(CONFIG_HASH) == config.stage_hash("sample"):
-            # the complete mark is not trusted blindly: chunks may have been lost since
-            repaired = verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)
-            if not repaired:
-                logger.info("sample stage: %s is complete, nothing to do", path)
-                return StageResult(path, n_batches, 0, n_batches, 0, time.perf_counter() - started)
-    sampler = make_sampler(config, model)
-    model = sampler.model
-    shape_of_h = find_h_shape(model.unet, config.model.h_position)
-    size = model.unet.config.sample_size
-    image_size = (size, size) if isinstance(size, int) else tuple(size)
-    if model.vqvae is not None:
-        image_size = tuple(s * 2 ** (len(model.vqvae.config.block_out_channels) - 1) for s in image_size)
-    image_shape = (3, *image_size)
-    arrays, attrs, coords = _store_template(config, shape_of_h, image_shape, sampler.timesteps.numpy())
-    group = prepare_store(path, arrays, attrs, coords)
-    repaired = sorted(set(repaired) | set(verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)))
-    if repaired:
-        logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
-    todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
-    seeds = np.asarray(config.sample.seeds)
-    for batch in progress(todo, "sample", "batch", show_progress):
-        region = batch_region(batch, b, n)
-        out = sampler.sample(seeds[region].tolist())
-        # data first, the done-mark second: a kill in between only costs this batch
-        group["h"][region] = out.h.float().cpu().numpy().astype(config.sample.h_dtype)
-        group["x0"][region] = out.images.float().cpu().numpy().astype(config.sample.images_dtype)
-        group["done"][region] = True
-    mark_complete(group)
-    seconds = time.perf_counter() - started
-    logger.info("sample stage: %d batches computed, %d skipped in %.1f s", len(todo), n_batches - len(todo), seconds)
-    return StageResult(path, n_batches, len(todo), n_batches - len(todo), len(repaired), seconds)
+    plan = prepare_sample_stage(config, model=model)
+    computed = sample_batches(config, plan.todo, model=plan.model, show_progress=show_progress)
+    return finish_sample_stage(plan, len(computed))
