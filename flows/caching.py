@@ -27,8 +27,9 @@ def output_identity(path: Path) -> str | None:
     return store_uuid(path)
 
 
-def stage_cache_key(stage: str, config_hash: str, output_path: Path) -> str:
-    identity = output_identity(output_path)
+def stage_cache_key(stage: str, config_hash: str, output_path: Path, intact: bool = True) -> str:
+    """The key; ``intact=False`` (an output found damaged) gives a key that matches nothing."""
+    identity = output_identity(output_path) if intact else None
     if identity is None:
         identity = "pending-" + uuid.uuid4().hex  # never matches a stored result
     return f"hmine-{stage}-{config_hash}-{identity}"

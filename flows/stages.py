@@ -20,12 +20,16 @@ from flows.caching import stage_cache_key
 from hmine.config import RunConfig
 from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
+from hmine.stages.sample import samples_intact
 
 
 def _stage_key(context, parameters) -> str:
     config = RunConfig.model_validate_json(parameters["config_json"])
     stage = parameters["stage"]
-    return stage_cache_key(stage, config.stage_hash(stage), config.run_dir / STAGE_OUTPUTS[stage])
+    # samples.zarr's chunks are checked on every run: a damaged one must reach the stage,
+    # which redoes its batch, instead of a cached "complete"
+    intact = stage != "sample" or samples_intact(config)
+    return stage_cache_key(stage, config.stage_hash(stage), config.run_dir / STAGE_OUTPUTS[stage], intact)
 
 
 @task(

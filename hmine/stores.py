@@ -183,9 +183,21 @@ def verify_done_chunks(group, path: Path, arrays: list[str], batch_size: int) ->
     Returns the list of damaged batch indices. When any is found the store's uuid is
     renewed and the complete mark removed, so nothing downstream trusts the old content.
     """
+    damaged = damaged_batches(group, path, arrays, batch_size)
+    n = group["done"].shape[0]
+    if damaged:
+        for batch in damaged:
+            group["done"][batch_region(batch, batch_size, n)] = False
+        group.attrs[STORE_UUID] = uuid.uuid4().hex
+        if COMPLETE in group.attrs:
+            del group.attrs[COMPLETE]
+    return damaged
+
+
+def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> list[int]:
+    """Batches marked done whose chunk files (of ``arrays``) are missing or truncated; read-only."""
     path = Path(path)
-    done = group["done"][...]
-    n = len(done)
+    n = group["done"].shape[0]
     damaged: list[int] = []
     for batch, is_done in enumerate(done_batches(group, batch_size)):
         if not is_done:
@@ -193,17 +205,10 @@ def verify_done_chunks(group, path: Path, arrays: list[str], batch_size: int) ->
         region = batch_region(batch, batch_size, n)
         for name in arrays:
             array = group[name]
-            chunk_rows = array.chunks[0]
-            expected = _chunk_files(path / name, array, region.start // chunk_rows)
+            expected = _chunk_files(path / name, array, region.start // array.chunks[0])
             if not all(_chunk_intact(f, compressed=bool(array.compressors)) for f in expected):
                 damaged.append(batch)
                 break
-    if damaged:
-        for batch in damaged:
-            group["done"][batch_region(batch, batch_size, n)] = False
-        group.attrs[STORE_UUID] = uuid.uuid4().hex
-        if COMPLETE in group.attrs:
-            del group.attrs[COMPLETE]
     return damaged
 
 

@@ -37,6 +37,7 @@ from hmine.stores import (
     prepare_store,
     provenance_attrs,
     store_state,
+    damaged_batches,
     verify_done_chunks,
 )
 
@@ -60,6 +61,19 @@ class StageResult:
 
 def samples_path(config: RunConfig) -> Path:
     return config.run_dir / SAMPLES_STORE
+
+
+def samples_intact(config: RunConfig) -> bool:
+    """Whether every batch marked done in ``samples.zarr`` still has all its chunk files, whole.
+
+    Read-only and cheap (a stat and a 16-byte read per chunk): the Prefect cache key of
+    the sample stage uses it, so that a store with a deleted or truncated chunk is never
+    served from the cache but rerun, and repaired, by the stage.
+    """
+    path = samples_path(config)
+    if store_state(path) == "missing":
+        return True
+    return not damaged_batches(open_group(path), path, _WRITTEN_ARRAYS, config.sample.batch_size)
 
 
 def make_sampler(config: RunConfig, model=None):
