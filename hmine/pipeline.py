@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stores import CONFIG_HASH, open_group, store_state
+from hmine.stores import CONFIG_HASH, STAGE_HASH, open_group, store_state, store_uuid
 
 STAGE_OUTPUTS = {
     "sample": "samples.zarr",
@@ -40,8 +40,12 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     if state in ("missing", "debris"):
         return StageStatus(stage, "missing", str(path.name) if state == "missing" else "crashed during creation")
     group = open_group(path)
-    if expected_hash is not None and group.attrs.get(CONFIG_HASH) != expected_hash:
-        return StageStatus(stage, "stale", f"written by config {group.attrs.get(CONFIG_HASH)}")
+    written_by = group.attrs.get(STAGE_HASH, group.attrs.get(CONFIG_HASH))
+    if expected_hash is not None and written_by != expected_hash:
+        return StageStatus(stage, "stale", f"written by config {written_by}")
+    made_from = group.attrs.get("hmine:directions_uuid")
+    if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS["directions"])):
+        return StageStatus(stage, "stale", "made from directions that have since been recomputed")
     if state == "complete":
         return StageStatus(stage, "complete", f"{path.name}")
     if "done" in group:

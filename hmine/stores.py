@@ -35,6 +35,10 @@ import hmine
 COMPLETE = "hmine:complete"
 INITIALISED = "hmine:initialised"
 CONFIG_HASH = "hmine:config_hash"
+# The hash of the stage's settings (and its upstream stages'): equal to CONFIG_HASH for
+# most stores; a store keyed also on other inputs (the edit store on its directions'
+# uuid, the Jacobian store on its masks' content) records it here, for `hmine status`.
+STAGE_HASH = "hmine:stage_hash"
 STORE_UUID = "hmine:store_uuid"
 
 
@@ -72,8 +76,11 @@ def _git_sha() -> str:
 
 def provenance_attrs(stage_config: dict, config_hash: str, extra: dict | None = None) -> dict:
     """Namespaced provenance attributes every store carries."""
+    from hmine.config import config_hash as hash_of
+
     attrs = {
         CONFIG_HASH: config_hash,
+        STAGE_HASH: hash_of(stage_config),
         "hmine:version": hmine.__version__,
         "hmine:git_sha": _git_sha(),
         "hmine:stage_config": json.dumps(stage_config, sort_keys=True),

@@ -133,3 +133,24 @@ def test_run_dir_of_another_config_is_refused_without_writing(reference):
     assert len(out.stderr.strip().splitlines()) == 1
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
+
+
+def test_status_of_a_finished_run_and_of_recomputed_directions(reference, tmp_path):
+    import shutil
+
+    from hmine.pipeline import stage_status
+
+    _, ref_root = reference
+    run_dir = tmp_path / "ref"
+    shutil.copytree(ref_root / "stores" / "ref", run_dir)
+    # every stage complete, also those whose stores are keyed on more than their settings
+    # (edit: the directions' uuid; jacobian: the masks' content)
+    assert {s.stage: s.state for s in stage_status(run_dir)} == dict.fromkeys(
+        ("sample", "label", "directions", "edit", "jacobian"), "complete"
+    )
+    # directions recomputed since the edits were made: the edits are stale
+    directions = open_group(run_dir / "directions.zarr", mode="r+")
+    directions.attrs["hmine:store_uuid"] = "recomputed"
+    status = {s.stage: s for s in stage_status(run_dir)}
+    assert status["edit"].state == "stale" and "directions" in status["edit"].detail
+    assert status["jacobian"].state == "complete"
