@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stores import CONFIG_HASH, STAGE_HASH, open_group, store_state, store_uuid
+from hmine.stores import CONFIG_HASH, DIRECTIONS_UUID, STAGE_HASH, open_group, store_state, store_uuid
 
 STAGE_OUTPUTS = {
     "sample": "samples.zarr",
@@ -43,7 +43,7 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     written_by = group.attrs.get(STAGE_HASH, group.attrs.get(CONFIG_HASH))
     if expected_hash is not None and written_by != expected_hash:
         return StageStatus(stage, "stale", f"written by config {written_by}")
-    made_from = group.attrs.get("hmine:directions_uuid")
+    made_from = group.attrs.get(DIRECTIONS_UUID)
     if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS["directions"])):
         return StageStatus(stage, "stale", "made from directions that have since been recomputed")
     if state == "complete":

@@ -40,6 +40,8 @@ CONFIG_HASH = "hmine:config_hash"
 # uuid, the Jacobian store on its masks' content) records it here, for `hmine status`.
 STAGE_HASH = "hmine:stage_hash"
 STORE_UUID = "hmine:store_uuid"
+# The uuid of the directions store an edit store was made from (`hmine status` compares it).
+DIRECTIONS_UUID = "hmine:directions_uuid"
 
 
 class StoreConfigMismatch(RuntimeError):

@@ -31,6 +31,7 @@ from hmine.stages.sample import StageResult, make_sampler, progress, samples_pat
 from hmine.config import config_hash as config_hash_of
 from hmine.stores import (
     CONFIG_HASH,
+    DIRECTIONS_UUID,
     ArraySpec,
     STORE_UUID,
     mark_complete,
@@ -107,7 +108,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         ArraySpec("sample", (len(seeds),), (len(seeds),), "int64", ("sample",), {"long_name": "seed"}, None, False),
     ]
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
-    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {"hmine:directions_uuid": directions_uuid})
+    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {DIRECTIONS_UUID: directions_uuid})
     if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
         if table_meta(run_dir / EFFECTS_TABLE) is not None:
             logger.info("edit stage: %s is up to date", path)

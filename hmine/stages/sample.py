@@ -31,13 +31,13 @@ from hmine.stores import (
     ArraySpec,
     StoreConfigMismatch,
     batch_region,
+    damaged_batches,
     done_batches,
     mark_complete,
     open_group,
     prepare_store,
     provenance_attrs,
     store_state,
-    damaged_batches,
     verify_done_chunks,
 )
 
