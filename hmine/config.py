@@ -105,7 +105,7 @@ class DirectionsConfig(_Frozen):
     top_k: int = Field(100, ge=1, description="samples per side for the mean difference")
     probe_C: float = Field(1.0, gt=0)
     probe_components: int | None = Field(
-        32, ge=1, description="probes are fitted in this many principal components per step; null = raw h"
+        16, ge=1, description="probes are fitted in this many principal components per step; null = raw h"
     )
     probe_test_fraction: float = Field(0.25, gt=0, lt=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="binarises attribute scores")

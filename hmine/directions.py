@@ -531,6 +531,14 @@ class LinearProbe(BaseEstimator):
     the samples actually vary, which is where the decoder responds. The decision function
     is a linear function of h either way.
 
+    How many components: few enough that the normal stays in the directions the
+    generative factors move h along, enough that the probe still decodes. Measured on the
+    demo's 1,024 samples (64 edited, best flip rate over scales -40..40 std, for
+    is_circle / is_left / is_red): 32 components 0.71 / 0.89 / 0.77, 16 components
+    0.88 / 0.96 / 0.88, 8 components 0.88 / 0.96 / 0.84; held-out accuracy at the last
+    step 0.94 / 0.96 / 0.98 with 32, 0.93 / 0.96 / 0.95 with 16, but is_red drops to 0.73
+    with 8. :func:`fit_directions` therefore defaults to 16.
+
     Parameters
     ----------
     C : float, default=1.0
@@ -1060,7 +1068,7 @@ def fit_directions(
     attributes: Sequence[str] | None = None,
     top_k: int = 100,
     probe_C: float = 1.0,
-    probe_components: int | None = 32,
+    probe_components: int | None = 16,
     conditional: Mapping[str, Sequence[str]] | None = None,
     memory_budget_bytes: int = 2**30,
     random_state: int = 0,
