@@ -20,15 +20,19 @@ from flows.caching import stage_cache_key
 from hmine.config import RunConfig
 from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
+from hmine.stages.edit import edits_intact
+from hmine.stages.jacobian import jacobian_intact
 from hmine.stages.sample import samples_intact
+
+OUTPUTS_INTACT = {"sample": samples_intact, "edit": edits_intact, "jacobian": jacobian_intact}
 
 
 def _stage_key(context, parameters) -> str:
     config = RunConfig.model_validate_json(parameters["config_json"])
     stage = parameters["stage"]
-    # samples.zarr's chunks are checked on every run: a damaged one must reach the stage,
-    # which redoes its batch, instead of a cached "complete"
-    intact = stage != "sample" or samples_intact(config)
+    # the chunk-addressed stores' chunks are checked on every run: a damaged one must reach
+    # the stage, which redoes that part, instead of a cached "complete"
+    intact = OUTPUTS_INTACT[stage](config) if stage in OUTPUTS_INTACT else True
     return stage_cache_key(stage, config.stage_hash(stage), config.run_dir / STAGE_OUTPUTS[stage], intact)
 
 

@@ -214,10 +214,64 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
         region = batch_region(batch, batch_size, n)
         for name in arrays:
             array = group[name]
-            expected = _chunk_files(path / name, array, region.start // array.chunks[0])
+            expected = _chunk_files_under(path / name, array, (region.start // array.chunks[0],))
             if not all(_chunk_intact(f, compressed=bool(array.compressors)) for f in expected):
                 damaged.append(batch)
                 break
+    return damaged
+
+
+def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
+    """Entries of ``done`` marked True whose chunk files (of ``arrays``) are missing or truncated.
+
+    For stores whose unit of work is an entry of an n-d ``done`` array (a direction of the
+    edit store, a (sample, step) pair of the Jacobian store): each array in ``arrays``
+    has ``done``'s dims first, so an entry's data lies in the chunk row at its index
+    (several entries share a chunk when the chunks are larger than one). Read-only.
+    Only arrays whose chunks never equal their fill value belong in ``arrays``: zarr
+    does not write such chunks, and they would read as missing.
+    """
+    path = Path(path)
+    done = np.asarray(group["done"][...], dtype=bool)
+    damaged: list[tuple[int, ...]] = []
+    verdicts: dict[tuple[str, tuple[int, ...]], bool] = {}
+    for entry in zip(*np.nonzero(done)):
+        entry = tuple(int(i) for i in entry)
+        for name in arrays:
+            array = group[name]
+            lead = tuple(i // c for i, c in zip(entry, array.chunks))
+            key = (name, lead)
+            if key not in verdicts:
+                files = _chunk_files_under(path / name, array, lead)
+                verdicts[key] = all(_chunk_intact(f, compressed=bool(array.compressors)) for f in files)
+            if not verdicts[key]:
+                damaged.append(entry)
+                break
+    return damaged
+
+
+def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
+    """:func:`damaged_entries`, un-marked so the stage redoes them; the store's uuid is renewed.
+
+    The damaged chunk files are removed: a stage that rewrites a chunk in parts (e.g. in
+    sampling batches smaller than the chunk) makes zarr read the chunk first, and a
+    truncated one would fail to decode.
+    """
+    path = Path(path)
+    damaged = damaged_entries(group, path, arrays)
+    if damaged:
+        done = group["done"]
+        for entry in damaged:
+            done[entry] = False
+            for name in arrays:
+                array = group[name]
+                lead = tuple(i // c for i, c in zip(entry, array.chunks))
+                for file in _chunk_files_under(path / name, array, lead):
+                    if file.exists() and not _chunk_intact(file, compressed=bool(array.compressors)):
+                        file.unlink()
+        group.attrs[STORE_UUID] = uuid.uuid4().hex
+        if COMPLETE in group.attrs:
+            del group.attrs[COMPLETE]
     return damaged
 
 
@@ -238,15 +292,13 @@ def _chunk_intact(file: Path, compressed: bool) -> bool:
     return len(header) == 16 and int.from_bytes(header[12:16], "little") == size
 
 
-def _chunk_files(array_dir: Path, array, first_index: int) -> list[Path]:
-    """Chunk files of one chunk row (index ``first_index`` along the first dim)."""
+def _chunk_files_under(array_dir: Path, array, lead: tuple[int, ...]) -> list[Path]:
+    """Chunk files whose leading chunk indices are ``lead`` (all chunks of the other dims)."""
     grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
-
-    files = []
-    for rest in itertools.product(*[range(g) for g in grid[1:]]):
-        key = "/".join(str(i) for i in (first_index, *rest))
-        files.append(array_dir / "c" / key)
-    return files
+    return [
+        array_dir / "c" / "/".join(str(i) for i in (*lead, *rest))
+        for rest in itertools.product(*[range(g) for g in grid[len(lead) :]])
+    ]
 
 
 def mark_complete(group) -> None:

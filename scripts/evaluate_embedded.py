@@ -11,6 +11,10 @@ shape at moderate noise, and its errors are symmetric between shapes; a bias the
 the model's, not the sampler's.
 
     python scripts/evaluate_embedded.py [--n 512] [--json out.json] [--model PATH] [--etas 0 1]
+
+``--model`` also takes a training checkpoint (``stores/train-*/checkpoint.pt``): its EMA
+weights in the shipped model's architecture and scheduler, so a run can be followed while
+it trains.
 """
 
 from __future__ import annotations
@@ -23,6 +27,22 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+
+
+def load_for_evaluation(source: str):
+    """A model folder or id through the public loader, or a checkpoint's EMA in the shipped model."""
+    from pathlib import Path
+
+    from hmine.models import load_model
+
+    if not source.endswith(".pt"):
+        return load_model(source)
+    from hmine.training import initial_weights
+
+    model = load_model("embedded:shapes-ddpm")
+    model.unet.load_state_dict(initial_weights(Path(source)))  # the checkpoint's EMA
+    model.unet.eval()
+    return model
 
 
 def frequencies(shape: np.ndarray, color: np.ndarray, continuous: dict[str, np.ndarray]) -> dict[str, float]:
@@ -70,21 +90,20 @@ def shape_retention(model, labeller, n: int, start_timesteps: list[int], steps: 
 def main() -> None:
     from hmine import world
     from hmine.labelling import WorldLabeller
-    from hmine.models import load_model
     from hmine.sampling import Sampler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder (e.g. an exported checkpoint)")
+    parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder or id, or a training checkpoint.pt (its EMA)")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--retention", type=int, nargs="*", default=None, metavar="T",
                         help="also the shape retention from these timesteps (default 900 700 500 400 300)")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    model = load_model(args.model)
+    model = load_for_evaluation(args.model)
     load_seconds = time.perf_counter() - started
     labeller = WorldLabeller()
     truth = world.sample_factors(200_000, seed=12345)

@@ -85,6 +85,42 @@ def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
 
 
 
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_edit_chunk_is_detected_and_redone(run, damage):
+    from hmine.stages.edit import edits_intact
+
+    config, labeller = run
+    path = config.run_dir / "edits.zarr"
+    reference = open_group(path)["images"][...]
+    effects_before = pd.read_parquet(config.run_dir / "edit_effects.parquet")
+    chunk = path / "images" / "c" / "1" / "2" / "0" / "0" / "0" / "0"  # direction 1, scale +4
+    assert chunk.exists() and edits_intact(config)
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:20])
+    assert not edits_intact(config)
+    # the complete mark is not trusted: the damaged direction is redone, to the same images
+    result = run_edit_stage(config, labeller=labeller, show_progress=False)
+    assert result.repaired == 1 and result.computed == 1 and result.skipped == 1
+    assert edits_intact(config)
+    np.testing.assert_array_equal(open_group(path)["images"][...], reference)
+    pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), effects_before)
+
+
+def test_the_flow_cache_key_of_a_damaged_edit_store_matches_nothing(run):
+    from flows.stages import _stage_key
+
+    config, labeller = run
+    parameters = {"config_json": config.model_dump_json(), "stage": "edit"}
+    key = _stage_key(None, parameters)
+    assert _stage_key(None, parameters) == key  # an intact store: a stable key, a cache hit
+    (config.run_dir / "edits.zarr" / "images" / "c" / "0" / "0" / "0" / "0" / "0" / "0").unlink()
+    assert _stage_key(None, parameters) not in (key, _stage_key(None, parameters))
+    assert run_edit_stage(config, labeller=labeller, show_progress=False).repaired == 1
+    assert _stage_key(None, parameters).startswith(f"hmine-edit-{config.stage_hash('edit')}-")
+
+
 def test_a_changed_edit_config_recomputes_the_edits(run):
     config, labeller = run
     changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-2.0, 2.0]})})

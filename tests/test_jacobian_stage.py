@@ -47,6 +47,22 @@ def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
     assert open_group(config.run_dir / "jacobian.zarr")["vectors"].shape[2] == 1
 
 
+def test_a_damaged_jacobian_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path):
+    from hmine.stages.jacobian import jacobian_intact
+
+    config = _config(tiny_pixel_model_dir, tmp_path)
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    path = config.run_dir / "jacobian.zarr"
+    reference = open_group(path)["vectors"][...]
+    (path / "vectors" / "c" / "0" / "0" / "0" / "0" / "0" / "0").unlink()
+    assert not jacobian_intact(config)
+    again = run_jacobian_stage(config, show_progress=False)
+    assert again.repaired == 1 and again.computed == 1 and again.skipped == 1
+    assert jacobian_intact(config)
+    np.testing.assert_allclose(open_group(path)["vectors"][...], reference, atol=1e-6)
+
+
 def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model_dir, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()

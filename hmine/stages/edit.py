@@ -34,9 +34,11 @@ from hmine.stores import (
     DIRECTIONS_UUID,
     ArraySpec,
     STORE_UUID,
+    damaged_entries,
     mark_complete,
     open_group,
     prepare_store,
+    repair_damaged_entries,
     provenance_attrs,
     store_state,
     table_meta,
@@ -49,6 +51,22 @@ EDITS_STORE = "edits.zarr"
 EFFECTS_TABLE = "edit_effects.parquet"
 STRIPS_DIR = "edit_strips"
 SUPERVISED_METHODS = ("mean_difference", "probe", "conditional")
+
+
+# The arrays whose chunk files are checked on rerun (edited images are never all fill).
+_CHECKED_ARRAYS = ["images"]
+
+
+def edits_intact(config: RunConfig) -> bool:
+    """Whether every direction marked done in ``edits.zarr`` still has all its chunk files, whole.
+
+    Read-only and cheap: the stage and the Prefect cache key use it, so a deleted or
+    truncated chunk is redone instead of being read as (fill-value) images.
+    """
+    path = config.run_dir / EDITS_STORE
+    if store_state(path) == "missing":
+        return True
+    return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
 
 
 def strip_filename(direction: str) -> str:
@@ -110,10 +128,13 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
     attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {DIRECTIONS_UUID: directions_uuid})
     if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
-        if table_meta(run_dir / EFFECTS_TABLE) is not None:
+        if table_meta(run_dir / EFFECTS_TABLE) is not None and edits_intact(config):
             logger.info("edit stage: %s is up to date", path)
             return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
+    damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
+    if damaged:
+        logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
 
     sampler = make_sampler(config, model)
     batch = config.sample.batch_size  # same batches as the sample stage: scale 0 is bit-identical
@@ -151,7 +172,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     )
     seconds = time.perf_counter() - started
     logger.info("edit stage: %d directions edited in %.1f s", len(todo), seconds)
-    return StageResult(path, len(names), len(todo), len(names) - len(todo), 0, seconds)
+    return StageResult(path, len(names), len(todo), len(names) - len(todo), len(damaged), seconds)
 
 
 def measure_effects(group, names, scales, labeller, threshold: float, binary_attributes: list[str]) -> pd.DataFrame:

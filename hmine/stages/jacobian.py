@@ -42,9 +42,11 @@ from hmine.stages.sample import StageResult, make_sampler, progress, samples_pat
 from hmine.stores import (
     ArraySpec,
     CONFIG_HASH,
+    damaged_entries,
     mark_complete,
     open_group,
     prepare_store,
+    repair_damaged_entries,
     provenance_attrs,
     store_state,
 )
@@ -101,6 +103,18 @@ def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
     return tensor
 
 
+# The arrays whose chunk files are checked on rerun (never all fill once written).
+_CHECKED_ARRAYS = ["vectors", "singular_values"]
+
+
+def jacobian_intact(config: RunConfig) -> bool:
+    """Whether every (sample, step) marked done in ``jacobian.zarr`` still has its chunk files, whole."""
+    path = jacobian_path(config)
+    if store_state(path) == "missing":
+        return True
+    return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
+
+
 def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Compute Jacobian directions for the first ``jacobian.n_samples`` samples."""
     from hmine.jacobian import eps_of_h, jacobian_subspace, use_math_attention
@@ -119,7 +133,11 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     masks = load_masks(config, seeds, images)
     mask_hash = hashlib.sha256(masks.tobytes()).hexdigest()[:16] if masks is not None else "none"
     config_hash = hashlib.sha256(f"{config.stage_hash('jacobian')}-{mask_hash}".encode()).hexdigest()[:16]
-    if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
+    if (
+        store_state(path) == "complete"
+        and open_group(path).attrs.get(CONFIG_HASH) == config_hash
+        and jacobian_intact(config)
+    ):
         logger.info("jacobian stage: %s is up to date", path)
         return StageResult(path, len(seeds) * len(steps), 0, len(seeds) * len(steps), 0, time.perf_counter() - started)
 
@@ -143,6 +161,9 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         coords["mask"] = masks
     attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
+    damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
+    if damaged:
+        logger.warning("jacobian stage: %d (sample, step) pairs had missing or truncated chunks; redoing them", len(damaged))
 
     sampler = make_sampler(config, model)
     model = sampler.model
@@ -173,7 +194,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     mark_complete(group)
     seconds = time.perf_counter() - started
     logger.info("jacobian stage: %d (sample, step) pairs in %.1f s", len(todo), seconds)
-    return StageResult(path, n * s, len(todo), n * s - len(todo), 0, seconds)
+    return StageResult(path, n * s, len(todo), n * s - len(todo), len(damaged), seconds)
 
 
 def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks) -> None:
