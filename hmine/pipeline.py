@@ -2,8 +2,9 @@
 
 Each stage is a plain function ``run_<stage>_stage(config)`` in :mod:`hmine.stages`; the
 Prefect flows in ``flows/`` wrap the same functions. :func:`stage_status` reads a run
-directory and says, per stage, ``complete``, ``partial`` (with counts), ``missing`` or
-``stale`` (written by a config whose hash differs from the current one).
+directory and says, per stage, ``complete``, ``partial`` (with counts), ``missing``,
+``stale`` (written by a config whose hash differs from the current one) or ``damaged``
+(work marked done whose chunk files are missing or truncated; a rerun redoes it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ STAGES = (*STAGE_OUTPUTS, "report")
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # complete | partial | missing | stale
+    state: str  # complete | partial | missing | stale | damaged
     detail: str = ""
 
     def line(self) -> str:
@@ -46,12 +47,27 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     made_from = group.attrs.get(DIRECTIONS_UUID)
     if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS["directions"])):
         return StageStatus(stage, "stale", "made from directions that have since been recomputed")
+    damaged = _damaged_count(stage, group, path)
+    if damaged:
+        done = int(group["done"][...].sum())
+        return StageStatus(stage, "damaged", f"{damaged}/{done} done entries lost chunks; rerun to redo them")
     if state == "complete":
         return StageStatus(stage, "complete", f"{path.name}")
     if "done" in group:
         done = group["done"][...]
         return StageStatus(stage, "partial", f"{int(done.sum())}/{done.size} done")
     return StageStatus(stage, "partial", "")
+
+
+def _damaged_count(stage: str, group, path: Path) -> int:
+    """Done entries of a chunk-checked store (sample, edit, jacobian) whose chunks are damaged."""
+    from hmine.stages import edit, jacobian, sample
+    from hmine.stores import damaged_entries
+
+    checked = {"sample": sample._WRITTEN_ARRAYS, "edit": edit._CHECKED_ARRAYS, "jacobian": jacobian._CHECKED_ARRAYS}
+    if stage not in checked or "done" not in group:
+        return 0
+    return len(damaged_entries(group, path, checked[stage]))
 
 
 def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageStatus]:

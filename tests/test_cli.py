@@ -53,6 +53,17 @@ def test_status_reports_partial_and_stale(config_file, tmp_path):
     assert "stale" in status.stdout
 
 
+def test_status_reports_a_lost_chunk_as_damaged(config_file, tmp_path):
+    run_dir = tmp_path / "stores" / "cli"
+    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+    chunks = sorted((run_dir / "samples.zarr" / "x0" / "c").rglob("*"))
+    next(c for c in chunks if c.is_file()).unlink()
+    status = _run(["status", str(run_dir)], tmp_path)
+    assert status.returncode == 0
+    line = next(line for line in status.stdout.splitlines() if line.startswith("sample"))
+    assert "damaged" in line and "rerun" in line, status.stdout
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"name: bad\noutput_root: {tmp_path / 'stores'}\nsample:\n  n_samples: 0\n")
