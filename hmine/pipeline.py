@@ -61,13 +61,12 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
 
 def _damaged_count(stage: str, group, path: Path) -> int:
     """Done entries of a chunk-checked store (sample, edit, jacobian) whose chunks are damaged."""
-    from hmine.stages import edit, jacobian, sample
-    from hmine.stores import damaged_entries
+    from hmine.stores import CHUNK_CHECKED_ARRAYS, damaged_entries
 
-    checked = {"sample": sample._WRITTEN_ARRAYS, "edit": edit._CHECKED_ARRAYS, "jacobian": jacobian._CHECKED_ARRAYS}
-    if stage not in checked or "done" not in group:
+    arrays = CHUNK_CHECKED_ARRAYS.get(STAGE_OUTPUTS[stage])
+    if arrays is None or "done" not in group:
         return 0
-    return len(damaged_entries(group, path, checked[stage]))
+    return len(damaged_entries(group, path, arrays))
 
 
 def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageStatus]:

@@ -221,6 +221,17 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
     return damaged
 
 
+# Per store, the arrays whose chunk files are checked for loss on rerun. Only arrays whose
+# written chunks never equal their fill value belong here: zarr does not write such chunks
+# (write_empty_chunks=False), so they would read as lost. Hence the Jacobian's unit vectors
+# and iteration counts (>= 1), not its singular values, which are 0 for an empty mask.
+CHUNK_CHECKED_ARRAYS = {
+    "samples.zarr": ["h", "x0"],
+    "edits.zarr": ["images"],
+    "jacobian.zarr": ["vectors", "iterations"],
+}
+
+
 def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
     """Entries of ``done`` marked True whose chunk files (of ``arrays``) are missing or truncated.
 
@@ -232,13 +243,19 @@ def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...
     does not write such chunks, and they would read as missing.
     """
     path = Path(path)
-    done = np.asarray(group["done"][...], dtype=bool)
+    done_array = group["done"]
+    done = np.asarray(done_array[...], dtype=bool)
+    looked_up = {name: group[name] for name in arrays}
+    done_dims = tuple(done_array.metadata.dimension_names or ())
+    for name, array in looked_up.items():
+        leading = tuple(array.metadata.dimension_names or ())[: done.ndim]
+        if done_dims and leading != done_dims:
+            raise ValueError(f"{path / name} has leading dims {leading}, not done's {done_dims}")
     damaged: list[tuple[int, ...]] = []
     verdicts: dict[tuple[str, tuple[int, ...]], bool] = {}
     for entry in zip(*np.nonzero(done)):
         entry = tuple(int(i) for i in entry)
-        for name in arrays:
-            array = group[name]
+        for name, array in looked_up.items():
             lead = tuple(i // c for i, c in zip(entry, array.chunks))
             key = (name, lead)
             if key not in verdicts:

@@ -63,6 +63,26 @@ def test_a_damaged_jacobian_chunk_is_detected_and_redone(tiny_pixel_model_dir, t
     np.testing.assert_allclose(open_group(path)["vectors"][...], reference, atol=1e-6)
 
 
+def test_an_empty_mask_gives_a_complete_intact_store(tiny_pixel_model_dir, tmp_path):
+    """J is zero under an empty mask, so are its singular values: zarr writes no chunk
+    equal to the fill value, and the loss check must not read that as damage."""
+    from hmine.pipeline import stage_status
+    from hmine.stages.jacobian import jacobian_intact
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    np.save(masks / "0.npy", np.zeros((16, 16), dtype=np.float32))
+    np.save(masks / "1.npy", np.ones((16, 16), dtype=np.float32))
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}")
+    run_sample_stage(config, show_progress=False)
+    assert run_jacobian_stage(config, show_progress=False).computed == 2
+    assert (open_group(config.run_dir / "jacobian.zarr")["singular_values"][0] == 0).all()
+    assert jacobian_intact(config)
+    assert run_jacobian_stage(config, show_progress=False).computed == 0
+    status = {s.stage: s.state for s in stage_status(config.run_dir, config)}
+    assert status["jacobian"] == "complete"
+
+
 def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model_dir, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()

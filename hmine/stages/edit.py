@@ -30,6 +30,7 @@ from hmine.config import RunConfig
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.config import config_hash as config_hash_of
 from hmine.stores import (
+    CHUNK_CHECKED_ARRAYS,
     CONFIG_HASH,
     DIRECTIONS_UUID,
     ArraySpec,
@@ -53,8 +54,7 @@ STRIPS_DIR = "edit_strips"
 SUPERVISED_METHODS = ("mean_difference", "probe", "conditional")
 
 
-# The arrays whose chunk files are checked on rerun (edited images are never all fill).
-_CHECKED_ARRAYS = ["images"]
+_CHECKED_ARRAYS = CHUNK_CHECKED_ARRAYS[EDITS_STORE]
 
 
 def edits_intact(config: RunConfig) -> bool:
@@ -64,7 +64,7 @@ def edits_intact(config: RunConfig) -> bool:
     truncated chunk is redone instead of being read as (fill-value) images.
     """
     path = config.run_dir / EDITS_STORE
-    if store_state(path) == "missing":
+    if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
         return True
     return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
 

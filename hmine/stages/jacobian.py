@@ -40,6 +40,7 @@ import torch
 from hmine.config import RunConfig
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
+    CHUNK_CHECKED_ARRAYS,
     ArraySpec,
     CONFIG_HASH,
     damaged_entries,
@@ -103,14 +104,13 @@ def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
     return tensor
 
 
-# The arrays whose chunk files are checked on rerun (never all fill once written).
-_CHECKED_ARRAYS = ["vectors", "singular_values"]
+_CHECKED_ARRAYS = CHUNK_CHECKED_ARRAYS[JACOBIAN_STORE]
 
 
 def jacobian_intact(config: RunConfig) -> bool:
     """Whether every (sample, step) marked done in ``jacobian.zarr`` still has its chunk files, whole."""
     path = jacobian_path(config)
-    if store_state(path) == "missing":
+    if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
         return True
     return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
 

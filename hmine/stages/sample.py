@@ -26,6 +26,7 @@ import numpy as np
 
 from hmine.config import RunConfig
 from hmine.stores import (
+    CHUNK_CHECKED_ARRAYS,
     COMPLETE,
     CONFIG_HASH,
     ArraySpec,
@@ -44,7 +45,7 @@ from hmine.stores import (
 logger = logging.getLogger(__name__)
 
 SAMPLES_STORE = "samples.zarr"
-_WRITTEN_ARRAYS = ["h", "x0"]
+_WRITTEN_ARRAYS = CHUNK_CHECKED_ARRAYS[SAMPLES_STORE]
 
 
 @dataclass
@@ -71,7 +72,7 @@ def samples_intact(config: RunConfig) -> bool:
     served from the cache but rerun, and repaired, by the stage.
     """
     path = samples_path(config)
-    if store_state(path) == "missing":
+    if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
         return True
     return not damaged_batches(open_group(path), path, _WRITTEN_ARRAYS, config.sample.batch_size)
 
