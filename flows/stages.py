@@ -20,11 +20,17 @@ from flows.caching import stage_cache_key
 from hmine.config import RunConfig
 from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
+from hmine.stages.directions import directions_intact
 from hmine.stages.edit import edits_intact
 from hmine.stages.jacobian import jacobian_intact
 from hmine.stages.sample import samples_intact
 
-OUTPUTS_INTACT = {"sample": samples_intact, "edit": edits_intact, "jacobian": jacobian_intact}
+OUTPUTS_INTACT = {
+    "sample": samples_intact,
+    "directions": directions_intact,
+    "edit": edits_intact,
+    "jacobian": jacobian_intact,
+}
 
 
 def _stage_key(context, parameters) -> str:

@@ -984,6 +984,7 @@ def write_directions(ds: xr.Dataset, path) -> Path:
         ``path``.
     """
     import zarr
+    from zarr.codecs import BloscCodec, BloscShuffle
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -1002,8 +1003,14 @@ def write_directions(ds: xr.Dataset, path) -> Path:
                 out[name] = variable.astype(object)
     encoding = {}
     if "direction" in out.variables:
-        encoding["direction"] = {"chunks": (1, *out["direction"].shape[1:])}  # one direction per chunk
-    out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+        encoding["direction"] = {
+            "chunks": (1, *out["direction"].shape[1:]),  # one direction per chunk
+            # Blosc like every hmine store: its frame header lets the chunk check find truncation
+            "compressors": [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)],
+        }
+    # every chunk is written, even one equal to the fill value, so that a missing chunk
+    # file always means a lost one (stores.all_chunks_intact)
+    out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)
     zarr.open_group(str(tmp), mode="r+").attrs[COMPLETE] = True
     if path.exists():
         old = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")

@@ -48,6 +48,8 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS["directions"])):
         return StageStatus(stage, "stale", "made from directions that have since been recomputed")
     damaged = _damaged_count(stage, group, path)
+    if damaged and "done" not in group:
+        return StageStatus(stage, "damaged", "lost chunk files; rerun to write it again")
     if damaged:
         done = int(group["done"][...].sum())
         return StageStatus(stage, "damaged", f"{damaged}/{done} done entries lost chunks; rerun to redo them")
@@ -61,11 +63,13 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
 
 def _damaged_count(stage: str, group, path: Path) -> int:
     """Done entries of a chunk-checked store (sample, edit, jacobian) whose chunks are damaged."""
-    from hmine.stores import CHUNK_CHECKED_ARRAYS, damaged_entries
+    from hmine.stores import CHUNK_CHECKED_ARRAYS, all_chunks_intact, damaged_entries
 
     arrays = CHUNK_CHECKED_ARRAYS.get(STAGE_OUTPUTS[stage])
-    if arrays is None or "done" not in group:
+    if arrays is None:
         return 0
+    if "done" not in group:  # written in one go: whole, or to be written again
+        return 0 if store_state(path) != "complete" or all_chunks_intact(path, arrays) else 1
     return len(damaged_entries(group, path, arrays))
 
 

@@ -215,7 +215,7 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
         for name in arrays:
             array = group[name]
             expected = _chunk_files_under(path / name, array, (region.start // array.chunks[0],))
-            if not all(_chunk_intact(f, compressed=bool(array.compressors)) for f in expected):
+            if not all(_chunk_intact(f, compressed=_blosc(array)) for f in expected):
                 damaged.append(batch)
                 break
     return damaged
@@ -229,6 +229,7 @@ CHUNK_CHECKED_ARRAYS = {
     "samples.zarr": ["h", "x0"],
     "edits.zarr": ["images"],
     "jacobian.zarr": ["vectors", "iterations"],
+    "directions.zarr": ["direction"],  # written whole, with empty chunks too
 }
 
 
@@ -260,11 +261,32 @@ def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...
             key = (name, lead)
             if key not in verdicts:
                 files = _chunk_files_under(path / name, array, lead)
-                verdicts[key] = all(_chunk_intact(f, compressed=bool(array.compressors)) for f in files)
+                verdicts[key] = all(_chunk_intact(f, compressed=_blosc(array)) for f in files)
             if not verdicts[key]:
                 damaged.append(entry)
                 break
     return damaged
+
+
+def all_chunks_intact(path: Path, arrays: list[str]) -> bool:
+    """Whether every chunk file of ``arrays`` in the store at ``path`` exists and is whole.
+
+    For stores written in one go (no ``done`` array), e.g. the direction store: any lost
+    chunk means the store must be written again. Read-only.
+    """
+    import zarr
+
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    for name in arrays:
+        array = group[name]
+        grid_first = -(-array.shape[0] // array.chunks[0]) if array.ndim else 1
+        for first in range(grid_first):
+            lead = (first,) if array.ndim else ()
+            files = _chunk_files_under(path / name, array, lead)
+            if not all(_chunk_intact(f, compressed=_blosc(array)) for f in files):
+                return False
+    return True
 
 
 def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
@@ -284,7 +306,7 @@ def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[i
                 array = group[name]
                 lead = tuple(i // c for i, c in zip(entry, array.chunks))
                 for file in _chunk_files_under(path / name, array, lead):
-                    if file.exists() and not _chunk_intact(file, compressed=bool(array.compressors)):
+                    if file.exists() and not _chunk_intact(file, compressed=_blosc(array)):
                         file.unlink()
         group.attrs[STORE_UUID] = uuid.uuid4().hex
         if COMPLETE in group.attrs:
@@ -292,8 +314,16 @@ def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[i
     return damaged
 
 
+def _blosc(array) -> bool:
+    """Whether the array's chunks are single Blosc frames, whose header gives their size."""
+    from zarr.codecs import BloscCodec
+
+    return len(array.compressors) == 1 and isinstance(array.compressors[0], BloscCodec)
+
+
 def _chunk_intact(file: Path, compressed: bool) -> bool:
-    """A chunk file exists and, if Blosc-compressed, is as long as its header says.
+    """A chunk file exists and, if Blosc-compressed, is as long as its header says
+    (other codecs: it is not empty).
 
     Blosc's 16-byte header stores the frame's compressed size at bytes 12..15, so a
     truncated chunk is caught with one stat and a 16-byte read, not a full decode.

@@ -129,3 +129,25 @@ def test_a_changed_edit_config_recomputes_the_edits(run):
     edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
     assert list(edits["scale"].values) == [-2.0, 0.0, 2.0]
     assert json.loads(edits.attrs["hmine:stage_config"]) == json.loads(json.dumps(changed.stage_inputs("edit"), sort_keys=True))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_directions_chunk_makes_the_stage_write_the_store_again(run, damage):
+    from hmine.pipeline import stage_status
+    from hmine.stages.directions import directions_intact
+
+    config, _ = run
+    path = directions_path(config)
+    reference = xr.open_zarr(path, consolidated=False)["direction"].values
+    assert directions_intact(config) and run_directions_stage(config).computed == 0
+    chunk = path / "direction" / "c" / "1" / "0" / "0" / "0" / "0"
+    if damage == "delete":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:20])
+    assert not directions_intact(config)
+    assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["directions"] == "damaged"
+    result = run_directions_stage(config)
+    assert result.computed == 1 and result.repaired == 1
+    assert directions_intact(config)
+    np.testing.assert_array_equal(xr.open_zarr(path, consolidated=False)["direction"].values, reference)

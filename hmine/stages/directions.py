@@ -16,7 +16,7 @@ from pathlib import Path
 from hmine.config import RunConfig
 from hmine.stages.label import labels_path, read_labels
 from hmine.stages.sample import StageResult, samples_path
-from hmine.stores import STORE_UUID, open_group, store_state, table_meta
+from hmine.stores import CHUNK_CHECKED_ARRAYS, STORE_UUID, all_chunks_intact, open_group, store_state, table_meta
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,14 @@ DIRECTIONS_STORE = "directions.zarr"
 
 def directions_path(config: RunConfig) -> Path:
     return config.run_dir / DIRECTIONS_STORE
+
+
+def directions_intact(config: RunConfig) -> bool:
+    """Whether a complete ``directions.zarr`` still has every chunk file, whole (read-only)."""
+    path = directions_path(config)
+    if store_state(path) != "complete":
+        return True
+    return all_chunks_intact(path, CHUNK_CHECKED_ARRAYS[DIRECTIONS_STORE])
 
 
 def directions_identity(config: RunConfig) -> dict:
@@ -46,11 +54,15 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     started = time.perf_counter()
     path = directions_path(config)
     identity = directions_identity(config)
+    repaired = 0
     if store_state(path) == "complete":
         attrs = open_group(path).attrs
         if all(attrs.get(k) == v for k, v in identity.items()):
-            logger.info("directions stage: %s is up to date", path)
-            return StageResult(path, 1, 0, 1, 0, time.perf_counter() - started)
+            if directions_intact(config):
+                logger.info("directions stage: %s is up to date", path)
+                return StageResult(path, 1, 0, 1, 0, time.perf_counter() - started)
+            logger.warning("directions stage: %s lost chunk files; writing it again", path)
+            repaired = 1
     labels = read_labels(config)
     attributes = list(config.label.attributes)
     missing = [a for a in attributes if a not in labels.columns]
@@ -82,4 +94,4 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     write_directions(directions, path)
     seconds = time.perf_counter() - started
     logger.info("directions stage: %d directions in %.1f s", directions.sizes["direction"], seconds)
-    return StageResult(path, 1, 1, 0, 0, seconds)
+    return StageResult(path, 1, 1, 0, repaired, seconds)
