@@ -125,9 +125,21 @@ class EditConfig(_Frozen):
     n_samples: int = Field(64, ge=1, description="the first N samples of the run are edited")
     scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
     t_edit: int | None = Field(None, ge=0, description="edit only steps with timestep >= t_edit")
+    t_edit_max: int | None = Field(
+        None, ge=0, description="edit only steps with timestep <= t_edit_max; with t_edit, the window [t_edit, t_edit_max]"
+    )
     asymmetric: bool = False
     batch_size: int = Field(64, ge=1)
     strip_samples: int = Field(6, ge=1, description="samples shown per PNG strip")
+
+    @model_validator(mode="after")
+    def _window_is_ordered(self):
+        if self.t_edit is not None and self.t_edit_max is not None and self.t_edit > self.t_edit_max:
+            raise ValueError(
+                f"edit.t_edit ({self.t_edit}) is above edit.t_edit_max ({self.t_edit_max}); "
+                "the window is [t_edit, t_edit_max], so swap them"
+            )
+        return self
 
 
 class JacobianConfig(_Frozen):

@@ -18,9 +18,23 @@ from hmine.imaging import write_image_grid
 from hmine.sampling import Sampler
 
 
-def edit_steps_from(timesteps: Sequence[int], t_edit: int | None) -> list[bool]:
-    """Which steps are edited: every step with timestep >= ``t_edit`` (all when None)."""
-    return [t_edit is None or int(t) >= t_edit for t in timesteps]
+def edit_steps_from(timesteps: Sequence[int], t_edit: int | None, t_edit_max: int | None = None) -> list[bool]:
+    """Which steps are edited: those with ``t_edit <= timestep <= t_edit_max`` (an unset end is open).
+
+    Raises
+    ------
+    ValueError
+        When the window holds none of ``timesteps``: such an edit would silently change nothing.
+    """
+    edited = [
+        (t_edit is None or int(t) >= t_edit) and (t_edit_max is None or int(t) <= t_edit_max) for t in timesteps
+    ]
+    if not any(edited):
+        raise ValueError(
+            f"the edit window t_edit={t_edit}, t_edit_max={t_edit_max} holds none of the sampler's "
+            f"timesteps {[int(t) for t in timesteps]}; widen edit.t_edit / edit.t_edit_max"
+        )
+    return edited
 
 
 def delta_for(unit: np.ndarray, scale_unit: np.ndarray, scale: float) -> torch.Tensor:
@@ -36,13 +50,18 @@ def regenerate_with_delta(
     delta_h: torch.Tensor,
     *,
     t_edit: int | None = None,
+    t_edit_max: int | None = None,
     asymmetric: bool = False,
 ) -> np.ndarray:
-    """Regenerate ``seeds`` with ``delta_h`` (step, C, H, W) or (batch, step, C, H, W); images as numpy."""
+    """Regenerate ``seeds`` with ``delta_h`` (step, C, H, W) or (batch, step, C, H, W); images as numpy.
+
+    Only the steps whose timestep lies in [``t_edit``, ``t_edit_max``] get their delta
+    (:func:`edit_steps_from`); the others run unedited.
+    """
     out = sampler.sample(
         list(seeds),
         delta_h=delta_h,
-        edit_steps=edit_steps_from(sampler.timesteps.tolist(), t_edit),
+        edit_steps=edit_steps_from(sampler.timesteps.tolist(), t_edit, t_edit_max),
         asymmetric=asymmetric,
         record_h=False,
     )

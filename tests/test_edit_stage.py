@@ -151,3 +151,55 @@ def test_a_damaged_directions_chunk_makes_the_stage_write_the_store_again(run, d
     assert result.computed == 1 and result.repaired == 1
     assert directions_intact(config)
     np.testing.assert_array_equal(xr.open_zarr(path, consolidated=False)["direction"].values, reference)
+
+
+def test_edit_steps_from_is_a_closed_window_with_open_ends():
+    from hmine.editing import edit_steps_from
+
+    timesteps = [900, 600, 300, 0]
+    assert edit_steps_from(timesteps, None) == [True] * 4
+    assert edit_steps_from(timesteps, 300) == [True, True, True, False]
+    assert edit_steps_from(timesteps, None, 600) == [False, True, True, True]
+    assert edit_steps_from(timesteps, 300, 600) == [False, True, True, False]
+    with pytest.raises(ValueError, match="holds none of the sampler's timesteps"):
+        edit_steps_from(timesteps, 400, 500)
+
+
+def test_a_reversed_edit_window_is_refused_by_the_config():
+    from hmine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="t_edit.*above edit.t_edit_max"):
+        load_config(None, ["edit.t_edit=600", "edit.t_edit_max=300"])
+
+
+def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(run):
+    from hmine.directions import direction_by_name, open_directions
+    from hmine.editing import delta_for
+    from hmine.stages.sample import make_sampler
+
+    config, labeller = run
+    sampler = make_sampler(config, None)
+    timesteps = sampler.timesteps.tolist()
+    # the window [t_1, t_1] edits the middle step only
+    window = {"t_edit": timesteps[1], "t_edit_max": timesteps[1], "scales": [4.0]}
+    windowed = config.model_copy(update={"edit": config.edit.model_copy(update=window)})
+    assert run_edit_stage(windowed, labeller=labeller, show_progress=False).computed == 2
+    edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
+    name = "probe/is_left_bright"
+    selected = direction_by_name(open_directions(directions_path(config)), name)
+    delta = delta_for(selected["direction"].values, selected["scale_unit"].values, 4.0)
+    seeds = edits["sample"].values.tolist()
+    middle_only = sampler.sample(seeds, delta_h=delta, edit_steps=[False, True, False], record_h=False)
+    every_step = sampler.sample(seeds, delta_h=delta, record_h=False)
+    stored = edits["images"].sel(direction=name, scale=4.0).values
+    np.testing.assert_array_equal(stored, middle_only.images.numpy())
+    assert np.abs(stored - every_step.images.numpy()).max() > 1e-3
+
+    # a window between two timesteps edits nothing: refused before the store is touched
+    uuid = open_group(config.run_dir / "edits.zarr").attrs["hmine:store_uuid"]
+    empty = {"t_edit": timesteps[1] + 1, "t_edit_max": timesteps[0] - 1}
+    assert timesteps[0] - 1 >= timesteps[1] + 1
+    empty_window = config.model_copy(update={"edit": config.edit.model_copy(update=empty)})
+    with pytest.raises(ValueError, match="edit.t_edit / edit.t_edit_max"):
+        run_edit_stage(empty_window, labeller=labeller, show_progress=False)
+    assert open_group(config.run_dir / "edits.zarr").attrs["hmine:store_uuid"] == uuid

@@ -89,7 +89,7 @@ def select_directions(directions, requested: list[str]) -> list[str]:
 def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progress: bool = True) -> StageResult:
     """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
     from hmine.directions import direction_by_name, open_directions
-    from hmine.editing import delta_for, regenerate_with_delta, write_strip
+    from hmine.editing import delta_for, edit_steps_from, regenerate_with_delta, write_strip
     from hmine.labelling import make_labeller
     from hmine.stages.directions import directions_path
 
@@ -131,12 +131,13 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         if table_meta(run_dir / EFFECTS_TABLE) is not None and edits_intact(config):
             logger.info("edit stage: %s is up to date", path)
             return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
+    sampler = make_sampler(config, model)
+    edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)  # an empty window: refused, nothing written
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
     damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
 
-    sampler = make_sampler(config, model)
     batch = config.sample.batch_size  # same batches as the sample stage: scale 0 is bit-identical
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
     strips = run_dir / STRIPS_DIR
@@ -150,7 +151,12 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
             for start in range(0, len(seeds), batch):
                 chunk = seeds[start : start + batch]
                 group["images"][d, s, start : start + len(chunk)] = regenerate_with_delta(
-                    sampler, chunk.tolist(), delta, t_edit=edit.t_edit, asymmetric=edit.asymmetric
+                    sampler,
+                    chunk.tolist(),
+                    delta,
+                    t_edit=edit.t_edit,
+                    t_edit_max=edit.t_edit_max,
+                    asymmetric=edit.asymmetric,
                 )
         shown = group["images"][d, :, : edit.strip_samples]  # (scale, sample, ...)
         write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
