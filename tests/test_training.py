@@ -61,3 +61,29 @@ def test_fine_tune_starts_from_an_exported_model_folder(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     with pytest.raises(FileNotFoundError, match="neither a training checkpoint nor a diffusers U-Net folder"):
         initial_weights(tmp_path)
+
+
+def test_grid_timesteps_replace_the_chosen_fraction_and_leave_fraction_zero_runs_alone(tmp_path):
+    from diffusers import DDIMScheduler
+
+    from hmine.training import _favour_grid_timesteps, sampler_grid_timesteps
+
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    ddim.set_timesteps(10)
+    grid = sampler_grid_timesteps(1000, 10)
+    assert sorted(grid.tolist()) == sorted(ddim.timesteps.tolist())  # the 10-step sampler's own timesteps
+
+    uniform = torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0))
+    everything = DDPMTrainConfig(grid_timestep_fraction=1.0)
+    favoured = _favour_grid_timesteps(uniform, everything, torch.Generator().manual_seed(1))
+    assert set(favoured.tolist()) <= set(grid.tolist()) and len(set(favoured.tolist())) == 10
+    half = DDPMTrainConfig(grid_timestep_fraction=0.5)
+    mixed = _favour_grid_timesteps(uniform, half, torch.Generator().manual_seed(1))
+    replaced = (mixed != uniform).float().mean().item()
+    assert 0.45 < replaced < 0.55  # half drawn from the grid (a pick equal to the uniform draw is rare)
+
+    # fraction 0 draws nothing extra: a run keeps the exact batches of the plain objective
+    plain = train_ddpm(DDPMTrainConfig(**{**TINY, "steps": 1}), tmp_path / "plain")
+    zero = train_ddpm(DDPMTrainConfig(**{**TINY, "steps": 1, "grid_timestep_fraction": 0.0, "grid_steps": 5}), tmp_path / "zero")
+    for a, b in zip(plain.parameters(), zero.parameters()):
+        torch.testing.assert_close(a, b)
