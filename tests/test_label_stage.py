@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from hmine.config import load_config
-from hmine.stages.label import label_identity, labels_path, read_labels, run_label_stage
+from hmine.stages.label import label_parts_identity, labels_path, read_labels, run_label_stage
 from hmine.stages.sample import run_sample_stage
 from hmine.stores import table_meta
 
@@ -66,7 +66,7 @@ def test_rerun_is_skipped_and_a_killed_run_resumes_from_parts(sampled):
     labels_path(sampled).unlink()
     parts = sampled.run_dir / "labels.parts"
     parts.mkdir()
-    (parts / "identity.json").write_text(json.dumps(label_identity(sampled)))
+    (parts / "identity.json").write_text(json.dumps(label_parts_identity(sampled)))
     for b in range(2):
         reference.iloc[b * 3 : (b + 1) * 3].to_parquet(parts / f"part-{b:06d}.parquet")
     resumed = run_label_stage(sampled, labeller=labeller, show_progress=False)
@@ -80,3 +80,38 @@ def test_unknown_attribute_is_refused_before_work(sampled):
     with pytest.raises(ValueError, match="is_smiling"):
         run_label_stage(config, labeller=LeftBrightLabeller(), show_progress=False)
     assert not labels_path(config).exists()
+
+
+def _crash_after_one_part(config, reference):
+    parts = config.run_dir / "labels.parts"
+    parts.mkdir()
+    (parts / "identity.json").write_text(json.dumps(label_parts_identity(config)))
+    reference.iloc[: config.label.batch_size].to_parquet(parts / f"part-{0:06d}.parquet")
+    return parts
+
+
+def test_a_rerun_at_another_batch_size_does_not_reuse_parts_that_cover_other_rows(sampled):
+    labeller = LeftBrightLabeller()
+    run_label_stage(sampled, labeller=labeller, show_progress=False)
+    reference = pd.read_parquet(labels_path(sampled))
+    labels_path(sampled).unlink()
+    _crash_after_one_part(sampled, reference)  # killed after part 0 at batch size 3
+    bigger = sampled.model_copy(update={"label": sampled.label.model_copy(update={"batch_size": 4})})
+    assert bigger.stage_hash("label") == sampled.stage_hash("label")  # the table's identity is the same
+    result = run_label_stage(bigger, labeller=labeller, show_progress=False)
+    assert result.computed == 3 and result.skipped == 0  # the old part is not taken for rows 0-3
+    pd.testing.assert_frame_equal(pd.read_parquet(labels_path(sampled)), reference)
+
+
+def test_a_refused_attribute_leaves_the_work_in_progress_alone(sampled):
+    labeller = LeftBrightLabeller()
+    run_label_stage(sampled, labeller=labeller, show_progress=False)
+    reference = pd.read_parquet(labels_path(sampled))
+    labels_path(sampled).unlink()
+    parts = _crash_after_one_part(sampled, reference)
+    before = sorted(p.name for p in parts.iterdir())
+    config = sampled.model_copy(update={"label": sampled.label.model_copy(update={"attributes": ["is_smiling"]})})
+    with pytest.raises(ValueError, match="is_smiling"):
+        run_label_stage(config, labeller=labeller, show_progress=False)
+    assert sorted(p.name for p in parts.iterdir()) == before
+    assert run_label_stage(sampled, labeller=labeller, show_progress=False).skipped == 1

@@ -42,6 +42,12 @@ def label_identity(config: RunConfig) -> dict:
     }
 
 
+def label_parts_identity(config: RunConfig) -> dict:
+    """What a run's work in progress (``labels.parts/``) depends on: the labels' identity and
+    the batch size, since part b holds rows [b * batch_size, (b + 1) * batch_size)."""
+    return {**label_identity(config), "label.batch_size": config.label.batch_size}
+
+
 def read_labels(config: RunConfig) -> pd.DataFrame:
     """The label table of a run, refusing one that is missing or from another config."""
     path = labels_path(config)
@@ -75,23 +81,27 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         logger.info("label stage: %s is up to date", out_path)
         return StageResult(out_path, 1, 0, 1, 0, time.perf_counter() - started)
 
-    parts = out_path.with_name("labels.parts")
-    manifest = parts / "identity.json"
-    if parts.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != identity):
-        shutil.rmtree(parts)  # parts of another config or samples store: start over
-    parts.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(identity))
-
     labeller = labeller or make_labeller(config.label)
     missing = [a for a in config.label.required_attributes if a not in labeller.attributes]
-    if missing:
+    if missing:  # refused before labels.parts/ is touched
         raise ValueError(
             f"label.attributes names {missing}, which labeller {labeller.name!r} does not score; "
             f"it scores {list(labeller.attributes)}"
         )
+
+    batch = config.label.batch_size
+    parts = out_path.with_name("labels.parts")
+    manifest = parts / "identity.json"
+    # parts written at another batch size cover other rows: the batch size is part of
+    # their identity (not of the table's, which it does not change)
+    parts_identity = label_parts_identity(config)
+    if parts.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != parts_identity):
+        shutil.rmtree(parts)  # parts of another config, samples store or batch size: start over
+    parts.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(parts_identity))
+
     group = open_group(source)
     seeds = group["sample"][...]
-    batch = config.label.batch_size
     n_batches = -(-len(seeds) // batch)
     todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
     for b in progress(todo, "label", "batch", show_progress):
@@ -102,6 +112,11 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         scores.to_parquet(tmp)
         tmp.replace(parts / f"part-{b:06d}.parquet")
     table = pd.concat([pd.read_parquet(parts / f"part-{b:06d}.parquet") for b in range(n_batches)])
+    if not np.array_equal(table.index.to_numpy(), seeds):
+        raise RuntimeError(
+            f"the label parts in {parts} do not cover the samples one row per seed, in order; "
+            "delete that folder and rerun `hmine label`"
+        )
     write_table(
         table,
         out_path,
