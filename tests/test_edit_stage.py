@@ -203,3 +203,23 @@ def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(
     with pytest.raises(ValueError, match="edit.t_edit / edit.t_edit_max"):
         run_edit_stage(empty_window, labeller=labeller, show_progress=False)
     assert open_group(config.run_dir / "edits.zarr").attrs["hmine:store_uuid"] == uuid
+
+
+def test_a_run_killed_between_the_edits_and_their_effects_table_measures_them_on_rerun(run, monkeypatch):
+    import hmine.stages.edit as edit_stage
+
+    config, labeller = run
+    changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-3.0, 3.0]})})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while measuring the effects")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(edit_stage, "measure_effects", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_edit_stage(changed, labeller=labeller, show_progress=False)
+    # the edits are complete, the table is still the previous config's: it is measured again
+    rerun = run_edit_stage(changed, labeller=labeller, show_progress=False)
+    assert rerun.computed == 0
+    effects = pd.read_parquet(config.run_dir / "edit_effects.parquet")
+    assert sorted(set(effects["scale"])) == [-3.0, 0.0, 3.0]

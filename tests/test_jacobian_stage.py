@@ -118,3 +118,16 @@ def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model
     with pytest.raises(ValueError, match="mask for sample 1 has shape"):
         run_jacobian_stage(wrong, show_progress=False)
     assert not (wrong.run_dir / "jacobian.zarr").exists()
+
+
+def test_a_partial_samples_store_or_too_few_samples_is_refused_before_anything_is_written(tiny_pixel_model_dir, tmp_path):
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
+    run_sample_stage(config, show_progress=False)
+    too_many = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape", "jacobian.n_samples=7")
+    with pytest.raises(ValueError, match="jacobian.n_samples is 7 but the run has 6 samples"):
+        run_jacobian_stage(too_many, show_progress=False)
+    # a sample stage killed part-way: unsampled images would read as empty masks
+    del open_group(config.run_dir / "samples.zarr", mode="r+").attrs["hmine:complete"]
+    with pytest.raises(FileNotFoundError, match="is not complete; run the sample stage first"):
+        run_jacobian_stage(config, show_progress=False)
+    assert not (config.run_dir / "jacobian.zarr").exists()

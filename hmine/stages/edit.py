@@ -128,7 +128,13 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
     attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {DIRECTIONS_UUID: directions_uuid})
     if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
-        if table_meta(run_dir / EFFECTS_TABLE) is not None and edits_intact(config):
+        # the effects table is written after the store is marked complete: a run killed in
+        # between leaves a table of the previous edits, which must not pass for these
+        effects_meta = table_meta(run_dir / EFFECTS_TABLE) or {}
+        measured_here = effects_meta.get("hmine:config_hash") == config_hash and effects_meta.get(
+            "hmine:edits_uuid"
+        ) == open_group(path).attrs.get(STORE_UUID)
+        if measured_here and edits_intact(config):
             logger.info("edit stage: %s is up to date", path)
             return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     sampler = make_sampler(config, model)

@@ -122,8 +122,15 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     started = time.perf_counter()
     jac = config.jacobian
     path = jacobian_path(config)
+    if store_state(samples_path(config)) != "complete":
+        # unsampled batches read as fill values: empty shape masks, a distorted h reference
+        raise FileNotFoundError(f"{samples_path(config)} is not complete; run the sample stage first")
     samples = open_group(samples_path(config))
     seeds = samples["sample"][...][: jac.n_samples]
+    if len(seeds) < jac.n_samples:
+        raise ValueError(
+            f"jacobian.n_samples is {jac.n_samples} but the run has {len(seeds)} samples; lower jacobian.n_samples"
+        )
     all_steps = [int(t) for t in samples["step"][...]]
     steps = all_steps if jac.steps is None else list(jac.steps)
     unknown = [t for t in steps if t not in all_steps]
