@@ -11,18 +11,19 @@ left, waits for them all, then marks the store complete in its own process.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import stage_cache_key
+from flows.caching import output_identity, stage_cache_key
 from hmine.config import RunConfig
 from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
 from hmine.stages.directions import directions_intact
 from hmine.stages.edit import edits_intact
-from hmine.stages.jacobian import jacobian_intact
+from hmine.stages.jacobian import jacobian_intact, jacobian_mask_hash
 from hmine.stages.sample import samples_intact
 
 OUTPUTS_INTACT = {
@@ -33,13 +34,36 @@ OUTPUTS_INTACT = {
 }
 
 
+# The outputs each stage reads: a stage's result is reused only for the very inputs it was
+# computed from (a repaired or recomputed upstream store gets a new uuid), as the stage
+# functions themselves check.
+STAGE_READS = {
+    "sample": (),
+    "label": ("sample",),
+    "directions": ("sample", "label"),
+    "edit": ("sample", "directions"),
+    "jacobian": ("sample",),
+}
+
+
+def _inputs_identity(stage: str, config: RunConfig) -> str:
+    parts = [str(output_identity(config.run_dir / STAGE_OUTPUTS[read])) for read in STAGE_READS[stage]]
+    if stage == "jacobian":
+        try:
+            parts.append(jacobian_mask_hash(config))  # mask files change under the same config
+        except (OSError, ValueError):
+            parts.append("unreadable")  # the stage itself refuses these masks, with the reason
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def _stage_key(context, parameters) -> str:
     config = RunConfig.model_validate_json(parameters["config_json"])
     stage = parameters["stage"]
     # the chunk-addressed stores' chunks are checked on every run: a damaged one must reach
     # the stage, which redoes that part, instead of a cached "complete"
     intact = OUTPUTS_INTACT[stage](config) if stage in OUTPUTS_INTACT else True
-    return stage_cache_key(stage, config.stage_hash(stage), config.run_dir / STAGE_OUTPUTS[stage], intact)
+    config_hash = f"{config.stage_hash(stage)}-{_inputs_identity(stage, config)}"
+    return stage_cache_key(stage, config_hash, config.run_dir / STAGE_OUTPUTS[stage], intact)
 
 
 @task(

@@ -131,3 +131,30 @@ def test_a_partial_samples_store_or_too_few_samples_is_refused_before_anything_i
     with pytest.raises(FileNotFoundError, match="is not complete; run the sample stage first"):
         run_jacobian_stage(config, show_progress=False)
     assert not (config.run_dir / "jacobian.zarr").exists()
+
+
+def test_the_flow_cache_key_follows_the_mask_files_and_the_samples_store(tiny_pixel_model_dir, tmp_path):
+    from flows.stages import _stage_key
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    left = np.zeros((16, 16), dtype=np.float32)
+    left[:, :8] = 1
+    for seed in range(2):
+        np.save(masks / f"{seed}.npy", left)
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}")
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    parameters = {"config_json": config.model_dump_json(), "stage": "jacobian"}
+    key = _stage_key(None, parameters)
+    assert _stage_key(None, parameters) == key  # nothing changed: a cache hit
+    np.save(masks / "1.npy", 1 - left)  # same config, another mask: the stage would recompute
+    assert _stage_key(None, parameters) != key
+    assert run_jacobian_stage(config, show_progress=False).computed == 2
+    key = _stage_key(None, parameters)
+    # a samples store written again (a new uuid) is another input for every stage reading it
+    label = {"config_json": config.model_dump_json(), "stage": "label"}
+    label_key = _stage_key(None, label)
+    group = open_group(config.run_dir / "samples.zarr", mode="r+")
+    group.attrs["hmine:store_uuid"] = "another-samples-store"
+    assert _stage_key(None, parameters) != key and _stage_key(None, label) != label_key

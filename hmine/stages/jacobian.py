@@ -96,6 +96,27 @@ def load_masks(config: RunConfig, seeds: np.ndarray, images: np.ndarray) -> np.n
     return np.stack(masks)
 
 
+def _content_hash(masks: np.ndarray | None) -> str:
+    return hashlib.sha256(masks.tobytes()).hexdigest()[:16] if masks is not None else "none"
+
+
+def jacobian_mask_hash(config: RunConfig) -> str:
+    """Content hash of the masks the stage would use now ("none" without masks).
+
+    Part of the stage's key beside its config hash: mask files can change under the same
+    config. Reads the first ``jacobian.n_samples`` images of a complete samples store
+    (a shape mask is computed from them); "unknown" when the store is not complete.
+    """
+    if store_state(samples_path(config)) != "complete":
+        return "unknown"
+    samples = open_group(samples_path(config))
+    seeds = samples["sample"][...][: config.jacobian.n_samples]
+    if config.jacobian.mask == "none":
+        return "none"
+    images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
+    return _content_hash(load_masks(config, seeds, images))
+
+
 def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
     """A (1, 1, H, W) mask at the resolution of eps (downsampled for a latent model)."""
     tensor = torch.from_numpy(mask)[None, None]
@@ -138,7 +159,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         raise ValueError(f"jacobian.steps {unknown} are not timesteps of the run; they are {all_steps}")
     images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
     masks = load_masks(config, seeds, images)
-    mask_hash = hashlib.sha256(masks.tobytes()).hexdigest()[:16] if masks is not None else "none"
+    mask_hash = _content_hash(masks)
     config_hash = hashlib.sha256(f"{config.stage_hash('jacobian')}-{mask_hash}".encode()).hexdigest()[:16]
     if (
         store_state(path) == "complete"
