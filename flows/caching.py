@@ -3,7 +3,9 @@
 A stage's Prefect result is reused only when its output is complete and is the same
 output (same ``hmine:store_uuid`` for a zarr store, same metadata for a table) the
 result was computed for; a deleted, repaired or partial output gives a key that matches
-nothing, so the stage body runs and resumes from the output's own done-marks.
+nothing, so the stage body runs and resumes from the output's own done-marks. The flows
+pass, as the config hash, the stage's hash joined with the identities of the outputs it
+reads (``flows.stages.STAGE_READS``), so new inputs are a new key too.
 """
 
 from __future__ import annotations
