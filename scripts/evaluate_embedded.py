@@ -1,8 +1,14 @@
 """Evaluate the embedded DDPM with the embedded classifier (figures for the model cards).
 
-For 10-step DDIM (eta=0) and 10 steps with eta=1, over N samples: the fraction classified
+For 10-step DDIM (eta=0) and 10 steps with eta=1 (``--steps`` for other lengths; eta=1 is
+DDPM's ancestral sampling on the sub-sequence of timesteps), over N samples: the fraction classified
 with confidence >= 0.9 for shape and for colour, and the generated factor frequencies
 (including the deliberate circle/red correlation) against the training distribution.
+
+With ``--exact-denoiser N``, the same samplers also run with the exact denoiser of N
+world images (:mod:`hmine.world_denoiser`) in place of the U-Net: the frequencies any model
+would give under that sampler. The gap between those and the world is the sampler's own;
+the gap between the model and them is the model's.
 
 With ``--retention``, also the shape retention of the denoiser: world images noised to
 timestep t (x_t ~ q(x_t | x0)) and denoised with the remaining DDIM steps, as a confusion
@@ -11,6 +17,7 @@ shape at moderate noise, and its errors are symmetric between shapes; a bias the
 the model's, not the sampler's.
 
     python scripts/evaluate_embedded.py [--n 512] [--json out.json] [--model PATH] [--etas 0 1]
+                                        [--exact-denoiser 20000]
 
 ``--model`` also takes a training checkpoint (``stores/train-*/checkpoint.pt``): its EMA
 weights in the shipped model's architecture and scheduler, so a run can be followed while
@@ -60,6 +67,20 @@ def frequencies(shape: np.ndarray, color: np.ndarray, continuous: dict[str, np.n
     return out
 
 
+def sample_exact_denoiser(denoiser, scheduler_config, n: int, eta: float, steps: int = 10, seed: int = 0) -> np.ndarray:
+    """``n`` images from diffusers' DDIM (``steps`` steps, ``eta``) driven by the exact denoiser."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config, prediction_type="epsilon")
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *denoiser.image_shape), generator=generator)
+    for t in scheduler.timesteps:
+        x = scheduler.step(denoiser(x, t).sample, t, x, eta=eta, generator=generator).prev_sample
+    return x.numpy()
+
+
 def shape_retention(model, labeller, n: int, start_timesteps: list[int], steps: int = 10) -> dict:
     """Per start timestep: the confusion matrix of world images noised to it and denoised."""
     import torch
@@ -98,6 +119,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder or id, or a training checkpoint.pt (its EMA)")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps (the targets are stated for 10)")
+    parser.add_argument("--exact-denoiser", type=int, default=None, metavar="N",
+                        help="also sample with the exact denoiser of N world images (the sampler's own bias)")
     parser.add_argument("--retention", type=int, nargs="*", default=None, metavar="T",
                         help="also the shape retention from these timesteps (default 900 700 500 400 300)")
     args = parser.parse_args()
@@ -108,9 +132,14 @@ def main() -> None:
     labeller = WorldLabeller()
     truth = world.sample_factors(200_000, seed=12345)
     reference = frequencies(truth["shape"], truth["color"], {k: truth[k] for k in world.CONTINUOUS_FACTORS})
-    report = {"load_seconds": round(load_seconds, 3), "training_distribution": reference}
+    report = {"load_seconds": round(load_seconds, 3), "steps": args.steps, "training_distribution": reference}
+    exact = None
+    if args.exact_denoiser:
+        from hmine.world_denoiser import ExactWorldDenoiser
+
+        exact = ExactWorldDenoiser(model.scheduler.alphas_cumprod, n_images=args.exact_denoiser)
     for eta in args.etas:
-        sampler = Sampler(model, num_inference_steps=10, eta=eta)
+        sampler = Sampler(model, num_inference_steps=args.steps, eta=eta)
         images, batch_seconds = [], []
         for start in range(0, args.n, args.batch):
             t0 = time.perf_counter()
@@ -131,6 +160,25 @@ def main() -> None:
             "max_frequency_gap_pp": float(max(abs(generated[k] - reference[k]) for k in reference) * 100),
             f"seconds_per_batch_of_{args.batch}": round(float(np.median(batch_seconds)), 3),
         }
+        if exact is not None:
+            exact_table = labeller.score(
+                np.concatenate([
+                    sample_exact_denoiser(
+                        exact, model.scheduler.config, min(args.batch, args.n - start), eta, args.steps, seed=start
+                    )
+                    for start in range(0, args.n, args.batch)
+                ])
+            )  # fmt: skip
+            exact_frequencies = frequencies(
+                exact_table["shape"].to_numpy().astype(int), exact_table["color"].to_numpy().astype(int),
+                {k: exact_table[k].to_numpy() for k in world.CONTINUOUS_FACTORS},
+            )  # fmt: skip
+            report[f"eta={eta:g}"]["exact_denoiser"] = {
+                "n_images": args.exact_denoiser,
+                "frequencies": exact_frequencies,
+                "max_frequency_gap_pp": float(max(abs(exact_frequencies[k] - reference[k]) for k in reference) * 100),
+                "max_gap_to_model_pp": float(max(abs(exact_frequencies[k] - generated[k]) for k in reference) * 100),
+            }
     if args.retention is not None:
         report["shape_retention"] = shape_retention(model, labeller, args.n, args.retention or [900, 700, 500, 400, 300])
     print(json.dumps(report, indent=2))
