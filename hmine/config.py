@@ -132,6 +132,13 @@ class EditConfig(_Frozen):
     batch_size: int = Field(64, ge=1)
     strip_samples: int = Field(6, ge=1, description="samples shown per PNG strip")
 
+    @field_validator("scales")
+    @classmethod
+    def _scales_as_stored(cls, scales: list[float]) -> list[float]:
+        # the edit store holds the sorted distinct scales and always scale 0 (the
+        # originals): [1, -1] and [-1, 0, 1] are the same edits and get the same stage hash
+        return sorted({float(scale) for scale in scales} | {0.0})
+
     @model_validator(mode="after")
     def _window_is_ordered(self):
         if self.t_edit is not None and self.t_edit_max is not None and self.t_edit > self.t_edit_max:
@@ -153,6 +160,11 @@ class JacobianConfig(_Frozen):
     tol: float = Field(1e-3, gt=0)
     max_iter: int = Field(50, ge=1)
     edit_scales: list[float] = [-1.0, 0.0, 1.0]
+
+    @field_validator("edit_scales")
+    @classmethod
+    def _scales_as_used(cls, scales: list[float]) -> list[float]:
+        return sorted({float(scale) for scale in scales} | {0.0})  # as EditConfig.scales
 
     @model_validator(mode="after")
     def _files_need_a_folder(self):

@@ -86,3 +86,11 @@ def test_runner_section_is_validated_and_never_hashed(tmp_path):
         with pytest.raises(ConfigError) as info:
             load_config(_write(tmp_path, text))
         assert f"'{field}'" in str(info.value)
+
+
+def test_edit_scales_are_stored_sorted_distinct_and_with_zero_so_equal_edits_hash_equal():
+    a = load_config(None, ["edit.scales=[2, -2, 2]", "jacobian.edit_scales=[1, -1]"])
+    b = load_config(None, ["edit.scales=[-2, 0, 2]", "jacobian.edit_scales=[-1, 0, 1]"])
+    assert a.edit.scales == [-2.0, 0.0, 2.0] and a.jacobian.edit_scales == [-1.0, 0.0, 1.0]
+    assert a.stage_hash("edit") == b.stage_hash("edit") and a.stage_hash("jacobian") == b.stage_hash("jacobian")
+    assert load_config(None, ["edit.scales=[3]"]).stage_hash("edit") != a.stage_hash("edit")
