@@ -98,8 +98,23 @@ def sample_factors(n: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def shape_coverage(factors: dict[str, np.ndarray]) -> np.ndarray:
-    """Fraction of each pixel covered by each image's shape, shape (n, 32, 32)."""
+def shape_coverage(factors: dict[str, np.ndarray], chunk: int = 1024) -> np.ndarray:
+    """Fraction of each pixel covered by each image's shape, shape (n, 32, 32).
+
+    Computed ``chunk`` images at a time: the supersampled grids take about 0.5 MB per
+    image, so all of 50,000 images at once needed over 20 GB (measured: killed for memory).
+    """
+    n = len(factors["shape"])
+    if n > chunk:
+        parts = [
+            _shape_coverage({k: v[start : start + chunk] for k, v in factors.items()})
+            for start in range(0, n, chunk)
+        ]
+        return np.concatenate(parts)
+    return _shape_coverage(factors)
+
+
+def _shape_coverage(factors: dict[str, np.ndarray]) -> np.ndarray:
     n = len(factors["shape"])
     sub = (np.arange(IMAGE_SIZE * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE
     gy, gx = np.meshgrid(sub, sub, indexing="ij")

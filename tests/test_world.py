@@ -60,3 +60,8 @@ def test_foreground_mask_recovers_the_shape():
     truth = batch.masks > 0.5
     agreement = (mask == truth).mean(axis=(1, 2))
     assert agreement.min() > 0.97
+
+
+def test_coverage_in_chunks_is_the_same_as_at_once():
+    factors = world.sample_factors(50, seed=7)
+    np.testing.assert_array_equal(world.shape_coverage(factors, chunk=16), world.shape_coverage(factors, chunk=64))
