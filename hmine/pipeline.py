@@ -53,6 +53,8 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     if damaged:
         done = int(group["done"][...].sum())
         return StageStatus(stage, "damaged", f"{damaged}/{done} done entries lost chunks; rerun to redo them")
+    if state == "complete" and stage == "edit" and not _effects_measured_from(group, path):
+        return StageStatus(stage, "partial", "edits done, effects table not measured from them; rerun")
     if state == "complete":
         return StageStatus(stage, "complete", f"{path.name}")
     if "done" in group:
@@ -88,6 +90,16 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
     return statuses
 
 
+def _effects_measured_from(edits_group, edits_path: Path) -> bool:
+    """Whether edit_effects.parquet was measured from this very edit store (as the stage checks)."""
+    from hmine.stores import table_meta
+
+    meta = table_meta(edits_path.with_name("edit_effects.parquet")) or {}
+    return meta.get(CONFIG_HASH) == edits_group.attrs.get(CONFIG_HASH) and meta.get(
+        "hmine:edits_uuid"
+    ) == store_uuid(edits_path)
+
+
 def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:
     from hmine.stores import table_meta
 
@@ -99,6 +111,9 @@ def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageSta
         return StageStatus(stage, "missing", path.name)
     if expected_hash is not None and meta.get(CONFIG_HASH) != expected_hash:
         return StageStatus(stage, "stale", f"written by config {meta.get(CONFIG_HASH)}")
+    samples_uuid = meta.get("hmine:samples_uuid")
+    if samples_uuid is not None and samples_uuid != store_uuid(path.with_name(STAGE_OUTPUTS["sample"])):
+        return StageStatus(stage, "stale", "made from samples that have since been written again")
     return StageStatus(stage, "complete", path.name)
 
 

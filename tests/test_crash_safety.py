@@ -154,3 +154,21 @@ def test_status_of_a_finished_run_and_of_recomputed_directions(reference, tmp_pa
     status = {s.stage: s for s in stage_status(run_dir)}
     assert status["edit"].state == "stale" and "directions" in status["edit"].detail
     assert status["jacobian"].state == "complete"
+    # samples written again since the labels were made: the labels are stale
+    samples = open_group(run_dir / "samples.zarr", mode="r+")
+    samples.attrs["hmine:store_uuid"] = "rewritten"
+    status = {s.stage: s for s in stage_status(run_dir)}
+    assert status["label"].state == "stale" and "samples" in status["label"].detail
+
+
+def test_status_of_edits_whose_effects_table_is_missing(reference, tmp_path):
+    import shutil
+
+    from hmine.pipeline import stage_status
+
+    _, ref_root = reference
+    run_dir = tmp_path / "ref"
+    shutil.copytree(ref_root / "stores" / "ref", run_dir)
+    (run_dir / "edit_effects.parquet").unlink()  # killed between the edits and their table
+    status = {s.stage: s for s in stage_status(run_dir)}
+    assert status["edit"].state == "partial" and "effects" in status["edit"].detail
