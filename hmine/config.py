@@ -47,8 +47,8 @@ class SampleConfig(_Frozen):
     @classmethod
     def _eta_non_negative(cls, value):
         values = value if isinstance(value, list) else [value]
-        if any(v < 0 for v in values):
-            raise ValueError("eta must be >= 0 (0 = DDIM, 1 = DDPM-like)")
+        if any(not 0 <= v <= 1 for v in values):
+            raise ValueError("eta must be between 0 and 1 (0 = DDIM, 1 = DDPM-like)")
         return value
 
     @model_validator(mode="after")

@@ -766,10 +766,12 @@ def conditional_direction(v0: xr.DataArray, others: Sequence[xr.DataArray], *, p
 # --------------------------------------------------------------------------------------
 
 
-def _projection_std(units: np.ndarray, h: xr.DataArray) -> np.ndarray:
+def projection_std(units: np.ndarray, h: xr.DataArray) -> np.ndarray:
     """Std over samples (ddof=1) of h projected on each unit vector, per step: (K, step).
 
-    One pass over h for all K directions. Centring is not needed: the std of
+    The scale convention of hmine: ``units`` (K, step, channel, y, x) holds one unit
+    vector per step for each of K directions, and an edit at scale s adds
+    ``s * std * unit`` to h. One pass over h for all K directions. Centring is not needed: the std of
     <h - mean, u> equals the std of <h, u>, and the projections are float64.
     """
     n_directions, n_steps = units.shape[:2]
@@ -803,7 +805,7 @@ def normalise_directions(raws: Sequence[xr.DataArray], h: xr.DataArray) -> list[
     finite = np.isfinite(norms) & (norms > 0)
     safe_norms = np.where(finite, norms, 1.0)[:, :, None, None, None]
     units = np.where(finite[:, :, None, None, None], stacked / safe_norms, 0.0)
-    scales = _projection_std(units, h)
+    scales = projection_std(units, h)
     out = []
     for i, raw in enumerate(raws):
         attrs = {**raw.attrs, "norm": "unit per step"}

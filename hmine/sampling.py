@@ -61,8 +61,9 @@ def resolve_etas(eta: float | Sequence[float], num_inference_steps: int) -> list
             f"eta has {len(etas)} entries but num_inference_steps is {num_inference_steps}; "
             "give one eta per step or a single number"
         )
-    if any(e < 0 for e in etas):
-        raise ValueError(f"eta must be >= 0 at every step, got {etas}")
+    if any(not 0 <= e <= 1 for e in etas):
+        # above 1, sigma_t^2 can exceed 1 - a_prev and the DDIM direction term is undefined
+        raise ValueError(f"eta must be between 0 and 1 at every step (0 = DDIM, 1 = DDPM-like), got {etas}")
     return etas
 
 

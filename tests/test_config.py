@@ -24,6 +24,7 @@ def test_defaults_and_round_trip(tmp_path):
         ("sample:\n  num_inference_steps: 0\n", "sample.num_inference_steps"),
         ("model:\n  h_position: inside\n", "model.h_position"),
         ("sample:\n  eta: -1\n", "sample.eta"),
+        ("sample:\n  eta: 2\n", "sample.eta"),
         ("colour: red\n", "colour"),
     ],
 )

@@ -223,3 +223,23 @@ def test_a_run_killed_between_the_edits_and_their_effects_table_measures_them_on
     assert rerun.computed == 0
     effects = pd.read_parquet(config.run_dir / "edit_effects.parquet")
     assert sorted(set(effects["scale"])) == [-3.0, 0.0, 3.0]
+
+
+def test_scale_zero_is_bit_identical_also_when_the_last_edit_batch_is_cut_short(tiny_pixel_model_dir, tmp_path):
+    # the sample stage drew seeds 4..7 as one batch; editing 5 samples must not regenerate
+    # seed 4 alone (CPU kernels differ with the batch size, by ~1e-5)
+    config = load_config(
+        None,
+        [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=cut", "sample.n_samples=8",
+         "sample.batch_size=4", "sample.num_inference_steps=3", "sample.eta=1.0", "label.attributes=[is_left_bright]",
+         "directions.pca_components=2", "directions.top_k=3", "edit.n_samples=5", "edit.scales=[2]",
+         "edit.directions=[probe/is_left_bright]"],
+    )
+    labeller = LeftBrightLabeller()
+    run_sample_stage(config, show_progress=False)
+    run_label_stage(config, labeller=labeller, show_progress=False)
+    run_directions_stage(config)
+    run_edit_stage(config, labeller=labeller, show_progress=False)
+    edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
+    x0 = open_group(config.run_dir / "samples.zarr")["x0"][:5]
+    np.testing.assert_array_equal(edits["images"].isel(direction=0).sel(scale=0.0).values, x0)

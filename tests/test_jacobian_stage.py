@@ -158,3 +158,25 @@ def test_the_flow_cache_key_follows_the_mask_files_and_the_samples_store(tiny_pi
     group = open_group(config.run_dir / "samples.zarr", mode="r+")
     group.attrs["hmine:store_uuid"] = "another-samples-store"
     assert _stage_key(None, parameters) != key and _stage_key(None, label) != label_key
+
+
+def test_jacobian_edits_use_the_scale_convention_of_every_direction(tiny_pixel_model_dir, tmp_path, monkeypatch):
+    import hmine.directions
+
+    seen = []
+    original = hmine.directions.projection_std
+
+    def recording(units, h):
+        seen.append((units, original(units, h)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(hmine.directions, "projection_std", recording)
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape", "jacobian.edit_scales=[-1, 1]")
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    (units, scale_units), = seen  # one pass over h for every edited direction
+    stored = open_group(config.run_dir / "jacobian.zarr")["vectors"][0, 0, 0]
+    np.testing.assert_array_equal(units[0, 0], stored)  # sample 0, masked, at the first step
+    h = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)["h"].values.astype(np.float64)
+    projections = h.reshape(*h.shape[:2], -1) @ stored.reshape(-1).astype(np.float64)  # (sample, step)
+    np.testing.assert_allclose(scale_units[0], projections.std(axis=0, ddof=1), rtol=1e-6)  # all samples, ddof=1

@@ -77,8 +77,9 @@ def test_eta_list_is_checked():
     assert resolve_etas(0.5, 3) == [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match="one eta per step"):
         resolve_etas([0.0, 1.0], 3)
-    with pytest.raises(ValueError, match=">= 0"):
-        resolve_etas(-1.0, 2)
+    for bad in (-1.0, 1.5, [0.0, 2.0]):  # above 1 the DDIM direction term would be complex
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            resolve_etas(bad, 2)
 
 
 def test_v_prediction_output_is_converted_to_eps(model):

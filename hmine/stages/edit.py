@@ -100,7 +100,8 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     directions = open_directions(directions_path(config))
     names = select_directions(directions, edit.directions)
     samples = open_group(samples_path(config))
-    seeds = samples["sample"][...][: edit.n_samples]
+    all_seeds = samples["sample"][...]
+    seeds = all_seeds[: edit.n_samples]
     if len(seeds) < edit.n_samples:
         raise ValueError(
             f"edit.n_samples is {edit.n_samples} but the run has {len(seeds)} samples; lower edit.n_samples"
@@ -144,7 +145,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
 
-    batch = config.sample.batch_size  # same batches as the sample stage: scale 0 is bit-identical
+    batch = config.sample.batch_size  # the sample stage's batches: scale 0 is bit-identical
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
     strips = run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
@@ -155,15 +156,19 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         for s, scale in enumerate(scales):
             delta = delta_for(unit, scale_unit, scale)
             for start in range(0, len(seeds), batch):
-                chunk = seeds[start : start + batch]
-                group["images"][d, s, start : start + len(chunk)] = regenerate_with_delta(
+                # the sample stage's whole batch, also past edit.n_samples: CPU kernels differ
+                # with the batch size, and a shorter batch would not give the stored images
+                # bit for bit at scale 0
+                chunk = all_seeds[start : start + batch]
+                kept = min(len(chunk), len(seeds) - start)
+                group["images"][d, s, start : start + kept] = regenerate_with_delta(
                     sampler,
                     chunk.tolist(),
                     delta,
                     t_edit=edit.t_edit,
                     t_edit_max=edit.t_edit_max,
                     asymmetric=edit.asymmetric,
-                )
+                )[:kept]
         shown = group["images"][d, :, : edit.strip_samples]  # (scale, sample, ...)
         write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
         group["done"][d] = True

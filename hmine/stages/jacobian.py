@@ -229,34 +229,39 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
     """Strips and inside-mask fractions for the top direction of the first analysed step."""
     import xarray as xr
 
+    from hmine.directions import projection_std
     from hmine.editing import delta_for, regenerate_with_delta, write_strip
     from hmine.jacobian import eps_of_h, jacobian_subspace
 
     jac = config.jacobian
     h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
-    # the data's spread along a direction, estimated on up to 512 samples held in memory
-    reference = np.asarray(h.isel(sample=slice(0, 512)).values, dtype=np.float32)
-    reference = reference.reshape(reference.shape[0], reference.shape[1], -1)
     t_idx = step_index[steps[0]]
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
     fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
     eps_fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
     scales = sorted(set(jac.edit_scales) | {0.0})
+    # 1. per sample, the masked top direction (stored) and the unmasked one, as unit vectors
+    #    used at every step ("global at t"), and their eps shares at the analysed step
+    units = np.zeros((len(seeds), 2, h.sizes["step"], *h.shape[2:]), dtype=np.float32)
     for i, seed in enumerate(seeds):
-        masked_direction = np.asarray(group["vectors"][i, 0, 0])
         out = sampler.sample([int(seed)], return_trajectory=True)
         f = eps_of_h(model.unet, out.trajectory[:, t_idx], sampler.timesteps[t_idx], config.model.h_position)
         h0 = out.h[0, t_idx].float()
         unmasked = jacobian_subspace(f, h0, k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed))
         eps_mask = _mask_for_eps(masks[i], model.sample_shape)
-        row = []
-        for v, direction in enumerate([masked_direction, unmasked.vectors[0].numpy()]):
+        for v, direction in enumerate([np.asarray(group["vectors"][i, 0, 0]), unmasked.vectors[0].numpy()]):
             eps_fractions[i, v] = eps_change_inside(f, h0, torch.from_numpy(direction).float(), eps_mask)
-            unit = np.ascontiguousarray(np.broadcast_to(direction, (h.sizes["step"], *direction.shape)))
-            scale_unit = data_std_along(reference, direction)
+            units[i, v] = direction
+    # 2. the scale convention of every direction in hmine (std over all samples, ddof=1),
+    #    in one pass over h for all of them
+    scale_units = projection_std(units.reshape(-1, *units.shape[2:]), h).reshape(len(seeds), 2, -1)
+    # 3. the edits and the share of their pixel change inside the mask
+    for i, seed in enumerate(seeds):
+        row = []
+        for v in range(2):
             edited = {
-                scale: regenerate_with_delta(sampler, [int(seed)], delta_for(unit, scale_unit, scale))[0]
+                scale: regenerate_with_delta(sampler, [int(seed)], delta_for(units[i, v], scale_units[i, v], scale))[0]
                 for scale in scales
             }
             change = np.abs(edited[max(scales)] - edited[0.0]).sum(axis=0)
@@ -280,9 +285,3 @@ def eps_change_inside(f, h0: torch.Tensor, direction: torch.Tensor, mask: torch.
         change = jvp(f, (h0,), (direction.reshape(h0.shape),))[1]
     weights = torch.broadcast_to(mask[0], change.shape)
     return float((weights * change).square().sum() / change.square().sum().clamp_min(1e-30))
-
-
-def data_std_along(h: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """Per step: the standard deviation of h (sample, step, feature) projected on a unit direction."""
-    projections = h.astype(np.float64) @ direction.reshape(-1).astype(np.float64)  # (sample, step)
-    return projections.std(axis=0)
