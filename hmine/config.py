@@ -210,6 +210,15 @@ class RunConfig(_Frozen):
     jacobian: JacobianConfig = JacobianConfig()
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
+    @model_validator(mode="after")
+    def _reports_beside_the_stores(self):
+        if self.report_root.resolve() == self.output_root.resolve():
+            raise ValueError(
+                "report_root is the same folder as output_root: the report would replace the run's "
+                "stores; give report_root a folder of its own, e.g. reports"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return self.output_root / self.name

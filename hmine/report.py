@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -91,13 +92,38 @@ def jacobian_summary_table(run_dir: Path) -> str:
 
 def build_report(config: RunConfig) -> Path:
     """Write ``<report_root>/<name>/index.html`` and its images; return the page's path."""
-    import xarray as xr
-
     run_dir = config.run_dir
-    out = config.report_root / config.name
+    final = config.report_root / config.name
+    if final.exists() and not _is_report_dir(final):
+        raise ValueError(
+            f"{final} holds files that are not an hmine report (report_root/name); "
+            "set report_root to a folder of its own, e.g. reports"
+        )
+    # built beside the old report and swapped in at the end: a report that fails half-way
+    # leaves the previous one whole
+    out = final.with_name(f".{final.name}.building-{os.getpid()}")
     if out.exists():
         shutil.rmtree(out)
     (out / "img").mkdir(parents=True)
+    try:
+        _build_sections_into(config, run_dir, out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    return final / "index.html"
+
+
+def _is_report_dir(path: Path) -> bool:
+    """A folder this module wrote: an index.html and an img/ folder, nothing else."""
+    return {p.name for p in path.iterdir()} <= {"index.html", "img"}
+
+
+def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
+    import xarray as xr
+
     plt = _plt()
     sections: list[str] = []
 
@@ -243,6 +269,4 @@ img {{ max-width: 100%; height: auto; }}
 {''.join(f'<section>{s}</section>' for s in sections)}
 </body></html>
 """
-    page_path = out / "index.html"
-    page_path.write_text(page)
-    return page_path
+    (out / "index.html").write_text(page)

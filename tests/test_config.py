@@ -95,3 +95,8 @@ def test_edit_scales_are_stored_sorted_distinct_and_with_zero_so_equal_edits_has
     assert a.edit.scales == [-2.0, 0.0, 2.0] and a.jacobian.edit_scales == [-1.0, 0.0, 1.0]
     assert a.stage_hash("edit") == b.stage_hash("edit") and a.stage_hash("jacobian") == b.stage_hash("jacobian")
     assert load_config(None, ["edit.scales=[3]"]).stage_hash("edit") != a.stage_hash("edit")
+
+
+def test_reports_may_not_share_the_stores_folder():
+    with pytest.raises(ConfigError, match="report_root is the same folder as output_root"):
+        load_config(None, ["output_root=stores", "report_root=./stores"])

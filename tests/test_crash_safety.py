@@ -172,3 +172,37 @@ def test_status_of_edits_whose_effects_table_is_missing(reference, tmp_path):
     (run_dir / "edit_effects.parquet").unlink()  # killed between the edits and their table
     status = {s.stage: s for s in stage_status(run_dir)}
     assert status["edit"].state == "partial" and "effects" in status["edit"].detail
+
+
+def test_a_report_is_swapped_in_whole_and_never_replaces_other_files(reference, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import hmine.report
+    from hmine.config import RunConfig
+
+    _, ref_root = reference
+    config = RunConfig.model_validate(json.loads((ref_root / "stores" / "ref" / "config.json").read_text()))
+    reports = tmp_path / "reports"
+    shutil.copytree(ref_root / "stores" / "reports" / "ref", reports / "ref")
+    config = config.model_copy(update={"report_root": reports})
+    before = (reports / "ref" / "index.html").read_text()
+
+    def fails_half_way(config, run_dir, out):
+        (out / "index.html").write_text("half a page")
+        raise KeyError("a column the labels lack")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hmine.report, "_build_sections_into", fails_half_way)
+        with pytest.raises(KeyError):
+            hmine.report.build_report(config)
+    assert (reports / "ref" / "index.html").read_text() == before  # the old report, whole
+    assert sorted(p.name for p in reports.iterdir()) == ["ref"]  # no half-built folder left
+    page = hmine.report.build_report(config)
+    assert page == reports / "ref" / "index.html" and "Jacobian stage" in page.read_text()
+
+    # a report folder that holds something else (e.g. the run's stores) is never replaced
+    (reports / "ref" / "samples.zarr").mkdir()
+    with pytest.raises(ValueError, match="not an hmine report"):
+        hmine.report.build_report(config)
+    assert (reports / "ref" / "samples.zarr").is_dir()
