@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_stages(args, stages) -> int:
     from hmine.config import load_config
     from hmine.pipeline import check_run_dir, run_stages, write_run_config
+    from hmine.preflight import check_run_inputs
     from hmine.runtime import RunLock, exit_cleanly_on_sigterm
 
     dask = getattr(args, "dask", None)
@@ -97,6 +98,7 @@ def _run_stages(args, stages) -> int:
     config = load_config(args.config, [*args.overrides, *dask_overrides(dask)])
     if args.no_prefect and config.runner.kind == "dask" and "sample" in stages:
         logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
+    check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
     exit_cleanly_on_sigterm()
     with RunLock(config.run_dir):
         check_run_dir(config)  # before anything is written
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "train-embedded":
             return _train_embedded(args)
-    except (ConfigError, RunLocked, StoreConfigMismatch, FileNotFoundError, ValueError) as error:
+    except (ConfigError, RunLocked, StoreConfigMismatch, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 1

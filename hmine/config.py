@@ -315,14 +315,19 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         else:
             value = item.get("input")
             lines.append(f"{source}: field '{field}': {item['msg']} (got {value!r})")
-    return "\n".join(lines)
+    return "; ".join(lines)  # one line, however many fields are wrong
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. sample.n_samples=64")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not a YAML value"
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it or fix its brackets") from None
+    return key.strip().split("."), value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -342,7 +347,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or "a syntax error"
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix that line") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of settings at the top level")
     for text in overrides or []:

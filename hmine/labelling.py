@@ -72,3 +72,14 @@ def make_labeller(config):
         revision=config.clip_revision,
         batch_size=config.batch_size,
     )
+
+
+def labeller_attributes(config) -> tuple[str, ...]:
+    """The attribute names the labeller of a :class:`hmine.config.LabelConfig` scores.
+
+    Cheap: the world classifier (1.4 MB) is loaded, a CLIP model is not (its attributes
+    are the names of the configured prompt pairs).
+    """
+    if config.labeller == "world":
+        return WorldLabeller(config.classifier_path).attributes
+    return tuple(config.clip_prompts)

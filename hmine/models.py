@@ -101,6 +101,61 @@ def _hub_layout(model_id: str, revision: str | None) -> str:
         return "flat"
 
 
+def check_model_source(model_id: str) -> dict | None:
+    """Check a local or embedded model folder without loading its weights; its U-Net config.
+
+    Reads the U-Net and scheduler configs and the header of every safetensors file (which
+    safetensors checks against the file's length), so that a missing or corrupt folder is
+    refused before a run writes anything. Returns None for a hub id: those are checked
+    when they are downloaded or found in the cache.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        With a message that names ``model.id`` and the fix.
+    """
+    if model_id == EMBEDDED_MODEL_ID:
+        source = embedded_model_path()
+    else:
+        source = Path(model_id)
+        if not source.exists():
+            if model_id.startswith((".", "/")) or model_id.count("/") != 1:
+                raise FileNotFoundError(
+                    f"model.id {model_id!r} is neither an existing folder nor a hub id (owner/name); "
+                    "fix the path or use a hub id such as google/ddpm-ema-celebahq-256"
+                )
+            return None
+    layout = _local_layout(source)
+    unet_dir = source / "unet" if layout == "folders" else source
+    scheduler_config = (source / "scheduler" if layout == "folders" else source) / "scheduler_config.json"
+    try:
+        unet_config = json.loads((unet_dir / "config.json").read_text())
+        json.loads(scheduler_config.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"model.id {model_id!r}: cannot read {error.filename or 'a config file'} ({error}); "
+            "re-save the model with save_pretrained"
+        ) from error
+    weights = sorted(unet_dir.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(
+            f"model.id {model_id!r}: no safetensors weights in {unet_dir}; re-save the model with "
+            "save_pretrained(safe_serialization=True)"
+        )
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"model.id {model_id!r}: {path.name} is not a readable safetensors file ({error}); "
+                "the download or copy is corrupt - fetch or save the model again"
+            ) from error
+    return unet_config
+
+
 def load_model(
     model_id: str = EMBEDDED_MODEL_ID,
     *,

@@ -10,6 +10,7 @@ directory and says, per stage, ``complete``, ``partial`` (with counts), ``missin
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,10 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
     """Status of every stage in ``run_dir``; staleness needs the current ``config``."""
     run_dir = Path(run_dir)
     if config is None and (run_dir / "config.json").exists():
-        config = RunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+        try:
+            config = read_run_config(run_dir / "config.json")
+        except ValueError as error:  # the stores still have a state worth showing
+            logging.getLogger(__name__).warning("%s; stale stages are not detected", error)
     statuses = []
     for stage, output in STAGE_OUTPUTS.items():
         expected = config.stage_hash(stage) if config is not None else None
@@ -133,6 +137,21 @@ def check_run_dir(config: RunConfig) -> None:
                 f"{path} was written by config {found}, not {config.stage_hash('sample')}; "
                 "use another run name (name: in the config) or delete the store to start over"
             )
+
+
+def read_run_config(path: Path) -> RunConfig:
+    """The config a run directory was last run with; a one-line ConfigError if it is unreadable."""
+    from pydantic import ValidationError
+
+    from hmine.config import ConfigError
+
+    try:
+        return RunConfig.model_validate(json.loads(Path(path).read_text()))
+    except (ValidationError, json.JSONDecodeError) as error:
+        first = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+        raise ConfigError(
+            f"{path} is not a readable run config ({first}); pass the run's YAML with --config"
+        ) from None
 
 
 def write_run_config(config: RunConfig) -> Path:

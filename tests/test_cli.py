@@ -100,3 +100,70 @@ def test_dask_flag_sets_the_runner(tmp_path):
     args = build_parser().parse_args(["sample", str(tmp_path / "c.yaml"), "--no-prefect", "--dask", "local"])
     with pytest.raises(ValueError, match="drop --no-prefect"):
         _run_stages(args, ("sample",))  # main() prints it as an error, exit status 2
+
+
+def _broken_model(tiny_pixel_model_dir, tmp_path, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pixel_model_dir, model)
+    weights = next(model.glob("*.safetensors"))
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    elif damage == "no scheduler config":
+        (model / "scheduler_config.json").unlink()
+    return model
+
+
+@pytest.mark.parametrize(
+    "case, overrides, expected",
+    [
+        ("missing model folder", ["model.id=./no-such-model"], "model.id"),
+        ("truncated weights", [], "not a readable safetensors file"),
+        ("no scheduler config", [], "scheduler_config.json"),
+        ("unknown attribute", ["label.attributes=[is_smiling]"], "label.attributes"),
+        ("mask of the wrong size", ["jacobian.mask=files", "jacobian.n_samples=2"], "mask for sample 1 has shape (8, 8)"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_with_nothing_written(
+    config_file, tmp_path, tiny_pixel_model_dir, case, overrides, expected
+):
+    import numpy as np
+
+    if case in ("truncated weights", "no scheduler config"):
+        overrides = [f"model.id={_broken_model(tiny_pixel_model_dir, tmp_path, case)}"]
+    if case == "mask of the wrong size":
+        masks = tmp_path / "masks"
+        masks.mkdir()
+        np.save(masks / "0.npy", np.ones((16, 16), dtype=np.float32))
+        np.save(masks / "1.npy", np.ones((8, 8), dtype=np.float32))
+        overrides = [*overrides, f"jacobian.mask_dir={masks}"]
+    out = _run(["run", str(config_file), "--no-prefect", *[a for o in overrides for a in ("--set", o)]], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "stores").exists()
+
+
+def test_yaml_errors_and_an_unreadable_run_config_are_one_line(config_file, tmp_path):
+    out = _run(["run", str(config_file), "--no-prefect", "--set", "name=[unclosed"], tmp_path)
+    assert out.returncode == 2 and "--set 'name=[unclosed'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sample:\n  n_samples: [1, 2\n")
+    out = _run(["run", str(broken), "--no-prefect"], tmp_path)
+    assert out.returncode == 2 and "not valid YAML at line" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    two = tmp_path / "two.yaml"
+    two.write_text("sample:\n  n_samples: 0\n  batch_size: 0\n")
+    out = _run(["run", str(two), "--no-prefect"], tmp_path)
+    assert out.returncode == 2 and "sample.n_samples" in out.stderr and "sample.batch_size" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "stores").exists()
+
+    # a run directory whose config.json is unreadable still shows its stages
+    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+    run_dir = tmp_path / "stores" / "cli"
+    (run_dir / "config.json").write_text('{"sample": {"n_samples": 0')
+    status = _run(["status", str(run_dir)], tmp_path)
+    assert status.returncode == 0 and "complete" in status.stdout
+    assert "config.json is not a readable run config" in status.stderr

@@ -73,27 +73,29 @@ def load_masks(config: RunConfig, seeds: np.ndarray, images: np.ndarray) -> np.n
     if kind in ("shape", "background"):
         foreground = world.foreground_mask(images)
         return (foreground if kind == "shape" else ~foreground).astype(np.float32)
-    masks = []
-    for seed in seeds:
-        stem = Path(config.jacobian.mask_dir) / str(int(seed))
-        if stem.with_suffix(".npy").exists():
-            mask = np.load(stem.with_suffix(".npy"), allow_pickle=False)
-        elif stem.with_suffix(".png").exists():
-            from PIL import Image
+    return np.stack([read_mask_file(config.jacobian.mask_dir, seed, (height, width)) for seed in seeds])
 
-            mask = np.asarray(Image.open(stem.with_suffix(".png")).convert("L"), dtype=np.float32) / 255.0
-        else:
-            raise FileNotFoundError(
-                f"no mask for sample {int(seed)}: expected {stem}.npy or {stem}.png in jacobian.mask_dir"
-            )
-        mask = np.asarray(mask, dtype=np.float32)
-        if mask.shape != (height, width):
-            raise ValueError(
-                f"mask for sample {int(seed)} has shape {mask.shape}, but the images are "
-                f"{height}x{width}; save masks at the image size"
-            )
-        masks.append(mask)
-    return np.stack(masks)
+
+def read_mask_file(mask_dir: Path, seed: int, image_size: tuple[int, int] | None) -> np.ndarray:
+    """The user mask ``<mask_dir>/<seed>.npy`` (or ``.png``) as float32, checked against the image size."""
+    stem = Path(mask_dir) / str(int(seed))
+    if stem.with_suffix(".npy").exists():
+        mask = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+    elif stem.with_suffix(".png").exists():
+        from PIL import Image
+
+        mask = np.asarray(Image.open(stem.with_suffix(".png")).convert("L"), dtype=np.float32) / 255.0
+    else:
+        raise FileNotFoundError(
+            f"no mask for sample {int(seed)}: expected {stem}.npy or {stem}.png in jacobian.mask_dir"
+        )
+    mask = np.asarray(mask, dtype=np.float32)
+    if image_size is not None and mask.shape != tuple(image_size):
+        raise ValueError(
+            f"mask for sample {int(seed)} has shape {mask.shape}, but the images are "
+            f"{image_size[0]}x{image_size[1]}; save masks at the image size"
+        )
+    return mask
 
 
 def _content_hash(masks: np.ndarray | None) -> str:
