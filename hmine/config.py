@@ -154,7 +154,7 @@ class JacobianConfig(_Frozen):
 
     n_samples: int = Field(4, ge=0, description="the first N samples get Jacobian directions")
     k: int = Field(3, ge=1)
-    steps: list[int] | None = Field(None, description="timestep values to analyse; all if unset")
+    steps: list[int] | None = Field(None, min_length=1, description="timestep values to analyse; all if unset")
     mask: Literal["none", "shape", "background", "files"] = "none"
     mask_dir: Path | None = Field(None, description="one <seed>.npy or <seed>.png per sample, for mask: files")
     tol: float = Field(1e-3, gt=0)
@@ -357,7 +357,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = _parse_override(text)
         node = data
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or an empty section ("jacobian:" with nothing under it)
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {key} is not a section")
         node[keys[-1]] = value

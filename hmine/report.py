@@ -18,6 +18,11 @@ import pandas as pd
 
 from hmine.config import RunConfig
 from hmine.imaging import write_image_grid
+from hmine.stores import store_state, table_meta
+
+# a stage whose output is missing or not marked complete is not read: a partial store
+# holds fill values where work is missing
+NOT_DONE = "Not run (or not complete): run the stage, then the report."
 
 REPORT_STAGES = ("sample", "label", "directions", "edit", "jacobian")
 
@@ -128,6 +133,8 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
     sections: list[str] = []
 
     # -- provenance ------------------------------------------------------------------
+    if store_state(run_dir / "samples.zarr") != "complete":
+        raise FileNotFoundError(f"{run_dir / 'samples.zarr'} is not complete; run the sample stage first")
     samples = xr.open_zarr(run_dir / "samples.zarr", consolidated=False)
     log = read_run_log(run_dir)
     import hmine
@@ -160,8 +167,9 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
     # -- label -----------------------------------------------------------------------
     labels_file = run_dir / "labels.parquet"
     attributes = list(config.label.attributes)
-    if labels_file.exists():
+    if table_meta(labels_file) is not None:
         labels = pd.read_parquet(labels_file)
+        attributes = [a for a in attributes if a in labels.columns]  # as labelled, if the config changed since
         frac = labels[attributes].gt(config.directions.threshold).mean().to_frame("fraction positive")
         corr = labels[attributes].gt(config.directions.threshold).astype(float).corr()
         sections.append(
@@ -169,11 +177,11 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
             + _table(frac) + "<h3>Correlation of the binary decisions</h3>" + _table(corr)
         )
     else:
-        sections.append("<h2>Label stage</h2><p>Not run.</p>")
+        sections.append(f"<h2>Label stage</h2><p>{NOT_DONE}</p>")
 
     # -- directions ------------------------------------------------------------------
     directions_file = run_dir / "directions.zarr"
-    if directions_file.exists():
+    if store_state(directions_file) == "complete":
         from hmine.directions import open_directions
 
         directions = open_directions(directions_file)
@@ -199,12 +207,12 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
             parts.append("<h3>Linear probes: held-out accuracy per timestep</h3>" + _img("img/probe_acc.png", "probe accuracy"))
         sections.append("<h2>Direction stage</h2>" + "".join(parts))
     else:
-        sections.append("<h2>Direction stage</h2><p>Not run.</p>")
+        sections.append(f"<h2>Direction stage</h2><p>{NOT_DONE}</p>")
 
     # -- edits -----------------------------------------------------------------------
     effects_file = run_dir / "edit_effects.parquet"
     strips_dir = run_dir / "edit_strips"
-    if effects_file.exists():
+    if table_meta(effects_file) is not None:
         effects = pd.read_parquet(effects_file)
         parts = []
         matrix = attribute_change_matrix(effects, attributes)
@@ -238,11 +246,11 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
                 parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
         sections.append("<h2>Edit stage</h2>" + "".join(parts))
     else:
-        sections.append("<h2>Edit stage</h2><p>Not run.</p>")
+        sections.append(f"<h2>Edit stage</h2><p>{NOT_DONE}</p>")
 
     # -- jacobian --------------------------------------------------------------------
     jac_dir = run_dir / "jacobian_strips"
-    if (run_dir / "jacobian.zarr").exists():
+    if store_state(run_dir / "jacobian.zarr") == "complete":
         shown = []
         for src in sorted(jac_dir.glob("*.png")) if jac_dir.exists() else []:
             shutil.copy(src, out / "img" / ("jac-" + src.name))
@@ -253,7 +261,7 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
             + jacobian_summary_table(run_dir)
         )
     else:
-        sections.append("<h2>Jacobian stage</h2><p>Not run.</p>")
+        sections.append(f"<h2>Jacobian stage</h2><p>{NOT_DONE}</p>")
 
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>hmine report: {html.escape(config.name)}</title>

@@ -100,3 +100,11 @@ def test_edit_scales_are_stored_sorted_distinct_and_with_zero_so_equal_edits_has
 def test_reports_may_not_share_the_stores_folder():
     with pytest.raises(ConfigError, match="report_root is the same folder as output_root"):
         load_config(None, ["output_root=stores", "report_root=./stores"])
+
+
+def test_set_into_an_empty_section_and_an_empty_jacobian_step_list(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("jacobian:\n")
+    assert load_config(path, ["jacobian.k=2"]).jacobian.k == 2
+    with pytest.raises(ConfigError, match="jacobian.steps"):
+        load_config(None, ["jacobian.steps=[]"])

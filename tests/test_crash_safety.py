@@ -206,3 +206,28 @@ def test_a_report_is_swapped_in_whole_and_never_replaces_other_files(reference, 
     with pytest.raises(ValueError, match="not an hmine report"):
         hmine.report.build_report(config)
     assert (reports / "ref" / "samples.zarr").is_dir()
+
+
+def test_the_report_of_a_run_with_missing_or_crashed_stages(reference, tmp_path):
+    import json
+    import shutil
+
+    from hmine.config import RunConfig
+    from hmine.report import build_report
+
+    _, ref_root = reference
+    run_dir = tmp_path / "stores" / "ref"
+    shutil.copytree(ref_root / "stores" / "ref", run_dir)
+    config = RunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    config = config.model_copy(update={"output_root": tmp_path / "stores", "report_root": tmp_path / "reports"})
+    shutil.rmtree(run_dir / "jacobian.zarr")
+    (run_dir / "jacobian.zarr").mkdir()  # a crash while the store was being created
+    (run_dir / "edit_effects.parquet").unlink()
+    text = build_report(config).read_text()
+    assert text.count("Not run (or not complete)") == 2 and "Label stage" in text
+    # no samples: nothing to report on, said in one line, and no report folder left
+    shutil.rmtree(run_dir / "samples.zarr")
+    shutil.rmtree(tmp_path / "reports")
+    with pytest.raises(FileNotFoundError, match="run the sample stage first"):
+        build_report(config)
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == []
