@@ -38,6 +38,8 @@ class StageStatus:
 
 
 def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:
+    from hmine.stages.edit import effects_measured_from
+
     state = store_state(path)
     if state in ("missing", "debris"):
         return StageStatus(stage, "missing", str(path.name) if state == "missing" else "crashed during creation")
@@ -54,7 +56,7 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     if damaged:
         done = int(group["done"][...].sum())
         return StageStatus(stage, "damaged", f"{damaged}/{done} done entries lost chunks; rerun to redo them")
-    if state == "complete" and stage == "edit" and not _effects_measured_from(group, path):
+    if state == "complete" and stage == "edit" and not effects_measured_from(path):
         return StageStatus(stage, "partial", "edits done, effects table not measured from them; rerun")
     if state == "complete":
         return StageStatus(stage, "complete", f"{path.name}")
@@ -92,16 +94,6 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
         else:
             statuses.append(_zarr_status(stage, run_dir / output, expected))
     return statuses
-
-
-def _effects_measured_from(edits_group, edits_path: Path) -> bool:
-    """Whether edit_effects.parquet was measured from this very edit store (as the stage checks)."""
-    from hmine.stores import table_meta
-
-    meta = table_meta(edits_path.with_name("edit_effects.parquet")) or {}
-    return meta.get(CONFIG_HASH) == edits_group.attrs.get(CONFIG_HASH) and meta.get(
-        "hmine:edits_uuid"
-    ) == store_uuid(edits_path)
 
 
 def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:

@@ -20,6 +20,17 @@ def _config(model_dir, root, *extra):
     )
 
 
+def _left_half_masks(tmp_path):
+    """A mask folder for samples 0 and 1: the left half of the 16x16 image; (folder, mask)."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    left = np.zeros((16, 16), dtype=np.float32)
+    left[:, :8] = 1
+    for seed in range(2):
+        np.save(masks / f"{seed}.npy", left)
+    return masks, left
+
+
 def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
     config = _config(tiny_pixel_model_dir, tmp_path)
     run_sample_stage(config, show_progress=False)
@@ -84,12 +95,7 @@ def test_an_empty_mask_gives_a_complete_intact_store(tiny_pixel_model_dir, tmp_p
 
 
 def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model_dir, tmp_path):
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    left = np.zeros((16, 16), dtype=np.float32)
-    left[:, :8] = 1
-    for seed in range(2):
-        np.save(masks / f"{seed}.npy", left)
+    masks, left = _left_half_masks(tmp_path)
     plain = _config(tiny_pixel_model_dir, tmp_path / "a")
     masked = _config(tiny_pixel_model_dir, tmp_path / "b", "jacobian.mask=files", f"jacobian.mask_dir={masks}")
     for config in (plain, masked):
@@ -136,12 +142,7 @@ def test_a_partial_samples_store_or_too_few_samples_is_refused_before_anything_i
 def test_the_flow_cache_key_follows_the_mask_files_and_the_samples_store(tiny_pixel_model_dir, tmp_path):
     from flows.stages import _stage_key
 
-    masks = tmp_path / "masks"
-    masks.mkdir()
-    left = np.zeros((16, 16), dtype=np.float32)
-    left[:, :8] = 1
-    for seed in range(2):
-        np.save(masks / f"{seed}.npy", left)
+    masks, left = _left_half_masks(tmp_path)
     config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}")
     run_sample_stage(config, show_progress=False)
     run_jacobian_stage(config, show_progress=False)

@@ -69,6 +69,17 @@ def edits_intact(config: RunConfig) -> bool:
     return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
 
 
+def effects_measured_from(edits_path: Path) -> bool:
+    """Whether ``edit_effects.parquet`` was measured from this very edit store.
+
+    The table is written after the store is marked complete: a run killed in between
+    leaves a table of the previous edits, which must not pass for these.
+    """
+    meta = table_meta(Path(edits_path).with_name(EFFECTS_TABLE)) or {}
+    attrs = open_group(edits_path).attrs
+    return meta.get(CONFIG_HASH) == attrs.get(CONFIG_HASH) and meta.get("hmine:edits_uuid") == attrs.get(STORE_UUID)
+
+
 def strip_filename(direction: str) -> str:
     """A file name for a direction name such as ``conditional/probe/is_circle|is_red``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", direction) + ".png"
@@ -129,13 +140,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
     attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {DIRECTIONS_UUID: directions_uuid})
     if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
-        # the effects table is written after the store is marked complete: a run killed in
-        # between leaves a table of the previous edits, which must not pass for these
-        effects_meta = table_meta(run_dir / EFFECTS_TABLE) or {}
-        measured_here = effects_meta.get("hmine:config_hash") == config_hash and effects_meta.get(
-            "hmine:edits_uuid"
-        ) == open_group(path).attrs.get(STORE_UUID)
-        if measured_here and edits_intact(config):
+        if effects_measured_from(path) and edits_intact(config):
             logger.info("edit stage: %s is up to date", path)
             return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     sampler = make_sampler(config, model)
