@@ -12,6 +12,7 @@ from hmine.jacobian import (
     exact_jacobian_svd,
     h_at,
     jacobian_subspace,
+    localised_directions,
     principal_angles_degrees,
     sequential_power_iteration,
     use_math_attention,
@@ -126,6 +127,62 @@ def test_the_mask_changes_the_top_direction(unet, x_t):
     # ... and masking half of the image turns the top direction well away from it
     assert principal_angles_degrees(left.vectors, full.vectors)[0] > 20.0
     assert left.singular_values[0] < full.singular_values[0]  # masking only removes rows
+
+
+def _exact_localised(f, h0, mask, rank, k):
+    """Reference: materialise J, take its exact top-rank right singular vectors V, solve
+    Bᵀ M² B w = μ Bᵀ B w (B = J Vᵀ) with scipy, and return (shares, unit vectors)."""
+    from scipy.linalg import eigh
+
+    jacobian = torch.func.jacrev(f)(h0).reshape(-1, h0.numel()).double()
+    basis = torch.linalg.svd(jacobian, full_matrices=False)[2][:rank]
+    images = jacobian @ basis.T
+    weights = torch.broadcast_to(mask[0], f(h0).shape).reshape(-1, 1).square()
+    shares, coords = eigh((images.T @ (weights * images)).numpy(), (images.T @ images).numpy())
+    vectors = torch.from_numpy(coords[:, ::-1][:, :k].copy()).T @ basis
+    return jacobian, torch.from_numpy(shares[::-1][:k].copy()), vectors / vectors.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("rank, k", [(6, 1), (12, 3)])
+def test_localised_directions_match_the_exact_generalised_eigenproblem(unet, x_t, rank, k):
+    f, h0 = _problem(unet, x_t, "after", None)
+    mask = _mask("left")
+    jacobian, shares, vectors = _exact_localised(f, h0, mask, rank, k)
+    result = localised_directions(f, h0, mask, k=k, rank=rank, tol=1e-9, max_iter=300)
+
+    assert result.vectors.shape == (k, *h0.shape) and result.shares.shape == (k,)
+    assert _vector_angles(result.vectors, vectors).max() < 1.0
+    torch.testing.assert_close(result.shares, shares, rtol=1e-6, atol=1e-9)
+    # the shares and responses are what they claim: measured on the exact J
+    changes = result.vectors.reshape(k, -1) @ jacobian.T
+    inside = (torch.broadcast_to(mask[0], f(h0).shape).reshape(1, -1) * changes).square().sum(1)
+    torch.testing.assert_close(inside / changes.square().sum(1), result.shares, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(changes.norm(dim=1), result.responses, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(result.vectors.flatten(1).norm(dim=1), torch.ones(k, dtype=torch.float64))
+
+
+def test_localised_directions_beat_the_masked_and_unmasked_singular_vectors(unet, x_t):
+    f, h0 = _problem(unet, x_t, "after", None)
+    f_left, _ = _problem(unet, x_t, "after", "left")
+    mask = _mask("left")
+    jacobian = torch.func.jacrev(f)(h0).reshape(-1, h0.numel()).double()
+    weights = torch.broadcast_to(mask[0], f(h0).shape).reshape(-1)
+
+    def share(vectors):
+        changes = vectors.reshape(len(vectors), -1) @ jacobian.T
+        return ((weights * changes).square().sum(1) / changes.square().sum(1)).numpy()
+
+    result = localised_directions(f, h0, mask, k=1, rank=16, tol=1e-9, max_iter=300)
+    unmasked = exact_jacobian_svd(f, h0, k=16)
+    masked = exact_jacobian_svd(f_left, h0, k=1)
+    # the top share is the maximum over the search space: no singular vector in it does better
+    assert result.shares[0].item() >= share(unmasked.vectors).max() - 1e-9
+    assert result.shares[0].item() > share(masked.vectors)[0] + 0.05
+    # a mask of ones: every direction is fully inside
+    ones = localised_directions(f, h0, _mask("ones"), k=2, rank=4, tol=1e-9, max_iter=300)
+    torch.testing.assert_close(ones.shares, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="localised_rank"):
+        localised_directions(f, h0, mask, k=5, rank=4)
 
 
 def test_products_are_counted_per_column(unet, x_t):
