@@ -160,6 +160,17 @@ class JacobianConfig(_Frozen):
     tol: float = Field(1e-3, gt=0)
     max_iter: int = Field(50, ge=1)
     edit_scales: list[float] = [-1.0, 0.0, 1.0]
+    localised_rank: int = Field(
+        16,
+        ge=0,
+        description="with a mask, also find k region-localised directions (largest share of the change of eps "
+        "inside the mask) in the top-N right singular subspace of the unmasked Jacobian; 0 skips them",
+    )
+    edit_window: Literal["all_steps", "analysed_step"] = Field(
+        "all_steps",
+        description="the diagnostic edits apply the first analysed step's direction at every step "
+        "('global at t') or only at that step",
+    )
 
     @field_validator("edit_scales")
     @classmethod
@@ -170,6 +181,11 @@ class JacobianConfig(_Frozen):
     def _files_need_a_folder(self):
         if self.mask == "files" and self.mask_dir is None:
             raise ValueError("jacobian.mask is 'files' but jacobian.mask_dir is not set")
+        if 0 < self.localised_rank < self.k:
+            raise ValueError(
+                f"jacobian.localised_rank ({self.localised_rank}) is below jacobian.k ({self.k}); "
+                "raise it, or set it to 0 to skip localised directions"
+            )
         return self
 
 

@@ -78,9 +78,11 @@ def jacobian_summary(run_dir: Path) -> pd.DataFrame:
     measured = all(name in jac for name in ("inside_mask_fraction", "inside_mask_eps_fraction"))
     if measured and np.isfinite(jac["inside_mask_fraction"].values).all():
         frame["mask area"] = jac["mask"].values.mean(axis=(1, 2))
-        for v, variant in enumerate(("masked", "unmasked")):
+        # stores written before the localised variant hold two unnamed variants
+        variants = [str(v) for v in jac["variant"].values] if "variant" in jac.coords else ["masked", "unmasked"]
+        for v, variant in enumerate(variants):
             frame[f"eps change inside, {variant}"] = jac["inside_mask_eps_fraction"].values[:, v]
-        for v, variant in enumerate(("masked", "unmasked")):
+        for v, variant in enumerate(variants):
             frame[f"pixel change inside, {variant}"] = jac["inside_mask_fraction"].values[:, v]
     return frame
 
@@ -91,7 +93,9 @@ def jacobian_summary_table(run_dir: Path) -> str:
         "<p>Top singular values of d eps / d h at the first analysed step and, with a mask, the share "
         "inside the mask of the top direction's change of eps at that step (|M J v|&sup2; / |J v|&sup2;, "
         "what the masked objective controls) and of the edit's pixel change in the final image, for "
-        "the masked and the unmasked top direction.</p>" + _table(frame)
+        "the top direction of the masked Jacobian, of the unmasked one and, where computed, the top "
+        "localised direction (the largest share of the change of eps inside the mask, within the top "
+        "singular subspace of the unmasked Jacobian).</p>" + _table(frame)
     )
 
 
@@ -256,8 +260,10 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
             shutil.copy(src, out / "img" / ("jac-" + src.name))
             shown.append(f"<figure>{_img('img/jac-' + src.name, src.stem, 260)}<figcaption>{html.escape(src.stem)}</figcaption></figure>")
         sections.append(
-            f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>. Each strip: mask, then the "
-            "top direction's edit at the configured scales.</p><div class='row'>" + "".join(shown) + "</div>"
+            f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>; edits applied at "
+            f"<code>{config.jacobian.edit_window}</code>. Each strip: mask, then the edit at the configured "
+            "scales along the masked Jacobian's top direction and, in a second row where computed, along the "
+            "top localised direction.</p><div class='row'>" + "".join(shown) + "</div>"
             + jacobian_summary_table(run_dir)
         )
     else:

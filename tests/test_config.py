@@ -108,3 +108,11 @@ def test_set_into_an_empty_section_and_an_empty_jacobian_step_list(tmp_path):
     assert load_config(path, ["jacobian.k=2"]).jacobian.k == 2
     with pytest.raises(ConfigError, match="jacobian.steps"):
         load_config(None, ["jacobian.steps=[]"])
+
+
+def test_localised_rank_must_cover_k_or_be_zero():
+    with pytest.raises(ConfigError, match=r"jacobian.localised_rank \(2\) is below jacobian.k \(3\)"):
+        load_config(None, ["jacobian.k=3", "jacobian.localised_rank=2"])
+    assert load_config(None, ["jacobian.k=3", "jacobian.localised_rank=0"]).jacobian.localised_rank == 0
+    with pytest.raises(ConfigError, match="jacobian.edit_window"):
+        load_config(None, ["jacobian.edit_window=first_step"])

@@ -109,12 +109,22 @@ def test_masks_from_files_change_the_directions_and_are_checked(tiny_pixel_model
     frac = b["inside_mask_fraction"][...]
     assert np.isfinite(frac).all() and (frac >= 0).all() and (frac <= 1).all()
     # the masked objective puts more of eps's first-order change inside the mask than
-    # the unmasked top direction does (variant 0: masked, 1: unmasked)
+    # the unmasked top direction does, and the localised direction more than either
+    assert list(b["variant"][...]) == ["masked", "unmasked", "localised"]
     eps_frac = b["inside_mask_eps_fraction"][...]
     assert np.isfinite(eps_frac).all() and (eps_frac <= 1).all()
     assert (eps_frac[:, 0] > eps_frac[:, 1]).all()
+    assert (eps_frac[:, 2] > eps_frac[:, 0]).all()
+    # the stored localised share is the share measured on the edit's own direction
+    np.testing.assert_allclose(b["localised_shares"][:, 0, 0], eps_frac[:, 2], rtol=1e-4)
+    shares = b["localised_shares"][...]
+    assert (shares[..., 0] >= shares[..., 1]).all() and (b["localised_responses"][...] > 0).all()
+    norms = np.sqrt((b["localised_vectors"][...].reshape(2, 1, 2, -1) ** 2).sum(-1))
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    assert "localised_vectors" not in a  # no mask, nothing to localise to
     summary = jacobian_summary(masked.run_dir)  # the report's table
     np.testing.assert_allclose(summary["eps change inside, masked"], eps_frac[:, 0])
+    np.testing.assert_allclose(summary["pixel change inside, localised"], frac[:, 2])
     assert "pixel change inside, unmasked" in summary and "mask area" not in jacobian_summary(plain.run_dir)
     assert len(list((masked.run_dir / "jacobian_strips").glob("*.png"))) == 2
 
@@ -181,3 +191,34 @@ def test_jacobian_edits_use_the_scale_convention_of_every_direction(tiny_pixel_m
     h = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)["h"].values.astype(np.float64)
     projections = h.reshape(*h.shape[:2], -1) @ stored.reshape(-1).astype(np.float64)  # (sample, step)
     np.testing.assert_allclose(scale_units[0], projections.std(axis=0, ddof=1), rtol=1e-6)  # all samples, ddof=1
+
+
+def test_the_analysed_step_edit_window_edits_that_step_only(tiny_pixel_model_dir, tmp_path):
+    """With jacobian.edit_window=analysed_step, the stored pixel share is that of an edit
+    applied at the analysed step alone, recomputed here by hand with the sampler."""
+    from hmine.directions import projection_std
+    from hmine.editing import delta_for, regenerate_with_delta
+    from hmine.stages.sample import make_sampler
+
+    masks, left = _left_half_masks(tmp_path)
+    config = _config(
+        tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}",
+        "jacobian.edit_window=analysed_step", "jacobian.localised_rank=0",
+    )
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    group = open_group(config.run_dir / "jacobian.zarr")
+    assert list(group["variant"][...]) == ["masked", "unmasked"] and "localised_vectors" not in group
+    h = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)["h"]
+    unit = np.broadcast_to(group["vectors"][0, 0, 0], (h.sizes["step"], *h.shape[2:])).astype(np.float32)
+    scale_unit = projection_std(unit[None], h)[0]
+    sampler = make_sampler(config)
+
+    def image(scale, **window):
+        return regenerate_with_delta(sampler, [0], delta_for(unit, scale_unit, scale), **window)[0]
+
+    at_step = np.abs(image(1.0, t_edit=333, t_edit_max=333) - image(0.0)).sum(axis=0)
+    everywhere = np.abs(image(1.0) - image(0.0)).sum(axis=0)
+    expected = (at_step * left).sum() / at_step.sum()
+    assert abs(group["inside_mask_fraction"][0, 0] - expected) < 1e-4
+    assert abs((everywhere * left).sum() / everywhere.sum() - expected) > 1e-3  # the window matters

@@ -12,19 +12,30 @@ Layout (``xr.open_zarr(run_dir / "jacobian.zarr", consolidated=False)``):
 store is keyed by the stage's config hash, which covers k, the tolerance, the steps and
 the model, plus the content hash of the masks.
 
-With a mask, the stage also edits each sample along its top direction of the first
-analysed step, used at every step ("global at t", scaled in standard deviations of the
-data along it, as every direction in hmine), writes strips (mask, then the edits) to
-``jacobian_strips/`` and records, for the masked direction and for the unmasked top
-direction of the same step (``variant`` 0 and 1):
+With a mask and ``jacobian.localised_rank`` > 0, it also stores k region-localised
+directions per (sample, step) (:func:`hmine.jacobian.localised_directions`): those whose
+first-order change of eps has the largest share inside the mask, searched in the top
+``localised_rank`` right singular subspace of the unmasked J:
+``localised_vectors`` (sample, step, k, channel, y, x), ``localised_shares``
+(sample, step, k), the share ‖M ⊙ J v‖² / ‖J v‖², and ``localised_responses``
+(sample, step, k), ‖J v‖ (d eps, as the singular values).
+
+With a mask, the stage then edits each sample along the top direction of each
+``variant`` (``masked``: the top singular vector of M ⊙ J, the stored ``vectors``;
+``unmasked``: that of J; ``localised``: the top localised one) of the first analysed
+step, scaled in standard deviations of the data along it as every direction in hmine,
+and applied at every step ("global at t") or only at the analysed step
+(``jacobian.edit_window``). It writes strips (mask, then the masked direction's edits
+and, with localised directions, a second row for the localised one's) to
+``jacobian_strips/`` and records:
 
 ``inside_mask_fraction`` (sample, variant)
     the share of the edit's absolute pixel change in the final image that falls inside
-    the mask;
+    the mask, at the largest scale;
 ``inside_mask_eps_fraction`` (sample, variant)
     the share of ‖J v‖², the first-order change of eps at the analysed step, that falls
-    inside the mask: what the masked objective ‖M ⊙ J v‖ controls. The first can be much
-    lower than the second, because the later denoising steps spread a local change of eps.
+    inside the mask. The first can be much lower than the second, because the later
+    denoising steps spread a local change of eps.
 """
 
 from __future__ import annotations
@@ -140,7 +151,7 @@ def jacobian_intact(config: RunConfig) -> bool:
 
 def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Compute Jacobian directions for the first ``jacobian.n_samples`` samples."""
-    from hmine.jacobian import eps_of_h, jacobian_subspace, use_math_attention
+    from hmine.jacobian import eps_of_h, jacobian_subspace, localised_directions, use_math_attention
 
     started = time.perf_counter()
     jac = config.jacobian
@@ -174,6 +185,9 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     h_shape = tuple(samples["h"].shape[2:])
     n, s, k = len(seeds), len(steps), jac.k
     height, width = images.shape[-2:]
+    localised = masks is not None and jac.localised_rank > 0
+    variants = [] if masks is None else ["masked", "unmasked"] + (["localised"] if localised else [])
+    n_variants = max(len(variants), 1)
     arrays = [
         ArraySpec("singular_values", (n, s, k), (1, 1, k), "float32", ("sample", "step", "k"), None, None, False),
         ArraySpec("vectors", (n, s, k, *h_shape), (1, 1, k, *h_shape), "float32", ("sample", "step", "k", "channel", "y", "x")),
@@ -181,12 +195,21 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         ArraySpec("iterations", (n, s), (1, 1), "int32", ("sample", "step"), None, None, False),
         ArraySpec("done", (n, s), (1, 1), "bool", ("sample", "step"), None, False, False),
         ArraySpec("mask", (n, height, width), (n, height, width), "float32", ("sample", "height", "width"), None, 1.0, False),
-        ArraySpec("inside_mask_fraction", (n, 2), (n, 2), "float32", ("sample", "variant"), None, float("nan"), False),
-        ArraySpec("inside_mask_eps_fraction", (n, 2), (n, 2), "float32", ("sample", "variant"), None, float("nan"), False),
+        ArraySpec("inside_mask_fraction", (n, n_variants), (n, n_variants), "float32", ("sample", "variant"), None, float("nan"), False),
+        ArraySpec("inside_mask_eps_fraction", (n, n_variants), (n, n_variants), "float32", ("sample", "variant"), None, float("nan"), False),
         ArraySpec("sample", (n,), (n,), "int64", ("sample",), None, None, False),
         ArraySpec("step", (s,), (s,), "int64", ("step",), None, None, False),
     ]
     coords = {"sample": seeds, "step": np.asarray(steps, dtype=np.int64)}
+    if variants:
+        arrays.append(ArraySpec("variant", (n_variants,), (n_variants,), "str", ("variant",), None, "", False))
+        coords["variant"] = np.array(variants, dtype=object)
+    if localised:
+        arrays += [
+            ArraySpec("localised_vectors", (n, s, k, *h_shape), (1, 1, k, *h_shape), "float32", ("sample", "step", "k", "channel", "y", "x")),
+            ArraySpec("localised_shares", (n, s, k), (1, 1, k), "float32", ("sample", "step", "k"), None, None, False),
+            ArraySpec("localised_responses", (n, s, k), (1, 1, k), "float32", ("sample", "step", "k"), None, None, False),
+        ]
     if masks is not None:
         coords["mask"] = masks
     attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
@@ -217,18 +240,27 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         group["singular_values"][i, j] = scale * result.singular_values.float().numpy()
         group["residuals"][i, j] = result.residuals.float().numpy()
         group["iterations"][i, j] = result.iterations
+        if localised:
+            unmasked_f = eps_of_h(model.unet, x_t, sampler.timesteps[t_idx], config.model.h_position)
+            local = localised_directions(
+                unmasked_f, out.h[0, t_idx].float(), mask, k=k, rank=jac.localised_rank,
+                tol=jac.tol, max_iter=jac.max_iter, seed=int(seeds[i]),
+            )
+            group["localised_vectors"][i, j] = local.vectors.float().numpy()
+            group["localised_shares"][i, j] = local.shares.float().numpy()
+            group["localised_responses"][i, j] = scale * local.responses.float().numpy()
         group["done"][i, j] = True  # data first, the mark second
 
     if masks is not None and n:
-        _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks)
+        _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks, variants)
     mark_complete(group)
     seconds = time.perf_counter() - started
     logger.info("jacobian stage: %d (sample, step) pairs in %.1f s", len(todo), seconds)
     return StageResult(path, n * s, len(todo), n * s - len(todo), len(damaged), seconds)
 
 
-def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks) -> None:
-    """Strips and inside-mask fractions for the top direction of the first analysed step."""
+def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks, variants) -> None:
+    """Strips and inside-mask fractions for the top direction of each variant at the first analysed step."""
     import xarray as xr
 
     from hmine.directions import projection_std
@@ -240,38 +272,49 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
     t_idx = step_index[steps[0]]
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
-    fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
-    eps_fractions = np.full((len(seeds), 2), np.nan, dtype=np.float32)
+    n_variants = len(variants)
+    fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
+    eps_fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
     scales = sorted(set(jac.edit_scales) | {0.0})
-    # 1. per sample, the masked top direction (stored) and the unmasked one, as unit vectors
-    #    used at every step ("global at t"), and their eps shares at the analysed step
-    units = np.zeros((len(seeds), 2, h.sizes["step"], *h.shape[2:]), dtype=np.float32)
+    # the analysed step only, or every step ("global at t": the same vector at each)
+    window = {"t_edit": steps[0], "t_edit_max": steps[0]} if jac.edit_window == "analysed_step" else {}
+    # 1. per sample, the top direction of each variant as a unit vector used at every
+    #    step (only the window's steps are edited), and its eps share at the analysed step
+    units = np.zeros((len(seeds), n_variants, h.sizes["step"], *h.shape[2:]), dtype=np.float32)
     for i, seed in enumerate(seeds):
         out = sampler.sample([int(seed)], return_trajectory=True)
         f = eps_of_h(model.unet, out.trajectory[:, t_idx], sampler.timesteps[t_idx], config.model.h_position)
         h0 = out.h[0, t_idx].float()
-        unmasked = jacobian_subspace(f, h0, k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed))
+        top = {
+            "masked": np.asarray(group["vectors"][i, 0, 0]),
+            "unmasked": jacobian_subspace(f, h0, k=1, tol=jac.tol, max_iter=jac.max_iter, seed=int(seed)).vectors[0].numpy(),
+        }
+        if "localised" in variants:
+            top["localised"] = np.asarray(group["localised_vectors"][i, 0, 0])
         eps_mask = _mask_for_eps(masks[i], model.sample_shape)
-        for v, direction in enumerate([np.asarray(group["vectors"][i, 0, 0]), unmasked.vectors[0].numpy()]):
-            eps_fractions[i, v] = eps_change_inside(f, h0, torch.from_numpy(direction).float(), eps_mask)
-            units[i, v] = direction
+        for v, variant in enumerate(variants):
+            eps_fractions[i, v] = eps_change_inside(f, h0, torch.from_numpy(top[variant]).float(), eps_mask)
+            units[i, v] = top[variant]
     # 2. the scale convention of every direction in hmine (std over all samples, ddof=1),
     #    in one pass over h for all of them
-    scale_units = projection_std(units.reshape(-1, *units.shape[2:]), h).reshape(len(seeds), 2, -1)
+    scale_units = projection_std(units.reshape(-1, *units.shape[2:]), h).reshape(len(seeds), n_variants, -1)
     # 3. the edits and the share of their pixel change inside the mask
+    shown = [v for v, variant in enumerate(variants) if variant in ("masked", "localised")]
     for i, seed in enumerate(seeds):
-        row = []
-        for v in range(2):
+        mask_tile = masks[i][None].repeat(3, axis=0) * 2 - 1
+        rows = []
+        for v in range(n_variants):
             edited = {
-                scale: regenerate_with_delta(sampler, [int(seed)], delta_for(units[i, v], scale_units[i, v], scale))[0]
+                scale: regenerate_with_delta(
+                    sampler, [int(seed)], delta_for(units[i, v], scale_units[i, v], scale), **window
+                )[0]
                 for scale in scales
             }
             change = np.abs(edited[max(scales)] - edited[0.0]).sum(axis=0)
             fractions[i, v] = float((change * masks[i]).sum() / max(change.sum(), 1e-12))
-            if v == 0:
-                mask_tile = masks[i][None].repeat(3, axis=0) * 2 - 1
-                row = [mask_tile] + [edited[s] for s in scales]
-        write_strip(np.stack(row)[None], strips / f"sample-{int(seed)}-t{steps[0]}.png", upscale=3)
+            if v in shown:
+                rows.append([mask_tile] + [edited[s] for s in scales])
+        write_strip(np.stack(rows), strips / f"sample-{int(seed)}-t{steps[0]}.png", upscale=3)
     group["inside_mask_fraction"][...] = fractions
     group["inside_mask_eps_fraction"][...] = eps_fractions
 
