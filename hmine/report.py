@@ -18,7 +18,7 @@ import pandas as pd
 
 from hmine.config import RunConfig
 from hmine.imaging import write_image_grid
-from hmine.stores import store_state, table_meta
+from hmine.stores import open_group, store_state, table_meta
 
 # a stage whose output is missing or not marked complete is not read: a partial store
 # holds fill values where work is missing
@@ -65,6 +65,29 @@ def attribute_change_matrix(effects: pd.DataFrame, attributes: list[str], scale:
     return matrix.reindex(columns=[a for a in attributes if a in matrix.columns])
 
 
+def best_flip_rates(effects: pd.DataFrame) -> pd.DataFrame:
+    """Per supervised direction, how often it flips the decision on its own attribute.
+
+    The attribute of a direction is the first one in its name (``probe/is_red``,
+    ``conditional/mean_difference/is_circle|is_red`` → is_red, is_circle). At a negative
+    scale the rate is ``flip_to_negative`` (positive samples that turn negative), at a
+    positive one ``flip_to_positive``. Rows: directions; columns: the attribute, the best
+    rate over the scales, the scale that gave it, and the rate at every scale.
+    """
+    rows = {}
+    for name, group in effects[effects["scale"] != 0].groupby("direction", sort=True):
+        attribute = name.split("/")[-1].split("|")[0]
+        own = group[group["attribute"] == attribute]
+        if own.empty or own[["flip_to_positive", "flip_to_negative"]].isna().all().all():
+            continue  # PCA directions, or a continuous attribute: no decision to flip
+        rates = pd.Series(
+            np.where(own["scale"] > 0, own["flip_to_positive"], own["flip_to_negative"]), index=own["scale"].values
+        ).sort_index()
+        rows[name] = {"attribute": attribute, "best flip rate": rates.max(), "at scale": rates.idxmax(),
+                      **{f"{scale:+g}": rate for scale, rate in rates.items()}}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("direction")
+
+
 def jacobian_summary(run_dir: Path) -> pd.DataFrame:
     """Per analysed sample: top singular values and, with a mask, how local each top direction is."""
     import xarray as xr
@@ -85,6 +108,17 @@ def jacobian_summary(run_dir: Path) -> pd.DataFrame:
         for v, variant in enumerate(variants):
             frame[f"pixel change inside, {variant}"] = jac["inside_mask_fraction"].values[:, v]
     return frame
+
+
+def jacobian_strip_paths(run_dir: Path) -> list[Path]:
+    """The strips of the samples and first step in ``jacobian.zarr`` that exist (never left-overs
+    of an earlier config, which may analyse other samples or steps)."""
+    from hmine.stages.jacobian import STRIPS_DIR, strip_filename
+
+    group = open_group(Path(run_dir) / "jacobian.zarr")
+    step = int(group["step"][0])
+    paths = [Path(run_dir) / STRIPS_DIR / strip_filename(int(seed), step) for seed in group["sample"][...]]
+    return [path for path in paths if path.exists()]
 
 
 def jacobian_summary_table(run_dir: Path) -> str:
@@ -235,6 +269,15 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
                 "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
                 + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
             )
+        flips = best_flip_rates(effects)
+        if len(flips):
+            step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"
+            parts.append(
+                "<h3>Decision flips</h3><p>For each supervised direction, the share of edited samples on the "
+                "far side of its own attribute whose decision (score &gt; threshold) flips: at negative scales "
+                f"positive samples turning negative, at positive scales the reverse. Edits use {step_rule}.</p>"
+                + _table(flips, "{:.2f}")
+            )
         for attribute in attributes:
             shown = []
             for name in sorted(effects["direction"].unique()):
@@ -256,7 +299,7 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
     jac_dir = run_dir / "jacobian_strips"
     if store_state(run_dir / "jacobian.zarr") == "complete":
         shown = []
-        for src in sorted(jac_dir.glob("*.png")) if jac_dir.exists() else []:
+        for src in jacobian_strip_paths(run_dir):
             shutil.copy(src, out / "img" / ("jac-" + src.name))
             shown.append(f"<figure>{_img('img/jac-' + src.name, src.stem, 260)}<figcaption>{html.escape(src.stem)}</figcaption></figure>")
         sections.append(

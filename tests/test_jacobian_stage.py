@@ -222,3 +222,20 @@ def test_the_analysed_step_edit_window_edits_that_step_only(tiny_pixel_model_dir
     expected = (at_step * left).sum() / at_step.sum()
     assert abs(group["inside_mask_fraction"][0, 0] - expected) < 1e-4
     assert abs((everywhere * left).sum() / everywhere.sum() - expected) > 1e-3  # the window matters
+
+
+def test_strips_of_an_earlier_config_are_removed_and_never_reported(tiny_pixel_model_dir, tmp_path):
+    from hmine.report import jacobian_strip_paths
+
+    first = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
+    run_sample_stage(first, show_progress=False)
+    run_jacobian_stage(first, show_progress=False)
+    strips = first.run_dir / "jacobian_strips"
+    assert sorted(p.name for p in strips.glob("*.png")) == ["sample-0-t333.png", "sample-1-t333.png"]
+    # another step and fewer samples: the old strips would show samples the store no longer holds
+    second = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape", "jacobian.steps=[666]", "jacobian.n_samples=1")
+    run_jacobian_stage(second, show_progress=False)
+    assert sorted(p.name for p in strips.glob("*.png")) == ["sample-0-t666.png"]
+    assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]
+    (strips / "sample-1-t333.png").write_bytes(b"a left-over")  # e.g. from an older hmine
+    assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]

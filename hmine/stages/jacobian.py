@@ -259,6 +259,10 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     return StageResult(path, n * s, len(todo), n * s - len(todo), len(damaged), seconds)
 
 
+def strip_filename(seed: int, step: int) -> str:
+    return f"sample-{int(seed)}-t{int(step)}.png"
+
+
 def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_index, masks, variants) -> None:
     """Strips and inside-mask fractions for the top direction of each variant at the first analysed step."""
     import xarray as xr
@@ -272,6 +276,8 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
     t_idx = step_index[steps[0]]
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
+    for old in strips.glob("sample-*-t*.png"):  # strips of an earlier config's samples or steps
+        old.unlink()
     n_variants = len(variants)
     fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
     eps_fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
@@ -314,7 +320,7 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
             fractions[i, v] = float((change * masks[i]).sum() / max(change.sum(), 1e-12))
             if v in shown:
                 rows.append([mask_tile] + [edited[s] for s in scales])
-        write_strip(np.stack(rows), strips / f"sample-{int(seed)}-t{steps[0]}.png", upscale=3)
+        write_strip(np.stack(rows), strips / strip_filename(int(seed), steps[0]), upscale=3)
     group["inside_mask_fraction"][...] = fractions
     group["inside_mask_eps_fraction"][...] = eps_fractions
 
