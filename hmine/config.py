@@ -161,7 +161,7 @@ class JacobianConfig(_Frozen):
     max_iter: int = Field(50, ge=1)
     edit_scales: list[float] = [-1.0, 0.0, 1.0]
     localised_rank: int = Field(
-        16,
+        32,
         ge=0,
         description="with a mask, also find k region-localised directions (largest share of the change of eps "
         "inside the mask) in the top-N right singular subspace of the unmasked Jacobian; 0 skips them",

@@ -603,7 +603,7 @@ def localised_directions(
     mask: torch.Tensor,
     k: int = 1,
     *,
-    rank: int = 16,
+    rank: int = 32,
     tol: float = 1e-2,
     max_iter: int = 100,
     seed: int = 0,
@@ -631,9 +631,13 @@ def localised_directions(
         Pixel weights in [0, 1]; 1 marks the region.
     k : int, default=1
         Number of directions, at most ``rank``.
-    rank : int, default=16
+    rank : int, default=32
         Size of the search space. Larger finds more localised directions that
-        eps responds to less.
+        eps responds to less. Measured on the demo's first 8 samples at t = 100 (shape
+        mask, 0.06–0.21 of the image): mean share of ‖J v‖² inside the mask 0.70 with
+        rank 8, 0.90 with 16, 0.95 with 32, against 0.64 for the masked top singular
+        vector; the share of the final image's pixel change inside the mask (the edit at
+        15 std applied at t = 100 only) 0.39, 0.57 and 0.63, against 0.41.
     tol, max_iter, seed
         For the search space's :func:`jacobian_subspace`.
 
