@@ -228,7 +228,7 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
 CHUNK_CHECKED_ARRAYS = {
     "samples.zarr": ["h", "x0"],
     "edits.zarr": ["images"],
-    "jacobian.zarr": ["vectors", "iterations"],
+    "jacobian.zarr": ["vectors", "iterations", "localised_vectors"],  # the last only with a mask
     "directions.zarr": ["direction"],  # written whole, with empty chunks too
 }
 
@@ -241,12 +241,13 @@ def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...
     has ``done``'s dims first, so an entry's data lies in the chunk row at its index
     (several entries share a chunk when the chunks are larger than one). Read-only.
     Only arrays whose chunks never equal their fill value belong in ``arrays``: zarr
-    does not write such chunks, and they would read as missing.
+    does not write such chunks, and they would read as missing. Arrays of ``arrays`` that
+    the store does not hold (optional outputs) are skipped.
     """
     path = Path(path)
     done_array = group["done"]
     done = np.asarray(done_array[...], dtype=bool)
-    looked_up = {name: group[name] for name in arrays}
+    looked_up = {name: group[name] for name in arrays if name in group}
     done_dims = tuple(done_array.metadata.dimension_names or ())
     for name, array in looked_up.items():
         leading = tuple(array.metadata.dimension_names or ())[: done.ndim]
@@ -302,7 +303,7 @@ def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[i
         done = group["done"]
         for entry in damaged:
             done[entry] = False
-            for name in arrays:
+            for name in (name for name in arrays if name in group):
                 array = group[name]
                 lead = tuple(i // c for i, c in zip(entry, array.chunks))
                 for file in _chunk_files_under(path / name, array, lead):

@@ -239,3 +239,18 @@ def test_strips_of_an_earlier_config_are_removed_and_never_reported(tiny_pixel_m
     assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]
     (strips / "sample-1-t333.png").write_bytes(b"a left-over")  # e.g. from an older hmine
     assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]
+
+
+def test_a_lost_localised_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path):
+    from hmine.stages.jacobian import jacobian_intact
+
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    path = config.run_dir / "jacobian.zarr"
+    reference = open_group(path)["localised_vectors"][...]
+    (path / "localised_vectors" / "c" / "1" / "0" / "0" / "0" / "0" / "0").unlink()
+    assert not jacobian_intact(config)
+    again = run_jacobian_stage(config, show_progress=False)
+    assert again.repaired == 1 and again.computed == 1 and jacobian_intact(config)
+    np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
