@@ -23,7 +23,7 @@ from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
 from hmine.runtime import hmine_home
 from hmine.stages.directions import directions_intact
 from hmine.stages.edit import edits_intact
-from hmine.stages.jacobian import jacobian_intact, jacobian_mask_hash
+from hmine.stages.jacobian import JACOBIAN_PREFIX, jacobian_intact, jacobian_mask_hash
 from hmine.stages.sample import samples_intact
 
 OUTPUTS_INTACT = {
@@ -47,7 +47,10 @@ STAGE_READS = {
 
 
 def _inputs_identity(stage: str, config: RunConfig) -> str:
-    parts = [str(output_identity(config.run_dir / STAGE_OUTPUTS[read])) for read in STAGE_READS[stage]]
+    reads = STAGE_READS[stage]
+    if stage == "edit" and any(name.startswith(JACOBIAN_PREFIX) for name in config.edit.directions):
+        reads = (*reads, "jacobian")  # per-image Jacobian directions
+    parts = [str(output_identity(config.run_dir / STAGE_OUTPUTS[read])) for read in reads]
     if stage == "jacobian":
         try:
             parts.append(jacobian_mask_hash(config))  # mask files change under the same config

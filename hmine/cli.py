@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "stage 1: sample images and store per-step h"),
         ("label", "stage 2: score every sample's image with the labeller"),
         ("directions", "stage 3: PCA, mean-difference, probe and conditional directions"),
-        ("edit", "stage 4: apply directions at several scales and measure the effect"),
-        ("jacobian", "stage 5: per-image Jacobian directions by block Krylov iteration"),
+        ("jacobian", "stage 4: per-image Jacobian directions by block Krylov iteration"),
+        ("edit", "stage 5: apply directions (also per-image Jacobian ones) at several scales and measure the effect"),
         ("report", "write the HTML report of a run"),
     ]:
         p = sub.add_parser(stage, help=text)

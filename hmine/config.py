@@ -181,7 +181,7 @@ class JacobianConfig(_Frozen):
     def _files_need_a_folder(self):
         if self.mask == "files" and self.mask_dir is None:
             raise ValueError("jacobian.mask is 'files' but jacobian.mask_dir is not set")
-        if 0 < self.localised_rank < self.k:
+        if self.mask != "none" and 0 < self.localised_rank < self.k:
             raise ValueError(
                 f"jacobian.localised_rank ({self.localised_rank}) is below jacobian.k ({self.k}); "
                 "raise it, or set it to 0 to skip localised directions"

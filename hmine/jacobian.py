@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 HFunction = Callable[[torch.Tensor], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 # -- model preparation ---------------------------------------------------------------
@@ -573,7 +575,9 @@ class LocalisedResult:
         ‖J v_i‖: how strongly eps responds (compare with the singular values of the
         search space; a localised direction trades some response for locality).
     search_space : JacobianResult
-        The top-``rank`` right singular subspace of the unmasked J searched in.
+        The top-``rank`` right singular subspace of the unmasked J; the search runs in
+        the part of it that J does not annihilate (σ_j above sqrt(100 ε) σ_1, ε the
+        machine epsilon of h's dtype).
     """
 
     shares: torch.Tensor
@@ -647,11 +651,30 @@ def localised_directions(
     """
     if not 1 <= k <= rank:
         raise ValueError(f"k must be between 1 and rank ({rank}), got {k}; raise jacobian.localised_rank or lower k")
+    if rank > h0.numel():
+        raise ValueError(f"rank ({rank}) exceeds the size of h ({h0.numel()}); lower jacobian.localised_rank")
     search_space = jacobian_subspace(f, h0, k=rank, tol=tol, max_iter=max_iter, seed=seed)
+    if not search_space.converged:
+        logger.warning(
+            "localised directions: the top-%d singular subspace did not converge in %d iterations "
+            "(largest residual %.2g); the search space is approximate", rank, max_iter, float(search_space.residuals.max()),
+        )
+    # directions J (nearly) annihilates are noise at the products' precision: their share is
+    # arbitrary and an edit along them does nothing, so they leave the search space. The
+    # Ritz values are σ², so σ is resolved to about sqrt(epsilon) of σ_1.
+    floor = (100 * torch.finfo(h0.dtype).eps) ** 0.5 * search_space.singular_values[0]
+    kept = search_space.singular_values > floor
+    if int(kept.sum()) < k:
+        raise ValueError(
+            f"the Jacobian has only {int(kept.sum())} singular values above {float(floor):.2g} "
+            f"(sqrt(100 machine epsilons) of the largest), fewer than k={k}; lower jacobian.k"
+        )
+    vectors_kept = search_space.vectors[kept]
+    rank = len(vectors_kept)
     jacobian_times, _ = _products(f, h0.detach().clone())
-    basis = search_space.vectors.reshape(rank, -1).double()  # V, orthonormal rows
+    basis = vectors_kept.reshape(rank, -1).double()  # V, orthonormal rows
     # B as rows: J v_j for each basis vector (Ritz vectors of JᵀJ, so nearly orthogonal)
-    images = vmap(jacobian_times)(search_space.vectors.to(h0.dtype)).reshape(rank, -1).double()
+    images = vmap(jacobian_times)(vectors_kept.to(h0.dtype)).reshape(rank, -1).double()
     weights = _region_weights(mask, f(h0).shape).reshape(-1).square().to(images.device)
     inside = images @ (weights[:, None] * images.T)  # Bᵀ M² B
     total = images @ images.T  # Bᵀ B, positive definite while every σ_j > 0

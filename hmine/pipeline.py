@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stores import CONFIG_HASH, DIRECTIONS_UUID, STAGE_HASH, open_group, store_state, store_uuid
+from hmine.stores import CONFIG_HASH, DIRECTIONS_UUID, JACOBIAN_UUID, STAGE_HASH, open_group, store_state, store_uuid
 
 STAGE_OUTPUTS = {
     "sample": "samples.zarr",
     "label": "labels.parquet",
     "directions": "directions.zarr",
-    "edit": "edits.zarr",
+    # before the edit stage, which can apply per-image Jacobian directions
     "jacobian": "jacobian.zarr",
+    "edit": "edits.zarr",
 }
 STAGES = (*STAGE_OUTPUTS, "report")
 
@@ -47,9 +48,10 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     written_by = group.attrs.get(STAGE_HASH, group.attrs.get(CONFIG_HASH))
     if expected_hash is not None and written_by != expected_hash:
         return StageStatus(stage, "stale", f"written by config {written_by}")
-    made_from = group.attrs.get(DIRECTIONS_UUID)
-    if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS["directions"])):
-        return StageStatus(stage, "stale", "made from directions that have since been recomputed")
+    for upstream, key in (("directions", DIRECTIONS_UUID), ("jacobian", JACOBIAN_UUID)):
+        made_from = group.attrs.get(key)
+        if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS[upstream])):
+            return StageStatus(stage, "stale", f"made from {upstream} directions that have since been recomputed")
     damaged = _damaged_count(stage, group, path)
     if damaged and "done" not in group:
         return StageStatus(stage, "damaged", "lost chunk files; rerun to write it again")
@@ -73,6 +75,10 @@ def _damaged_count(stage: str, group, path: Path) -> int:
     arrays = CHUNK_CHECKED_ARRAYS.get(STAGE_OUTPUTS[stage])
     if arrays is None:
         return 0
+    if stage == "jacobian":
+        from hmine.stages.jacobian import checked_arrays
+
+        arrays = checked_arrays(group)
     if "done" not in group:  # written in one go: whole, or to be written again
         return 0 if store_state(path) != "complete" or all_chunks_intact(path, arrays) else 1
     return len(damaged_entries(group, path, arrays))

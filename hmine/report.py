@@ -116,6 +116,8 @@ def jacobian_strip_paths(run_dir: Path) -> list[Path]:
     from hmine.stages.jacobian import STRIPS_DIR, strip_filename
 
     group = open_group(Path(run_dir) / "jacobian.zarr")
+    if "inside_mask_fraction" not in group or not np.isfinite(group["inside_mask_fraction"][...]).all():
+        return []  # no mask, no diagnostic edits: any strips there are an earlier config's
     step = int(group["step"][0])
     paths = [Path(run_dir) / STRIPS_DIR / strip_filename(int(seed), step) for seed in group["sample"][...]]
     return [path for path in paths if path.exists()]
@@ -291,6 +293,21 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
                     shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
             if shown:
                 parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
+        from hmine.stages.edit import strip_filename
+        from hmine.stages.jacobian import JACOBIAN_PREFIX
+
+        shown = []
+        for name in sorted(n for n in effects["direction"].unique() if n.startswith(JACOBIAN_PREFIX)):
+            src = strips_dir / strip_filename(name)
+            if src.exists():
+                shutil.copy(src, out / "img" / src.name)
+                shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
+        if shown:
+            parts.append(
+                "<h3>Edits along per-image Jacobian directions (columns: scales low to high)</h3><p>Each "
+                "analysed sample along its own direction; <code>@t</code>: that step's vector at every step, "
+                "otherwise each analysed step's vector at its step.</p><div class='row'>" + "".join(shown) + "</div>"
+            )
         sections.append("<h2>Edit stage</h2>" + "".join(parts))
     else:
         sections.append(f"<h2>Edit stage</h2><p>{NOT_DONE}</p>")

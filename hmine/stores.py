@@ -42,6 +42,7 @@ STAGE_HASH = "hmine:stage_hash"
 STORE_UUID = "hmine:store_uuid"
 # The uuid of the directions store an edit store was made from (`hmine status` compares it).
 DIRECTIONS_UUID = "hmine:directions_uuid"
+JACOBIAN_UUID = "hmine:jacobian_uuid"
 
 
 class StoreConfigMismatch(RuntimeError):
@@ -148,26 +149,35 @@ def prepare_store(
                 f"{path} was written by config {found}, not {attrs[CONFIG_HASH]}; "
                 "use another run name (name: in the config) or delete the store to start over"
             )
+        # an array whose folder was lost comes back empty (its done entries read as damaged
+        # and are redone); everything else is kept
+        for spec in arrays:
+            if spec.name not in group:
+                _create_array(group, spec, coords)
         return group
     import zarr
 
     path.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(path), mode="w", attributes={**attrs, STORE_UUID: uuid.uuid4().hex})
     for spec in arrays:
-        array = group.create_array(
-            spec.name,
-            shape=spec.shape,
-            chunks=spec.chunks,
-            dtype=spec.dtype,
-            compressors=_compressors(spec),
-            dimension_names=spec.dims,
-            fill_value=spec.fill_value,
-            attributes=spec.attrs or {},
-        )
-        if coords and spec.name in coords:
-            array[...] = coords[spec.name]
+        _create_array(group, spec, coords)
     group.attrs[INITIALISED] = True
     return group
+
+
+def _create_array(group, spec: ArraySpec, coords: dict[str, np.ndarray] | None) -> None:
+    array = group.create_array(
+        spec.name,
+        shape=spec.shape,
+        chunks=spec.chunks,
+        dtype=spec.dtype,
+        compressors=_compressors(spec),
+        dimension_names=spec.dims,
+        fill_value=spec.fill_value,
+        attributes=spec.attrs or {},
+    )
+    if coords and spec.name in coords:
+        array[...] = coords[spec.name]
 
 
 def done_batches(group, batch_size: int) -> np.ndarray:
@@ -228,7 +238,7 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
 CHUNK_CHECKED_ARRAYS = {
     "samples.zarr": ["h", "x0"],
     "edits.zarr": ["images"],
-    "jacobian.zarr": ["vectors", "iterations", "localised_vectors"],  # the last only with a mask
+    "jacobian.zarr": ["vectors", "iterations"],  # plus localised_vectors: hmine.stages.jacobian.checked_arrays
     "directions.zarr": ["direction"],  # written whole, with empty chunks too
 }
 
@@ -241,13 +251,16 @@ def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...
     has ``done``'s dims first, so an entry's data lies in the chunk row at its index
     (several entries share a chunk when the chunks are larger than one). Read-only.
     Only arrays whose chunks never equal their fill value belong in ``arrays``: zarr
-    does not write such chunks, and they would read as missing. Arrays of ``arrays`` that
-    the store does not hold (optional outputs) are skipped.
+    does not write such chunks, and they would read as missing. An array of ``arrays``
+    that the store does not hold at all (its folder lost) damages every done entry: pass
+    only the arrays the store must have (e.g. :func:`hmine.stages.jacobian.checked_arrays`).
     """
     path = Path(path)
     done_array = group["done"]
     done = np.asarray(done_array[...], dtype=bool)
-    looked_up = {name: group[name] for name in arrays if name in group}
+    if any(name not in group for name in arrays):
+        return [tuple(int(i) for i in entry) for entry in zip(*np.nonzero(done))]
+    looked_up = {name: group[name] for name in arrays}
     done_dims = tuple(done_array.metadata.dimension_names or ())
     for name, array in looked_up.items():
         leading = tuple(array.metadata.dimension_names or ())[: done.ndim]

@@ -112,7 +112,10 @@ def test_set_into_an_empty_section_and_an_empty_jacobian_step_list(tmp_path):
 
 def test_localised_rank_must_cover_k_or_be_zero():
     with pytest.raises(ConfigError, match=r"jacobian.localised_rank \(2\) is below jacobian.k \(3\)"):
-        load_config(None, ["jacobian.k=3", "jacobian.localised_rank=2"])
+        load_config(None, ["jacobian.k=3", "jacobian.localised_rank=2", "jacobian.mask=shape"])
     assert load_config(None, ["jacobian.k=3", "jacobian.localised_rank=0"]).jacobian.localised_rank == 0
+    assert load_config(None, ["jacobian.k=40"]).jacobian.k == 40  # no mask: nothing to localise
+    with pytest.raises(ConfigError, match="localised_rank"):
+        load_config(None, ["jacobian.k=40", "jacobian.mask=shape"])
     with pytest.raises(ConfigError, match="jacobian.edit_window"):
         load_config(None, ["jacobian.edit_window=first_step"])

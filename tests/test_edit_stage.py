@@ -243,3 +243,100 @@ def test_scale_zero_is_bit_identical_also_when_the_last_edit_batch_is_cut_short(
     edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
     x0 = open_group(config.run_dir / "samples.zarr")["x0"][:5]
     np.testing.assert_array_equal(edits["images"].isel(direction=0).sel(scale=0.0).values, x0)
+
+
+def test_per_image_jacobian_directions_go_through_the_edit_stage(run, tmp_path):
+    """jacobian/<variant>/<k> (per step) and jacobian/<variant>/<k>@t<step> (global at t):
+    each analysed sample is edited along its own vector; the others are not edited, and
+    the effects are measured on the analysed samples only."""
+    import shutil
+
+    import torch
+
+    from hmine.directions import projection_std
+    from hmine.editing import regenerate_with_delta
+    from hmine.pipeline import stage_status
+    from hmine.stages.jacobian import run_jacobian_stage
+    from hmine.stages.sample import make_sampler
+
+    base, labeller = run
+    root = tmp_path / "stores"
+    shutil.copytree(base.run_dir, root / "e")  # sample, label and direction stages done
+    names = ["jacobian/masked/0", "jacobian/localised/1@t333", "probe/is_left_bright"]
+    config = base.model_copy(update={
+        "output_root": root,
+        "jacobian": base.jacobian.model_copy(update={"n_samples": 3, "k": 2, "steps": [333], "mask": "shape", "localised_rank": 4}),
+        "edit": base.edit.model_copy(update={"directions": names}),
+    })
+    with pytest.raises(FileNotFoundError, match="run the jacobian stage first"):
+        run_edit_stage(config, labeller=labeller, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    run_edit_stage(config, labeller=labeller, show_progress=False)
+
+    edits = open_group(config.run_dir / "edits.zarr")
+    jac = open_group(config.run_dir / "jacobian.zarr")
+    np.testing.assert_array_equal(edits["edited"][0], [True] * 3 + [False] * 5)
+    assert edits["edited"][2].all()
+    x0 = open_group(config.run_dir / "samples.zarr")["x0"][:8]
+    h = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)["h"]
+    sampler = make_sampler(config)
+    run_steps = [int(t) for t in sampler.timesteps]
+    for d, (array, k, global_at) in enumerate([("vectors", 0, None), ("localised_vectors", 1, 333)]):
+        # by hand: sample 1's own vector, per step (only step 333) or at every step
+        vector = jac[array][1, 0, k]
+        units = np.zeros((1, len(run_steps), *vector.shape), dtype=np.float32)
+        if global_at is None:
+            units[0, run_steps.index(333)] = vector
+        else:
+            units[0, :] = vector
+        delta = torch.from_numpy(4.0 * projection_std(units, h)[0].astype(np.float32)[:, None, None, None] * units[0])
+        seeds = list(range(4))  # sample 1 in the sample stage's batch of 4
+        full = torch.zeros(4, *delta.shape)
+        full[1] = delta
+        expected = regenerate_with_delta(sampler, seeds, full)[1]
+        np.testing.assert_allclose(edits["images"][d, 2, 1], expected, atol=1e-5)
+        assert np.abs(edits["images"][d, 2, 1] - x0[1]).max() > 1e-3  # it does edit
+        np.testing.assert_array_equal(edits["images"][d, 2, 3:], x0[3:])  # samples without a direction: as sampled
+        np.testing.assert_array_equal(edits["images"][d, 1], x0)  # scale 0: exact
+
+    effects = pd.read_parquet(config.run_dir / "edit_effects.parquet").set_index(["direction", "scale", "attribute"])
+    scores = labeller.score(np.asarray(edits["images"][0, 2, :3]))["is_left_bright"]
+    assert effects.loc[("jacobian/masked/0", 4.0, "is_left_bright"), "mean_score"] == pytest.approx(scores.mean())
+    assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["edit"] == "complete"
+    # the report shows the strips of the Jacobian directions
+    from hmine.report import build_report
+
+    page = build_report(config.model_copy(update={"report_root": tmp_path / "reports"}))
+    text = page.read_text()
+    assert "Edits along per-image Jacobian directions" in text
+    assert (page.parent / "img" / "jacobian_masked_0.png").exists() and "img/jacobian_masked_0.png" in text
+    # a recomputed Jacobian store makes these edits stale
+    open_group(config.run_dir / "jacobian.zarr", mode="r+").attrs["hmine:store_uuid"] = "recomputed"
+    status = {s.stage: s for s in stage_status(config.run_dir, config)}["edit"]
+    assert status.state == "stale" and "jacobian" in status.detail
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("jacobian/masked/5", "holds k=2"), ("jacobian/masked/0@t999", "analysed the steps"),
+     ("jacobian/sideways/0", "is not a Jacobian direction"), ("jacobian/masked/x", "is not a Jacobian direction"),
+     ("jacobian/localised/0", "no localised directions")],
+)
+def test_bad_jacobian_direction_names_are_refused_with_the_fix(run, tmp_path, name, message):
+    import shutil
+
+    from hmine.stages.jacobian import run_jacobian_stage
+
+    base, labeller = run
+    root = tmp_path / "stores"
+    shutil.copytree(base.run_dir, root / "e")
+    config = base.model_copy(update={
+        "output_root": root,
+        "jacobian": base.jacobian.model_copy(update={"n_samples": 2, "k": 2, "steps": [333]}),
+        "edit": base.edit.model_copy(update={"directions": [name]}),
+    })
+    run_jacobian_stage(config, show_progress=False)
+    before = sorted(p.name for p in config.run_dir.iterdir())
+    with pytest.raises(ValueError, match=message):
+        run_edit_stage(config, labeller=labeller, show_progress=False)
+    assert sorted(p.name for p in config.run_dir.iterdir()) == before

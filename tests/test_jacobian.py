@@ -185,6 +185,27 @@ def test_localised_directions_beat_the_masked_and_unmasked_singular_vectors(unet
         localised_directions(f, h0, mask, k=5, rank=4)
 
 
+def test_localised_directions_leave_out_what_the_jacobian_annihilates():
+    """f(h) = A h with rank(A) = 5: a search space of 6 holds one null direction, whose
+    share is noise; it is left out, so the answer is that of the 5 real directions."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(40, 5, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(30, 5, generator=generator, dtype=torch.float64))[0]
+    matrix = left @ torch.diag(torch.tensor([9.0, 7.0, 5.0, 3.0, 2.0], dtype=torch.float64)) @ right.T
+    f = lambda h: (matrix @ h.reshape(-1)).reshape(1, 5, 8)  # noqa: E731
+    h0 = torch.zeros(1, 5, 6, dtype=torch.float64)
+    mask = torch.zeros(1, 5, 8, dtype=torch.float64)
+    mask[..., :3] = 1.0
+    five = localised_directions(f, h0, mask, k=2, rank=5, tol=1e-10, max_iter=50)
+    six = localised_directions(f, h0, mask, k=2, rank=6, tol=1e-10, max_iter=50)
+    torch.testing.assert_close(six.shares, five.shares, rtol=1e-8, atol=1e-10)
+    assert (six.responses > 1.0).all()  # not a null direction
+    with pytest.raises(ValueError, match="only 5 singular values"):
+        localised_directions(f, h0, mask, k=6, rank=8, tol=1e-10, max_iter=50)
+    with pytest.raises(ValueError, match="lower jacobian.localised_rank"):
+        localised_directions(f, h0, mask, k=1, rank=31)
+
+
 def test_products_are_counted_per_column(unet, x_t):
     f, h0 = _problem(unet, x_t)
     result = jacobian_subspace(f, h0, k=3, tol=1e-3, max_iter=300)

@@ -239,6 +239,10 @@ def test_strips_of_an_earlier_config_are_removed_and_never_reported(tiny_pixel_m
     assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]
     (strips / "sample-1-t333.png").write_bytes(b"a left-over")  # e.g. from an older hmine
     assert [p.name for p in jacobian_strip_paths(second.run_dir)] == ["sample-0-t666.png"]
+    # no mask, no diagnostic edits: no strips, and none of the masked run's are reported
+    third = _config(tiny_pixel_model_dir, tmp_path, "jacobian.steps=[666]", "jacobian.n_samples=1")
+    run_jacobian_stage(third, show_progress=False)
+    assert list(strips.glob("*.png")) == [] and jacobian_strip_paths(third.run_dir) == []
 
 
 def test_a_lost_localised_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path):
@@ -254,3 +258,31 @@ def test_a_lost_localised_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp
     again = run_jacobian_stage(config, show_progress=False)
     assert again.repaired == 1 and again.computed == 1 and jacobian_intact(config)
     np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
+
+
+def test_a_lost_array_folder_is_damage_and_is_redone(tiny_pixel_model_dir, tmp_path):
+    import shutil
+
+    from hmine.pipeline import stage_status
+    from hmine.stages.jacobian import jacobian_intact
+
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    path = config.run_dir / "jacobian.zarr"
+    reference = open_group(path)["localised_vectors"][...]
+    shutil.rmtree(path / "localised_vectors")
+    assert not jacobian_intact(config)
+    assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["jacobian"] == "damaged"
+    again = run_jacobian_stage(config, show_progress=False)
+    assert again.repaired == 2 and again.computed == 2 and jacobian_intact(config)
+    np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
+
+
+def test_masks_outside_zero_one_are_refused(tiny_pixel_model_dir, tmp_path):
+    masks, left = _left_half_masks(tmp_path)
+    np.save(masks / "1.npy", left * 255)
+    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}")
+    run_sample_stage(config, show_progress=False)
+    with pytest.raises(ValueError, match=r"mask for sample 1 has values in \[0, 255\]"):
+        run_jacobian_stage(config, show_progress=False)

@@ -33,6 +33,7 @@ from hmine.stores import (
     CHUNK_CHECKED_ARRAYS,
     CONFIG_HASH,
     DIRECTIONS_UUID,
+    JACOBIAN_UUID,
     ArraySpec,
     STORE_UUID,
     damaged_entries,
@@ -85,13 +86,22 @@ def strip_filename(direction: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", direction) + ".png"
 
 
-def select_directions(directions, requested: list[str]) -> list[str]:
-    """Names to edit with: the requested ones (checked), else every supervised direction."""
+def select_directions(directions, requested: list[str], jacobian_group=None) -> list[str]:
+    """Names to edit with: the requested ones (checked), else every supervised direction.
+
+    Names starting with ``jacobian/`` are per-image Jacobian directions
+    (:class:`hmine.stages.jacobian.JacobianDirection`), checked against ``jacobian_group``,
+    the Jacobian stage's store.
+    """
+    from hmine.stages.jacobian import JACOBIAN_PREFIX, JacobianDirection
+
     names = [str(n) for n in directions["name"].values]
     if requested:
-        unknown = [n for n in requested if n not in names]
+        unknown = [n for n in requested if not n.startswith(JACOBIAN_PREFIX) and n not in names]
         if unknown:
             raise ValueError(f"edit.directions names {unknown}, which directions.zarr lacks; it has {names}")
+        for name in (n for n in requested if n.startswith(JACOBIAN_PREFIX)):
+            JacobianDirection.parse(name).check_against(jacobian_group)
         return list(requested)
     methods = [str(m) for m in directions["method"].values]
     return [n for n, m in zip(names, methods) if m in SUPERVISED_METHODS]
@@ -109,7 +119,8 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     run_dir = config.run_dir
     path = run_dir / EDITS_STORE
     directions = open_directions(directions_path(config))
-    names = select_directions(directions, edit.directions)
+    jacobian_group = open_jacobian_for_edits(config)
+    names = select_directions(directions, edit.directions, jacobian_group)
     samples = open_group(samples_path(config))
     all_seeds = samples["sample"][...]
     seeds = all_seeds[: edit.n_samples]
@@ -117,12 +128,21 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         raise ValueError(
             f"edit.n_samples is {edit.n_samples} but the run has {len(seeds)} samples; lower edit.n_samples"
         )
+    if jacobian_group is not None and not np.isin(jacobian_group["sample"][...], seeds).any():
+        raise ValueError(
+            "edit.directions names Jacobian directions, but none of the samples the Jacobian stage "
+            f"analysed is among the first edit.n_samples={edit.n_samples}; raise edit.n_samples"
+        )
     image_shape = samples["x0"].shape[1:]
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
     # the edits depend on the settings and on the very directions they apply: both go
     # into the store's key, so new directions make the store stale like a new config
     directions_uuid = directions.attrs.get(STORE_UUID, "")
-    config_hash = config_hash_of({"edit": config.stage_hash("edit"), "directions": directions_uuid})
+    keyed_on = {"edit": config.stage_hash("edit"), "directions": directions_uuid}
+    made_from = {DIRECTIONS_UUID: directions_uuid}
+    if jacobian_group is not None:  # per-image Jacobian directions: keyed on that store too
+        keyed_on["jacobian"] = made_from[JACOBIAN_UUID] = jacobian_group.attrs.get(STORE_UUID, "")
+    config_hash = config_hash_of(keyed_on)
     arrays = [
         ArraySpec(
             "images",
@@ -133,12 +153,17 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
             {"long_name": "edited image", "units": "pixel value in [-1, 1]"},
         ),
         ArraySpec("done", (len(names),), (1,), "bool", ("direction",), {"long_name": "direction written"}, False, False),
+        ArraySpec(
+            "edited", (len(names), len(seeds)), (1, len(seeds)), "bool", ("direction", "sample"),
+            {"long_name": "the sample has this direction (per-image Jacobian directions: only the analysed samples)"},
+            False, False,
+        ),
         ArraySpec("direction", (len(names),), (len(names),), "str", ("direction",), None, "", False),
         ArraySpec("scale", (len(scales),), (len(scales),), "float64", ("scale",), {"units": "std of the data along the direction"}, None, False),
         ArraySpec("sample", (len(seeds),), (len(seeds),), "int64", ("sample",), {"long_name": "seed"}, None, False),
     ]
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
-    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, {DIRECTIONS_UUID: directions_uuid})
+    attrs = provenance_attrs(config.stage_inputs("edit"), config_hash, made_from)
     if store_state(path) == "complete" and open_group(path).attrs.get(CONFIG_HASH) == config_hash:
         if effects_measured_from(path) and edits_intact(config):
             logger.info("edit stage: %s is up to date", path)
@@ -154,12 +179,19 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
     strips = run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
+    run_steps = [int(t) for t in samples["step"][...]]
     for d in progress(todo, "edit", "direction", show_progress):
-        selected = direction_by_name(directions, names[d])
-        unit = selected["direction"].values
-        scale_unit = selected["scale_unit"].values
+        per_image = _per_image_units(names[d], jacobian_group, run_steps, config, all_seeds)
+        if per_image is None:
+            selected = direction_by_name(directions, names[d])
+            unit = selected["direction"].values
+            scale_unit = selected["scale_unit"].values
+            has_direction = np.ones(len(seeds), dtype=bool)
+        else:
+            unit, scale_unit, has_direction = per_image[0], per_image[1], per_image[2][: len(seeds)]
         for s, scale in enumerate(scales):
-            delta = delta_for(unit, scale_unit, scale)
+            # (step, ...) for a direction shared by all samples; (sample, step, ...) per image
+            delta = delta_for(unit, scale_unit, scale) if per_image is None else _per_image_delta(unit, scale_unit, scale)
             for start in range(0, len(seeds), batch):
                 # the sample stage's whole batch, also past edit.n_samples: CPU kernels differ
                 # with the batch size, and a shorter batch would not give the stored images
@@ -169,12 +201,14 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
                 group["images"][d, s, start : start + kept] = regenerate_with_delta(
                     sampler,
                     chunk.tolist(),
-                    delta,
+                    delta if per_image is None else delta[start : start + len(chunk)],
                     t_edit=edit.t_edit,
                     t_edit_max=edit.t_edit_max,
                     asymmetric=edit.asymmetric,
                 )[:kept]
-        shown = group["images"][d, :, : edit.strip_samples]  # (scale, sample, ...)
+        group["edited"][d] = has_direction
+        shown_samples = np.flatnonzero(has_direction)[: edit.strip_samples]
+        shown = group["images"][d, :, :][:, shown_samples]  # (scale, sample, ...)
         write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
         group["done"][d] = True
     mark_complete(group)
@@ -208,7 +242,12 @@ def measure_effects(group, names, scales, labeller, threshold: float, binary_att
     zero = scales.index(0.0)
     rows = []
     for d, name in enumerate(names):
-        per_scale = [labeller.score(np.asarray(group["images"][d, s])) for s in range(len(scales))]
+        # only the samples that have the direction (a per-image Jacobian direction exists for
+        # the analysed samples alone); stores from before the "edited" array: all of them
+        edited = np.asarray(group["edited"][d], dtype=bool) if "edited" in group else slice(None)
+        per_scale = [
+            labeller.score(np.asarray(group["images"][d, s])[edited]).reset_index(drop=True) for s in range(len(scales))
+        ]
         base = per_scale[zero]
         for s, scale in enumerate(scales):
             scores = per_scale[s]
@@ -231,6 +270,53 @@ def measure_effects(group, names, scales, labeller, threshold: float, binary_att
                         row["flip_to_negative"] = float((after[positive] <= threshold).mean())
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def open_jacobian_for_edits(config: RunConfig):
+    """The Jacobian stage's store when ``edit.directions`` names Jacobian directions, else None."""
+    from hmine.stages.jacobian import JACOBIAN_PREFIX, jacobian_path
+
+    if not any(name.startswith(JACOBIAN_PREFIX) for name in config.edit.directions):
+        return None
+    path = jacobian_path(config)
+    if store_state(path) != "complete":
+        raise FileNotFoundError(
+            f"edit.directions names Jacobian directions, but {path} is not complete; run the jacobian "
+            "stage first (hmine run does, before the edit stage)"
+        )
+    return open_group(path)
+
+
+def _per_image_units(name, jacobian_group, run_steps, config, all_seeds):
+    """For a Jacobian direction: units (seed, step, ...), scale units (seed, step) and which
+    of ``all_seeds`` have one, each indexed like ``all_seeds``; None for any other direction."""
+    import xarray as xr
+
+    from hmine.directions import projection_std
+    from hmine.stages.jacobian import JACOBIAN_PREFIX, JacobianDirection
+
+    if not name.startswith(JACOBIAN_PREFIX):
+        return None
+    units, analysed_seeds = JacobianDirection.parse(name).units(jacobian_group, run_steps)
+    h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
+    scale_units = projection_std(units, h)  # the std of the data along each image's vector, per step
+    position = {int(seed): i for i, seed in enumerate(analysed_seeds)}
+    all_units = np.zeros((len(all_seeds), *units.shape[1:]), dtype=np.float32)
+    all_scale_units = np.zeros((len(all_seeds), units.shape[1]), dtype=np.float64)
+    has_direction = np.zeros(len(all_seeds), dtype=bool)
+    for i, seed in enumerate(all_seeds):
+        if int(seed) in position:
+            all_units[i], all_scale_units[i] = units[position[int(seed)]], scale_units[position[int(seed)]]
+            has_direction[i] = True
+    return all_units, all_scale_units, has_direction
+
+
+def _per_image_delta(units: np.ndarray, scale_units: np.ndarray, scale: float):
+    """delta_h of shape (sample, step, channel, y, x): each sample's own direction."""
+    import torch
+
+    factor = (float(scale) * scale_units).astype(np.float32).reshape(*scale_units.shape, *([1] * (units.ndim - 2)))
+    return torch.from_numpy(factor * units)
 
 
 def read_effects(run_dir: Path) -> pd.DataFrame:

@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,11 @@ def read_mask_file(mask_dir: Path, seed: int, image_size: tuple[int, int] | None
             f"no mask for sample {int(seed)}: expected {stem}.npy or {stem}.png in jacobian.mask_dir"
         )
     mask = np.asarray(mask, dtype=np.float32)
+    if mask.size and (mask.min() < 0 or mask.max() > 1):
+        raise ValueError(
+            f"mask for sample {int(seed)} has values in [{mask.min():g}, {mask.max():g}]; save weights in "
+            "[0, 1] (.npy), or a grey-scale PNG, which is read as 0..255 / 255"
+        )
     if image_size is not None and mask.shape != tuple(image_size):
         raise ValueError(
             f"mask for sample {int(seed)} has shape {mask.shape}, but the images are "
@@ -138,7 +145,14 @@ def _mask_for_eps(mask: np.ndarray, sample_shape) -> torch.Tensor:
     return tensor
 
 
-_CHECKED_ARRAYS = CHUNK_CHECKED_ARRAYS[JACOBIAN_STORE]
+def checked_arrays(group) -> list[str]:
+    """The chunk-checked arrays a Jacobian store must hold: ``localised_vectors`` too when
+    the settings it was written with (its ``hmine:stage_config``) asked for them."""
+    import json
+
+    settings = json.loads(group.attrs.get("hmine:stage_config", "{}")).get("jacobian", {})
+    localised = settings.get("mask", "none") != "none" and settings.get("localised_rank", 0) > 0
+    return CHUNK_CHECKED_ARRAYS[JACOBIAN_STORE] + (["localised_vectors"] if localised else [])
 
 
 def jacobian_intact(config: RunConfig) -> bool:
@@ -146,7 +160,8 @@ def jacobian_intact(config: RunConfig) -> bool:
     path = jacobian_path(config)
     if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
         return True
-    return not damaged_entries(open_group(path), path, _CHECKED_ARRAYS)
+    group = open_group(path)
+    return not damaged_entries(group, path, checked_arrays(group))
 
 
 def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
@@ -214,10 +229,13 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
         coords["mask"] = masks
     attrs = provenance_attrs(config.stage_inputs("jacobian"), config_hash, {"hmine:mask_hash": mask_hash})
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)  # a changed config recomputes
-    damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
+    damaged = repair_damaged_entries(group, path, checked_arrays(group))
     if damaged:
         logger.warning("jacobian stage: %d (sample, step) pairs had missing or truncated chunks; redoing them", len(damaged))
 
+    strips = config.run_dir / STRIPS_DIR
+    for old in strips.glob("sample-*-t*.png") if strips.exists() else []:  # an earlier config's strips
+        old.unlink()
     sampler = make_sampler(config, model)
     model = sampler.model
     use_math_attention(model.unet)
@@ -276,8 +294,6 @@ def _edit_along_top_direction(config, group, sampler, model, seeds, steps, step_
     t_idx = step_index[steps[0]]
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
-    for old in strips.glob("sample-*-t*.png"):  # strips of an earlier config's samples or steps
-        old.unlink()
     n_variants = len(variants)
     fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
     eps_fractions = np.full((len(seeds), n_variants), np.nan, dtype=np.float32)
@@ -336,3 +352,70 @@ def eps_change_inside(f, h0: torch.Tensor, direction: torch.Tensor, mask: torch.
         change = jvp(f, (h0,), (direction.reshape(h0.shape),))[1]
     weights = torch.broadcast_to(mask[0], change.shape)
     return float((weights * change).square().sum() / change.square().sum().clamp_min(1e-30))
+
+
+# -- Jacobian directions as edits -------------------------------------------------------
+
+JACOBIAN_PREFIX = "jacobian/"
+_VARIANT_ARRAYS = {"masked": "vectors", "localised": "localised_vectors"}
+_NAME = re.compile(r"^jacobian/(?P<variant>[a-z]+)/(?P<k>\d+)(?:@t(?P<step>\d+))?$")
+
+
+@dataclass(frozen=True)
+class JacobianDirection:
+    """A per-image Jacobian direction named in ``edit.directions``.
+
+    ``jacobian/<variant>/<k>`` applies each analysed step's k-th vector (0-based) at that
+    step only ("per step"; steps the stage did not analyse are not edited), and
+    ``jacobian/<variant>/<k>@t<step>`` applies the vector of the analysed step ``step`` at
+    every step ("global at t"). ``variant`` is ``masked`` (the top singular vectors of the
+    possibly masked Jacobian, the store's ``vectors``) or ``localised``.
+    """
+
+    name: str
+    variant: str
+    k: int
+    at_step: int | None
+
+    @classmethod
+    def parse(cls, name: str) -> JacobianDirection:
+        match = _NAME.match(name)
+        if match is None or match["variant"] not in _VARIANT_ARRAYS:
+            raise ValueError(
+                f"edit.directions: {name!r} is not a Jacobian direction; write jacobian/<variant>/<k> "
+                f"(per step) or jacobian/<variant>/<k>@t<step> (global at t), variant one of "
+                f"{sorted(_VARIANT_ARRAYS)}, e.g. jacobian/localised/0@t100"
+            )
+        return cls(name, match["variant"], int(match["k"]), None if match["step"] is None else int(match["step"]))
+
+    def check_against(self, group) -> None:
+        """Refuse, naming the fix, a direction that ``jacobian.zarr`` (a zarr group) does not hold."""
+        array = _VARIANT_ARRAYS[self.variant]
+        if array not in group:
+            raise ValueError(
+                f"edit.directions names {self.name!r}, but jacobian.zarr has no {self.variant} directions; "
+                "localised ones need jacobian.mask and jacobian.localised_rank > 0"
+            )
+        k = group[array].shape[2]
+        if self.k >= k:
+            raise ValueError(f"edit.directions names {self.name!r}, but jacobian.zarr holds k={k} directions per step (0..{k - 1})")
+        steps = [int(t) for t in group["step"][...]]
+        if self.at_step is not None and self.at_step not in steps:
+            raise ValueError(f"edit.directions names {self.name!r}, but the Jacobian stage analysed the steps {steps}")
+
+    def units(self, group, run_steps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per analysed sample, unit vectors (sample, run step, channel, y, x) and their seeds.
+
+        Per step: the vector of each analysed step at that step, zero at the others.
+        Global at t: the vector of step t at every step.
+        """
+        vectors = group[_VARIANT_ARRAYS[self.variant]]  # (sample, analysed step, k, channel, y, x)
+        analysed = [int(t) for t in group["step"][...]]
+        seeds = np.asarray(group["sample"][...])
+        units = np.zeros((len(seeds), len(run_steps), *vectors.shape[3:]), dtype=np.float32)
+        if self.at_step is not None:
+            units[:] = np.asarray(vectors[:, analysed.index(self.at_step), self.k])[:, None]
+        else:
+            for j, t in enumerate(analysed):
+                units[:, run_steps.index(t)] = np.asarray(vectors[:, j, self.k])
+        return units, seeds
