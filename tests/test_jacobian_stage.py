@@ -245,22 +245,10 @@ def test_strips_of_an_earlier_config_are_removed_and_never_reported(tiny_pixel_m
     assert list(strips.glob("*.png")) == [] and jacobian_strip_paths(third.run_dir) == []
 
 
-def test_a_lost_localised_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path):
-    from hmine.stages.jacobian import jacobian_intact
-
-    config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
-    run_sample_stage(config, show_progress=False)
-    run_jacobian_stage(config, show_progress=False)
-    path = config.run_dir / "jacobian.zarr"
-    reference = open_group(path)["localised_vectors"][...]
-    (path / "localised_vectors" / "c" / "1" / "0" / "0" / "0" / "0" / "0").unlink()
-    assert not jacobian_intact(config)
-    again = run_jacobian_stage(config, show_progress=False)
-    assert again.repaired == 1 and again.computed == 1 and jacobian_intact(config)
-    np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
-
-
-def test_a_lost_array_folder_is_damage_and_is_redone(tiny_pixel_model_dir, tmp_path):
+@pytest.mark.parametrize("loss", ["chunk", "folder"])
+def test_lost_localised_vectors_are_detected_and_redone(tiny_pixel_model_dir, tmp_path, loss):
+    """A lost chunk damages its (sample, step); a lost array folder every done one. Either
+    way `hmine status` says damaged and the stage recreates what is missing."""
     import shutil
 
     from hmine.pipeline import stage_status
@@ -271,11 +259,15 @@ def test_a_lost_array_folder_is_damage_and_is_redone(tiny_pixel_model_dir, tmp_p
     run_jacobian_stage(config, show_progress=False)
     path = config.run_dir / "jacobian.zarr"
     reference = open_group(path)["localised_vectors"][...]
-    shutil.rmtree(path / "localised_vectors")
+    if loss == "chunk":
+        (path / "localised_vectors" / "c" / "1" / "0" / "0" / "0" / "0" / "0").unlink()
+    else:
+        shutil.rmtree(path / "localised_vectors")
     assert not jacobian_intact(config)
     assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["jacobian"] == "damaged"
     again = run_jacobian_stage(config, show_progress=False)
-    assert again.repaired == 2 and again.computed == 2 and jacobian_intact(config)
+    lost = 1 if loss == "chunk" else 2
+    assert again.repaired == lost and again.computed == lost and jacobian_intact(config)
     np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
 
 
