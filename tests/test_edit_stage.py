@@ -340,3 +340,23 @@ def test_bad_jacobian_direction_names_are_refused_with_the_fix(run, tmp_path, na
     with pytest.raises(ValueError, match=message):
         run_edit_stage(config, labeller=labeller, show_progress=False)
     assert sorted(p.name for p in config.run_dir.iterdir()) == before
+
+
+def test_an_edit_store_from_before_the_edited_array_is_resumed_over_every_sample(run, tmp_path):
+    """A store written before `edited` existed (same config hash) gets the array back on
+    resume, meaning 'every sample has the direction': its effects stay measured over all."""
+    import shutil
+
+    base, labeller = run
+    root = tmp_path / "stores"
+    shutil.copytree(base.run_dir, root / "e")
+    config = base.model_copy(update={"output_root": root})
+    path = config.run_dir / "edits.zarr"
+    run_edit_stage(config, labeller=labeller, show_progress=False)  # other tests edit with other scales
+    reference = pd.read_parquet(config.run_dir / "edit_effects.parquet")
+    shutil.rmtree(path / "edited")
+    (config.run_dir / "edit_effects.parquet").unlink()  # e.g. killed before the table
+    again = run_edit_stage(config, labeller=labeller, show_progress=False)
+    assert again.computed == 0  # resumed: no direction edited again
+    assert open_group(path)["edited"][...].all()
+    pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), reference)

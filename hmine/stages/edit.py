@@ -156,7 +156,9 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         ArraySpec(
             "edited", (len(names), len(seeds)), (1, len(seeds)), "bool", ("direction", "sample"),
             {"long_name": "the sample has this direction (per-image Jacobian directions: only the analysed samples)"},
-            False, False,
+            # True when unwritten: a store from before this array, reopened to resume, holds
+            # only directions every sample has
+            True, False,
         ),
         ArraySpec("direction", (len(names),), (len(names),), "str", ("direction",), None, "", False),
         ArraySpec("scale", (len(scales),), (len(scales),), "float64", ("scale",), {"units": "std of the data along the direction"}, None, False),
