@@ -217,6 +217,8 @@ def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> li
     """Batches marked done whose chunk files (of ``arrays``) are missing or truncated; read-only."""
     path = Path(path)
     n = group["done"].shape[0]
+    if any(name not in group for name in arrays):  # an array's folder lost: every done batch with it
+        return [batch for batch, is_done in enumerate(done_batches(group, batch_size)) if is_done]
     damaged: list[int] = []
     for batch, is_done in enumerate(done_batches(group, batch_size)):
         if not is_done:

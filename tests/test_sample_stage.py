@@ -98,6 +98,25 @@ def test_damaged_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path, da
     assert group.attrs["hmine:store_uuid"] != uuid_before
 
 
+def test_a_lost_array_folder_is_damage_and_every_batch_is_redone(tiny_pixel_model_dir, tmp_path):
+    import shutil
+
+    from hmine.pipeline import stage_status
+    from hmine.stages.sample import samples_intact
+
+    config = _config(tiny_pixel_model_dir, tmp_path)
+    run_sample_stage(config, show_progress=False)
+    path = config.run_dir / "samples.zarr"
+    reference = open_group(path)["x0"][...]
+    shutil.rmtree(path / "x0")
+    assert not samples_intact(config)
+    assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["sample"] == "damaged"
+    result = run_sample_stage(config, show_progress=False)
+    assert result.repaired == result.computed == result.total
+    np.testing.assert_array_equal(open_group(path)["x0"][...], reference)  # bit for bit
+    assert samples_intact(config)
+
+
 KILLED_RUN = textwrap.dedent(
     """
     import sys

@@ -205,9 +205,10 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
             if not repaired:
                 logger.info("sample stage: %s is complete, nothing to do", path)
                 return SamplePlan(path, b, n_batches, [], [], started, model)
-    if state in ("partial", "complete"):
-        # the template is only needed to create a store; an existing one is reopened
-        # (or refused, if another config wrote it) as it is
+    lost_array = state in ("partial", "complete") and any(name not in open_group(path) for name in _WRITTEN_ARRAYS)
+    if state in ("partial", "complete") and not lost_array:
+        # the template is only needed to create a store (or an array whose folder was
+        # lost); an existing one is reopened (or refused, if another config wrote it) as it is
         arrays, attrs = [], {CONFIG_HASH: config.stage_hash("sample")}
         coords = None
     else:
