@@ -38,9 +38,15 @@ def edit_steps_from(timesteps: Sequence[int], t_edit: int | None, t_edit_max: in
 
 
 def delta_for(unit: np.ndarray, scale_unit: np.ndarray, scale: float) -> torch.Tensor:
-    """delta_h of shape (step, channel, y, x) = scale * scale_unit_t * u_t."""
+    """delta_h = scale * scale_unit * unit, the scale units broadcast over (channel, y, x).
+
+    ``unit`` (step, channel, y, x) with ``scale_unit`` (step,) gives one delta for every
+    sample; ``unit`` (sample, step, channel, y, x) with ``scale_unit`` (sample, step) gives
+    each sample its own (per-image directions).
+    """
     unit = np.asarray(unit, dtype=np.float32)
-    scale_unit = np.asarray(scale_unit, dtype=np.float32).reshape(-1, *([1] * (unit.ndim - 1)))
+    scale_unit = np.asarray(scale_unit, dtype=np.float32)
+    scale_unit = scale_unit.reshape(*scale_unit.shape, *([1] * (unit.ndim - scale_unit.ndim)))
     return torch.from_numpy(float(scale) * scale_unit * unit)
 
 

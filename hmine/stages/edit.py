@@ -193,7 +193,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
             unit, scale_unit, has_direction = per_image[0], per_image[1], per_image[2][: len(seeds)]
         for s, scale in enumerate(scales):
             # (step, ...) for a direction shared by all samples; (sample, step, ...) per image
-            delta = delta_for(unit, scale_unit, scale) if per_image is None else _per_image_delta(unit, scale_unit, scale)
+            delta = delta_for(unit, scale_unit, scale)
             for start in range(0, len(seeds), batch):
                 # the sample stage's whole batch, also past edit.n_samples: CPU kernels differ
                 # with the batch size, and a shorter batch would not give the stored images
@@ -311,14 +311,6 @@ def _per_image_units(name, jacobian_group, run_steps, config, all_seeds):
             all_units[i], all_scale_units[i] = units[position[int(seed)]], scale_units[position[int(seed)]]
             has_direction[i] = True
     return all_units, all_scale_units, has_direction
-
-
-def _per_image_delta(units: np.ndarray, scale_units: np.ndarray, scale: float):
-    """delta_h of shape (sample, step, channel, y, x): each sample's own direction."""
-    import torch
-
-    factor = (float(scale) * scale_units).astype(np.float32).reshape(*scale_units.shape, *([1] * (units.ndim - 2)))
-    return torch.from_numpy(factor * units)
 
 
 def read_effects(run_dir: Path) -> pd.DataFrame:
