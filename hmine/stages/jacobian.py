@@ -151,8 +151,12 @@ def checked_arrays(group) -> list[str]:
     import json
 
     settings = json.loads(group.attrs.get("hmine:stage_config", "{}")).get("jacobian", {})
-    localised = settings.get("mask", "none") != "none" and settings.get("localised_rank", 0) > 0
-    return CHUNK_CHECKED_ARRAYS[JACOBIAN_STORE] + (["localised_vectors"] if localised else [])
+    return CHUNK_CHECKED_ARRAYS[JACOBIAN_STORE] + (["localised_vectors"] if finds_localised(settings) else [])
+
+
+def finds_localised(settings: dict) -> bool:
+    """Whether Jacobian settings (``JacobianConfig.model_dump()``) ask for localised directions."""
+    return settings.get("mask", "none") != "none" and settings.get("localised_rank", 0) > 0
 
 
 def jacobian_intact(config: RunConfig) -> bool:
@@ -200,7 +204,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     h_shape = tuple(samples["h"].shape[2:])
     n, s, k = len(seeds), len(steps), jac.k
     height, width = images.shape[-2:]
-    localised = masks is not None and jac.localised_rank > 0
+    localised = finds_localised(jac.model_dump())
     variants = [] if masks is None else ["masked", "unmasked"] + (["localised"] if localised else [])
     n_variants = max(len(variants), 1)
     arrays = [
