@@ -65,10 +65,17 @@ class DiffusionModel:
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from the sampler's final x_0 (identity for a pixel model)."""
+        """Images in [-1, 1] from the sampler's final x_0 (identity for a pixel model).
+
+        For a latent model this is what diffusers' ``LDMPipeline`` does: the U-Net works on
+        latents scaled by the autoencoder's ``config.scaling_factor``, so x_0 is divided by it
+        before ``vqvae.decode``, and the decoded images are clamped to [-1, 1] (the pipeline's
+        ``(image / 2 + 0.5).clamp(0, 1)``).
+        """
         if self.vqvae is None:
             return x0
-        return self.vqvae.decode(x0).sample
+        scaling_factor = float(self.vqvae.config.scaling_factor)
+        return self.vqvae.decode(x0 / scaling_factor).sample.clamp(-1.0, 1.0)
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
         self.unet.to(device)

@@ -75,3 +75,37 @@ def tiny_latent_model_dir(tmp_path_factory):
     ).save_pretrained(path / "vqvae")
     DDIMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(path / "scheduler")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_scaled_latent_model_dir(tmp_path_factory):
+    """A tiny latent model whose VQ autoencoder has ``scaling_factor=0.5``, saved by LDMPipeline.
+
+    ``LDMPipeline.save_pretrained`` writes the CompVis/ldm-celebahq-256 layout (model_index.json,
+    unet/, vqvae/, scheduler/), so diffusers' own pipeline can load the folder as the reference.
+    """
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    path = tmp_path_factory.mktemp("tiny-latent-scaled")
+    unet = make_tiny_unet(sample_size=8, in_channels=3)
+    torch.manual_seed(2)
+    vqvae = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=4,
+        num_vq_embeddings=16,
+        vq_embed_dim=3,
+        scaling_factor=0.5,
+    )
+    # A codebook spread like the latents (the default init is +-1/16), so that x0 and
+    # x0 / scaling_factor snap to different codes and a missing division shows.
+    with torch.no_grad():
+        vqvae.quantize.embedding.weight.normal_()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(path)
+    return path

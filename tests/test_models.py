@@ -39,3 +39,26 @@ def test_corrupt_model_folder_is_a_clear_error(tmp_path, tiny_pixel_model_dir):
     (broken / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler"}))
     with pytest.raises(ValueError, match="corrupt"):
         load_model(str(broken))
+
+
+def test_latent_images_match_diffusers_ldm_pipeline(tiny_scaled_latent_model_dir):
+    """x0 is divided by the autoencoder's scaling_factor before decoding, as LDMPipeline does."""
+    import numpy as np
+    import torch
+    from diffusers import LDMPipeline
+
+    model = load_model(str(tiny_scaled_latent_model_dir))
+    assert model.vqvae.config.scaling_factor == 0.5
+    seed, steps = 7, 3
+    ours = Sampler(model, num_inference_steps=steps).sample([seed], record_h=False).images
+
+    pipe = LDMPipeline.from_pretrained(tiny_scaled_latent_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        batch_size=1, generator=torch.Generator().manual_seed(seed), eta=0.0,
+        num_inference_steps=steps, output_type="np",
+    ).images  # (1, H, W, 3) in [0, 1]: (image / 2 + 0.5).clamp(0, 1)
+
+    ours_01 = (ours.permute(0, 2, 3, 1).numpy() + 1) / 2
+    assert ours_01.shape == reference.shape
+    np.testing.assert_allclose(ours_01, reference, atol=1e-5)
