@@ -10,6 +10,10 @@ Layouts understood:
   ``scheduler_config.json`` at the root;
 * **pipeline folders** (``CompVis/ldm-celebahq-256``, the embedded model): ``unet/``,
   ``scheduler/`` and, for a latent model, ``vqvae/``.
+
+Weights are read from safetensors only: every part loads with ``use_safetensors=True``
+(``diffusion_pytorch_model.safetensors`` or its sharded index), and a local folder is
+checked first (:func:`check_model_source`), so a pickle ``.bin`` is never unpickled.
 """
 
 from __future__ import annotations
@@ -108,18 +112,91 @@ def _hub_layout(model_id: str, revision: str | None) -> str:
         return "flat"
 
 
+#: The weight file diffusers loads for every model part (``use_safetensors=True``, no variant),
+#: and the index it prefers when the weights are sharded.
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
+_SAFE_FIX = "hmine loads safetensors weights only - re-save the model with save_pretrained(safe_serialization=True)"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _check_part(model_id: str, folder: Path) -> dict:
+    """Check one model part folder (``unet/``, ``vqvae/`` or a flat model); its config.
+
+    The weights are the file diffusers loads with ``use_safetensors=True``: the shard index
+    :data:`WEIGHTS_INDEX_NAME` when there is one (diffusers prefers it), else
+    :data:`WEIGHTS_NAME`. Every file they name must be a safetensors file in ``folder`` whose
+    header safetensors can read; any other weight file (a pickle ``.bin``, an unrelated
+    ``*.safetensors``) is never looked at, and never makes the folder acceptable.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"model.id {model_id!r}: cannot read {folder / 'config.json'} ({_one_line(error)}); "
+            "the folder is corrupt or incomplete - re-save the model with save_pretrained"
+        ) from error
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"model.id {model_id!r}: {index} is not a readable shard index ({_one_line(error)}); {_SAFE_FIX}"
+            ) from error
+        unsafe = [shard for shard in shards if not (isinstance(shard, str) and shard.endswith(".safetensors")
+                                                   and Path(shard).name == shard)]
+        if unsafe or not shards:
+            raise ValueError(
+                f"model.id {model_id!r}: {index} must name safetensors shards in {folder}, "
+                f"got {unsafe or 'none'}; {_SAFE_FIX}"
+            )
+        paths = [folder / shard for shard in shards]
+    elif (folder / WEIGHTS_NAME).is_file():
+        paths = [folder / WEIGHTS_NAME]
+    else:
+        others = sorted(
+            path.name for path in folder.iterdir()
+            if path.is_file() and path.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+        )
+        held = f" (it holds {', '.join(others)}, which hmine does not load)" if others else ""
+        raise FileNotFoundError(
+            f"model.id {model_id!r}: {folder} has no {WEIGHTS_NAME} nor a sharded {WEIGHTS_INDEX_NAME}{held}; "
+            f"{_SAFE_FIX}"
+        )
+    from safetensors import safe_open
+
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"model.id {model_id!r}: {path} is not a readable safetensors file ({_one_line(error)}); "
+                "the download or copy is corrupt - fetch or save the model again"
+            ) from error
+    return config
+
+
 def check_model_source(model_id: str) -> dict | None:
     """Check a local or embedded model folder without loading its weights; its U-Net config.
 
-    Reads the U-Net and scheduler configs and the header of every safetensors file (which
-    safetensors checks against the file's length), so that a missing or corrupt folder is
-    refused before a run writes anything. Returns None for a hub id: those are checked
-    when they are downloaded or found in the cache.
+    Reads the U-Net, scheduler and (for a latent model) VQ autoencoder configs, and checks
+    that each weighted part holds the weights diffusers loads with ``use_safetensors=True``
+    (``diffusion_pytorch_model.safetensors``, or the shards its
+    ``diffusion_pytorch_model.safetensors.index.json`` names) with headers safetensors can
+    read (it checks them against the file's length). A folder with only pickle weights, or
+    with an unrelated ``*.safetensors``, is refused before anything is unpickled or a run
+    writes anything. Returns None for a hub id: those are checked when they are downloaded
+    or found in the cache (and loaded with ``use_safetensors=True``).
 
     Raises
     ------
     FileNotFoundError, ValueError
-        With a message that names ``model.id`` and the fix.
+        One line that names ``model.id``, the folder and the fix.
     """
     if model_id == EMBEDDED_MODEL_ID:
         source = embedded_model_path()
@@ -136,30 +213,15 @@ def check_model_source(model_id: str) -> dict | None:
     unet_dir = source / "unet" if layout == "folders" else source
     scheduler_config = (source / "scheduler" if layout == "folders" else source) / "scheduler_config.json"
     try:
-        unet_config = json.loads((unet_dir / "config.json").read_text())
         json.loads(scheduler_config.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(
-            f"model.id {model_id!r}: cannot read {error.filename or 'a config file'} ({error}); "
-            "re-save the model with save_pretrained"
+            f"model.id {model_id!r}: cannot read {scheduler_config} ({_one_line(error)}); "
+            "the folder is corrupt or incomplete - re-save the model with save_pretrained"
         ) from error
-    weights = sorted(unet_dir.glob("*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(
-            f"model.id {model_id!r}: no safetensors weights in {unet_dir}; re-save the model with "
-            "save_pretrained(safe_serialization=True)"
-        )
-    from safetensors import safe_open
-
-    for path in weights:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own error types
-            raise ValueError(
-                f"model.id {model_id!r}: {path.name} is not a readable safetensors file ({error}); "
-                "the download or copy is corrupt - fetch or save the model again"
-            ) from error
+    unet_config = _check_part(model_id, unet_dir)
+    if (source / "vqvae").is_dir():
+        _check_part(model_id, source / "vqvae")
     return unet_config
 
 
@@ -185,6 +247,12 @@ def load_model(
     Returns
     -------
     DiffusionModel
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        One line naming ``model.id`` and the fix: a missing or corrupt folder, a folder (or a
+        hub revision) without safetensors weights.
     """
     import diffusers
     from diffusers import UNet2DModel, VQModel
@@ -205,28 +273,23 @@ def load_model(
             f"model.id {model_id!r} is neither an existing folder nor a hub id (owner/name); "
             "fix the path or use a hub id such as google/ddpm-ema-celebahq-256"
         )
+    if local:
+        # Refuse pickle-only or corrupt folders in one line before diffusers opens anything.
+        check_model_source(model_id)
     layout = _local_layout(Path(source)) if local else _hub_layout(model_id, revision)
-    kwargs = {} if local else {"revision": revision}
+    # use_safetensors=True: diffusers never falls back to unpickling diffusion_pytorch_model.bin.
+    kwargs = {"use_safetensors": True} if local else {"use_safetensors": True, "revision": revision}
     unet_sub = "unet" if layout == "folders" else None
     sched_sub = "scheduler" if layout == "folders" else None
-    try:
-        unet = UNet2DModel.from_pretrained(
-            source, subfolder=unet_sub, low_cpu_mem_usage=False, torch_dtype=dtype, **kwargs
-        )
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"could not load the U-Net of {model_id!r} ({error}); the folder is corrupt or "
-            "not a diffusers UNet2DModel — re-save it with save_pretrained"
-        ) from error
-    scheduler_config = DDIMScheduler.load_config(source, subfolder=sched_sub, **kwargs)
+    unet = _load_part(UNet2DModel, model_id, revision, local, source, unet_sub, dtype, kwargs)
+    scheduler_kwargs = {} if local else {"revision": revision}
+    scheduler_config = DDIMScheduler.load_config(source, subfolder=sched_sub, **scheduler_kwargs)
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), DDIMScheduler)
     scheduler = scheduler_class.from_config(scheduler_config)
     vqvae = None
     vq_dir = Path(source) / "vqvae" if local else None
     if (local and vq_dir.exists()) or (not local and layout == "folders" and _hub_has(model_id, "vqvae/config.json", revision)):
-        vqvae = VQModel.from_pretrained(
-            source, subfolder="vqvae", low_cpu_mem_usage=False, torch_dtype=dtype, **kwargs
-        )
+        vqvae = _load_part(VQModel, model_id, revision, local, source, "vqvae", dtype, kwargs)
         vqvae.eval().requires_grad_(False).to(device)
     unet.eval().requires_grad_(False).to(device)
     return DiffusionModel(
@@ -236,6 +299,28 @@ def load_model(
         model_id=model_id,
         revision="local" if local else (revision or "main"),
     )
+
+
+def _load_part(model_class, model_id, revision, local, source, subfolder, dtype, kwargs):
+    """``model_class.from_pretrained`` (safetensors only), its failures as one line naming model.id and the fix."""
+    part = "U-Net" if subfolder in (None, "unet") else f"{model_class.__name__} in {subfolder}/"
+    try:
+        return model_class.from_pretrained(
+            source, subfolder=subfolder, low_cpu_mem_usage=False, torch_dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        if local:
+            fix = f"the folder is corrupt or not a diffusers {model_class.__name__} - re-save it with save_pretrained"
+        else:
+            fix = (
+                f"hmine loads safetensors weights only: use a revision of {model_id} that has "
+                f"{WEIGHTS_NAME} (model.revision), or save the model locally with "
+                "save_pretrained(safe_serialization=True) and set model.id to that folder"
+            )
+        raise ValueError(
+            f"model.id {model_id!r} (revision {'local' if local else revision or 'main'}): could not load "
+            f"the {part} ({_one_line(error)}); {fix}"
+        ) from error
 
 
 def _hub_has(model_id: str, filename: str, revision: str | None) -> bool:
