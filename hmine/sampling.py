@@ -19,6 +19,11 @@ eps_P = eps_D = eps. When the model's scheduler config sets ``clip_sample`` (as
 google/ddpm-ema-celebahq-256 does), P_t is clipped to [-1, 1] exactly as diffusers'
 DDIMScheduler does. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
 unless ``asymmetric=True``, where it is the original eps (one extra U-Net pass per step).
+
+Every sampling call runs with one torch thread (:func:`hmine.threads.model_threads`):
+torch's CPU kernels round differently at different thread counts, so this is what makes
+a sample the same bits in the calling process, on a Dask worker, and when the edit and
+Jacobian stages regenerate it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from hmine.hooks import HPosition, HSpaceHook
 from hmine.models import DiffusionModel
+from hmine.threads import model_threads
 
 
 @dataclass
@@ -159,6 +165,7 @@ class Sampler:
         return x_prev
 
     @torch.inference_mode()
+    @model_threads()
     def sample(
         self,
         seeds: Sequence[int],
@@ -169,7 +176,7 @@ class Sampler:
         record_h: bool = True,
         return_trajectory: bool = False,
     ) -> SampleOutput:
-        """Generate (or regenerate) one image per seed.
+        """Generate (or regenerate) one image per seed, with one torch thread (module docstring).
 
         Parameters
         ----------
