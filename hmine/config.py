@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Upper bounds on counts. They are far above any run that fits on a disk (10 million
+# samples of CelebA-HQ's h at 10 steps is 6.4 TB) and keep an impossible value from
+# reaching numpy or torch, where it fails late with an OverflowError or MemoryError
+# after the run directory has been written.
+MAX_SAMPLES = 10_000_000
+MAX_BATCH = 65_536
+MAX_STEPS = 10_000
+# Seeds are the int64 ``sample`` coordinate of every store and seed torch's generator.
+MAX_SEED = 2**63 - 1
 
 
 class ModelConfig(_Frozen):
@@ -35,10 +47,10 @@ class ModelConfig(_Frozen):
 class SampleConfig(_Frozen):
     """The sample stage: N images and their per-step h."""
 
-    n_samples: int = Field(1024, ge=1)
-    seed_start: int = Field(0, ge=0)
-    batch_size: int = Field(64, ge=1, description="also the zarr chunk length along sample")
-    num_inference_steps: int = Field(10, ge=1)
+    n_samples: int = Field(1024, ge=1, le=MAX_SAMPLES)
+    seed_start: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="also the zarr chunk length along sample")
+    num_inference_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eta: float | list[float] = 0.0
     h_dtype: Literal["float16", "float32"] = "float16"
     images_dtype: Literal["float16", "float32"] = "float32"
@@ -50,6 +62,16 @@ class SampleConfig(_Frozen):
         if any(not 0 <= v <= 1 for v in values):
             raise ValueError("eta must be between 0 and 1 (0 = DDIM, 1 = DDPM-like)")
         return value
+
+    @model_validator(mode="after")
+    def _seeds_fit_int64(self):
+        last = self.seed_start + self.n_samples - 1
+        if last > MAX_SEED:
+            raise ValueError(
+                f"sample.seed_start + sample.n_samples - 1 is {last}, above {MAX_SEED} (seeds are stored "
+                "as int64); lower sample.seed_start"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_eta_per_step(self):
@@ -78,7 +100,7 @@ class LabelConfig(_Frozen):
     attributes: list[str] = Field(
         default_factory=list, description="binary attributes (scores in [0, 1]) used downstream"
     )
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
     @model_validator(mode="after")
     def _clip_needs_prompts(self):
@@ -100,12 +122,12 @@ class LabelConfig(_Frozen):
 class DirectionsConfig(_Frozen):
     """The direction stage: PCA, mean difference, linear probes, conditional projections."""
 
-    pca_components: int = Field(8, ge=1)
+    pca_components: int = Field(8, ge=1, le=MAX_BATCH)
     pca_modes: list[Literal["per_step", "all_steps"]] = ["per_step"]
-    top_k: int = Field(100, ge=1, description="samples per side for the mean difference")
+    top_k: int = Field(100, ge=1, le=MAX_SAMPLES, description="samples per side for the mean difference")
     probe_C: float = Field(1.0, gt=0)
     probe_components: int | None = Field(
-        16, ge=1, description="probes are fitted in this many principal components per step; null = raw h"
+        16, ge=1, le=MAX_BATCH, description="probes are fitted in this many principal components per step; null = raw h"
     )
     probe_test_fraction: float = Field(0.25, gt=0, lt=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="binarises attribute scores")
@@ -122,15 +144,15 @@ class EditConfig(_Frozen):
     directions: list[str] = Field(
         default_factory=list, description="direction names to apply; empty = every supervised direction"
     )
-    n_samples: int = Field(64, ge=1, description="the first N samples of the run are edited")
+    n_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="the first N samples of the run are edited")
     scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
-    t_edit: int | None = Field(None, ge=0, description="edit only steps with timestep >= t_edit")
+    t_edit: int | None = Field(None, ge=0, le=MAX_STEPS * 100, description="edit only steps with timestep >= t_edit")
     t_edit_max: int | None = Field(
-        None, ge=0, description="edit only steps with timestep <= t_edit_max; with t_edit, the window [t_edit, t_edit_max]"
+        None, ge=0, le=MAX_STEPS * 100, description="edit only steps with timestep <= t_edit_max; with t_edit, the window [t_edit, t_edit_max]"
     )
     asymmetric: bool = False
-    batch_size: int = Field(64, ge=1)
-    strip_samples: int = Field(6, ge=1, description="samples shown per PNG strip")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    strip_samples: int = Field(6, ge=1, le=1024, description="samples shown per PNG strip")
 
     @field_validator("scales")
     @classmethod
@@ -152,17 +174,18 @@ class EditConfig(_Frozen):
 class JacobianConfig(_Frozen):
     """The Jacobian stage: per-image top singular directions of d eps / d h."""
 
-    n_samples: int = Field(4, ge=0, description="the first N samples get Jacobian directions")
-    k: int = Field(3, ge=1)
+    n_samples: int = Field(4, ge=0, le=MAX_SAMPLES, description="the first N samples get Jacobian directions")
+    k: int = Field(3, ge=1, le=MAX_BATCH)
     steps: list[int] | None = Field(None, min_length=1, description="timestep values to analyse; all if unset")
     mask: Literal["none", "shape", "background", "files"] = "none"
     mask_dir: Path | None = Field(None, description="one <seed>.npy or <seed>.png per sample, for mask: files")
     tol: float = Field(1e-3, gt=0)
-    max_iter: int = Field(50, ge=1)
+    max_iter: int = Field(50, ge=1, le=1_000_000)
     edit_scales: list[float] = [-1.0, 0.0, 1.0]
     localised_rank: int = Field(
         32,
         ge=0,
+        le=MAX_BATCH,
         description="with a mask, also find k region-localised directions (largest share of the change of eps "
         "inside the mask) in the top-N right singular subspace of the unmasked Jacobian; 0 skips them",
     )
@@ -200,9 +223,9 @@ class RunnerConfig(_Frozen):
 
     kind: Literal["local", "dask"] = "local"
     address: str | None = Field(None, description="scheduler of a running Dask cluster, e.g. tcp://host:8786; null = LocalCluster")
-    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes (one model each)")
+    n_workers: int = Field(2, ge=1, le=4096, description="LocalCluster worker processes (one model each)")
     shards_per_worker: int = Field(
-        4, ge=1, description="shards (Prefect tasks, each loading the model once) per Dask worker"
+        4, ge=1, le=4096, description="shards (Prefect tasks, each loading the model once) per Dask worker"
     )
 
     @model_validator(mode="after")
@@ -215,7 +238,7 @@ class RunnerConfig(_Frozen):
 class RunConfig(_Frozen):
     """A whole mining run: where it writes and the settings of every stage."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("run", description="the run's folder under output_root")
     output_root: Path = Path("stores")
     report_root: Path = Path("reports")
     model: ModelConfig = ModelConfig()
@@ -225,6 +248,18 @@ class RunConfig(_Frozen):
     edit: EditConfig = EditConfig()
     jacobian: JacobianConfig = JacobianConfig()
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        # a leading letter, digit or underscore keeps out "." and ".." (which would write
+        # into output_root or its parent) and hidden folders; no separators, no spaces
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}", name):
+            raise ValueError(
+                "name must be one folder name of letters, digits, '_', '.' and '-' that starts with a "
+                "letter, digit or '_' (at most 200 characters), e.g. celebahq-smiling"
+            )
+        return name
 
     @model_validator(mode="after")
     def _reports_beside_the_stores(self):
@@ -361,12 +396,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(error, "problem", None) or "a syntax error"
             raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix that line") from None
+        if data is None:  # no settings at all: an empty file is a mistake, not "all defaults"
+            raise ConfigError(
+                f"config file {path} is empty; give at least a name: and the settings that differ from "
+                "the defaults (see configs/demo.yaml)"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of settings at the top level")
     for text in overrides or []:
