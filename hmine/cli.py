@@ -90,7 +90,7 @@ def _run_stages(args, stages) -> int:
     from hmine.config import load_config
     from hmine.pipeline import check_run_dir, run_stages, write_run_config
     from hmine.preflight import check_run_inputs
-    from hmine.runtime import RunLock, exit_cleanly_on_sigterm
+    from hmine.runtime import RunLock, exit_cleanly_on_signals
 
     dask = getattr(args, "dask", None)
     if dask is not None and args.no_prefect:
@@ -99,18 +99,44 @@ def _run_stages(args, stages) -> int:
     if args.no_prefect and config.runner.kind == "dask" and "sample" in stages:
         logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
     check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
-    exit_cleanly_on_sigterm()
-    with RunLock(config.run_dir):
-        check_run_dir(config)  # before anything is written
-        write_run_config(config)
-        if not args.no_prefect and not os.environ.get("PREFECT_API_URL"):
-            from hmine.runtime import start_prefect_server
+    exit_cleanly_on_signals()
+    new_run_dir = not config.run_dir.exists()
+    try:
+        with RunLock(config.run_dir):
+            check_run_dir(config)  # before anything is written
+            write_run_config(config)
+            if not args.no_prefect and not os.environ.get("PREFECT_API_URL"):
+                from hmine.runtime import start_prefect_server
 
-            start_prefect_server()
-        results = run_stages(config, stages, use_prefect=not args.no_prefect)
+                start_prefect_server()
+            results = run_stages(config, stages, use_prefect=not args.no_prefect)
+    except BaseException:
+        if new_run_dir:
+            _remove_if_untouched(config.run_dir)
+        raise
     for stage, result in results.items():
         print(f"{stage}: {result}")
     return 0
+
+
+# What a run directory holds before any stage has written to it.
+_RUN_DIR_BOOKKEEPING = {".lock", "config.json", "config.json.tmp", "run_log.jsonl"}
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """Remove a run directory this command created if no stage wrote into it.
+
+    A refusal after the lock (an offline hub id, weights that cannot be loaded) must not
+    leave a run directory that looks like a run.
+    """
+    try:
+        entries = set(os.listdir(run_dir))
+        if entries <= _RUN_DIR_BOOKKEEPING:
+            for name in entries:
+                (run_dir / name).unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # best effort: the error being raised is the one to report
 
 
 def _status(args) -> int:
@@ -151,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("hmine").setLevel(logging.INFO)
     from hmine.config import ConfigError
-    from hmine.runtime import RunLocked
+    from hmine.runtime import Interrupted, RunLocked
     from hmine.stores import StoreConfigMismatch
 
     try:
@@ -168,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunLocked, StoreConfigMismatch, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(f"error: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
+    except KeyboardInterrupt:  # before the handlers were installed
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 1
 
 

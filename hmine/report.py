@@ -8,7 +8,6 @@ per-attribute probes and edit strips, the attribute-change matrix, Jacobian dire
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 from pathlib import Path
@@ -46,10 +45,10 @@ def _img(src: str, alt: str, width: int | None = None) -> str:
 
 
 def read_run_log(run_dir: Path) -> pd.DataFrame:
-    path = Path(run_dir) / "run_log.jsonl"
-    if not path.exists():
-        return pd.DataFrame(columns=["stage", "seconds", "computed", "skipped", "cache_hit"])
-    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    from hmine.pipeline import RUN_LOG, read_log_records
+
+    records = read_log_records(Path(run_dir) / RUN_LOG)
+    return pd.DataFrame(records, columns=["stage", "seconds", "computed", "skipped", "cache_hit"])
 
 
 def attribute_change_matrix(effects: pd.DataFrame, attributes: list[str], scale: float | None = None) -> pd.DataFrame:
@@ -93,8 +92,10 @@ def jacobian_summary(run_dir: Path) -> pd.DataFrame:
     import xarray as xr
 
     jac = xr.open_zarr(Path(run_dir) / "jacobian.zarr", consolidated=False)
-    first = jac.isel(step=0)
     frame = pd.DataFrame(index=pd.Index(jac["sample"].values, name="seed"))
+    if frame.empty:  # jacobian.n_samples: 0 analyses nothing
+        return frame
+    first = jac.isel(step=0)
     frame["step"] = int(first["step"])
     for k in range(jac.sizes["k"]):
         frame[f"sigma_{k + 1}"] = first["singular_values"].values[:, k]
@@ -146,7 +147,8 @@ def build_report(config: RunConfig) -> Path:
         )
     # built beside the old report and swapped in at the end: a report that fails half-way
     # leaves the previous one whole
-    out = final.with_name(f".{final.name}.building-{os.getpid()}")
+    _remove_abandoned_builds(final)
+    out = final.with_name(f"{BUILDING_PREFIX.format(name=final.name)}{os.getpid()}")
     if out.exists():
         shutil.rmtree(out)
     (out / "img").mkdir(parents=True)
@@ -159,6 +161,30 @@ def build_report(config: RunConfig) -> Path:
         shutil.rmtree(final)
     out.rename(final)
     return final / "index.html"
+
+
+BUILDING_PREFIX = ".{name}.building-"  # + the builder's PID
+
+
+def _remove_abandoned_builds(final: Path) -> None:
+    """Remove side folders of builds of this report whose process is gone (killed mid-build)."""
+    prefix = BUILDING_PREFIX.format(name=final.name)
+    if not final.parent.exists():
+        return
+    for side in final.parent.glob(prefix + "*"):
+        pid = side.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(side, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _is_report_dir(path: Path) -> bool:
@@ -314,7 +340,9 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
 
     # -- jacobian --------------------------------------------------------------------
     jac_dir = run_dir / "jacobian_strips"
-    if store_state(run_dir / "jacobian.zarr") == "complete":
+    if store_state(run_dir / "jacobian.zarr") == "complete" and config.jacobian.n_samples == 0:
+        sections.append("<h2>Jacobian stage</h2><p>Switched off: <code>jacobian.n_samples</code> is 0.</p>")
+    elif store_state(run_dir / "jacobian.zarr") == "complete":
         shown = []
         for src in jacobian_strip_paths(run_dir):
             shutil.copy(src, out / "img" / ("jac-" + src.name))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import signal
 import sys
@@ -47,9 +48,9 @@ def configure_environment() -> None:
     """Set quiet Prefect defaults and thread settings; the user's own variables win."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # only the setting: the folder is made by ensure_prefect_home when Prefect is about to
+    # be used, so `hmine --help`, `hmine status` or a refused config leave no ./.hmine behind
     os.environ.setdefault("PREFECT_HOME", str(hmine_home() / "prefect"))
-    # Prefect creates its home without parents and fails on a fresh HMINE_HOME
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     # Spinning OpenMP threads under contention made torch 5-10x slower (stack-notes §0.2).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,16 +58,51 @@ def configure_environment() -> None:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
-def exit_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so atexit handlers stop Prefect's local server.
+def ensure_prefect_home() -> Path:
+    """Create ``$PREFECT_HOME`` (with its parents) before Prefect is imported or started.
 
-    Without this the uvicorn child outlives a terminated run (stack-notes §7).
+    Prefect creates its home without parents and fails on a fresh ``HMINE_HOME``.
+    """
+    home = Path(os.environ.get("PREFECT_HOME") or hmine_home() / "prefect")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+class Interrupted(BaseException):
+    """The run was stopped by SIGINT or SIGTERM; its stores keep every batch written.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in a stage
+    or in Prefect's engine swallows it; ``hmine`` prints one line and exits 128 + signal.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; every batch written so far is kept - "
+            "rerun the same command to resume"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def exit_cleanly_on_signals() -> None:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread.
+
+    Raising (instead of dying) lets ``finally`` blocks release the run lock and atexit
+    handlers stop Prefect's local server; without it the uvicorn child outlives a
+    terminated run (stack-notes §7). The server itself runs in a session of its own
+    (:func:`start_prefect_server`), so a terminal's Ctrl-C, sent to the whole foreground
+    process group, reaches hmine only: the server stays up until hmine has finished
+    talking to it and stops it at exit.
     """
 
     def handler(signum, frame):
-        sys.exit(128 + signum)
+        raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def start_prefect_server() -> str:
@@ -79,8 +115,27 @@ def start_prefect_server() -> str:
     """
     import subprocess
 
+    ensure_prefect_home()
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class ServerInItsOwnSession(SubprocessASGIServer):
+        """Prefect's temporary server, out of the terminal's process group.
+
+        Ctrl-C in a terminal signals every process of the foreground group; a server in
+        that group died with hmine's own Ctrl-C, and hmine then retried the dead API for
+        over a minute with a screen of connection tracebacks.
+        """
+
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+            # Prefect builds the command line and environment; only the session differs.
+            # Patched for this one call, while no other thread of hmine starts processes.
+            subprocess.Popen = functools.partial(popen, start_new_session=True)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
 
     # the watchdog first, so that a kill during the server's start-up is covered too
     subprocess.Popen(
@@ -90,7 +145,7 @@ def start_prefect_server() -> str:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    server = SubprocessASGIServer()
+    server = ServerInItsOwnSession()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
     os.environ["PREFECT_API_URL"] = server.api_url
     # settings are read once at import; make the running process see the URL too

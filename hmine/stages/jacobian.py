@@ -92,12 +92,22 @@ def load_masks(config: RunConfig, seeds: np.ndarray, images: np.ndarray) -> np.n
 def read_mask_file(mask_dir: Path, seed: int, image_size: tuple[int, int] | None) -> np.ndarray:
     """The user mask ``<mask_dir>/<seed>.npy`` (or ``.png``) as float32, checked against the image size."""
     stem = Path(mask_dir) / str(int(seed))
-    if stem.with_suffix(".npy").exists():
-        mask = np.load(stem.with_suffix(".npy"), allow_pickle=False)
-    elif stem.with_suffix(".png").exists():
-        from PIL import Image
+    npy, png = stem.with_suffix(".npy"), stem.with_suffix(".png")
+    if npy.exists():
+        try:
+            mask = np.load(npy, allow_pickle=False)  # never unpickle a user's file
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(
+                f"jacobian.mask_dir: {npy} is not a plain numeric .npy array ({error}); save it with "
+                "np.save(path, mask.astype(np.float32)), or as a grey-scale PNG"
+            ) from None
+    elif png.exists():
+        from PIL import Image, UnidentifiedImageError
 
-        mask = np.asarray(Image.open(stem.with_suffix(".png")).convert("L"), dtype=np.float32) / 255.0
+        try:
+            mask = np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"jacobian.mask_dir: {png} is not a readable PNG ({error}); save it again") from None
     else:
         raise FileNotFoundError(
             f"no mask for sample {int(seed)}: expected {stem}.npy or {stem}.png in jacobian.mask_dir"
