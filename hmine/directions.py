@@ -986,7 +986,8 @@ def write_directions(ds: xr.Dataset, path) -> Path:
         ``path``.
     """
     import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
+
+    from hmine.stores import chunk_codecs
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -1003,13 +1004,11 @@ def write_directions(ds: xr.Dataset, path) -> Path:
                 out = out.assign_coords({name: variable.astype(object)})
             else:
                 out[name] = variable.astype(object)
-    encoding = {}
+    # Blosc and a CRC32C like every hmine store: damaged bytes fail on read, and the
+    # chunk checks (stores.all_chunks_intact, stores.store_damage) find them
+    encoding = {name: {"compressors": chunk_codecs()} for name in out.variables}
     if "direction" in out.variables:
-        encoding["direction"] = {
-            "chunks": (1, *out["direction"].shape[1:]),  # one direction per chunk
-            # Blosc like every hmine store: its frame header lets the chunk check find truncation
-            "compressors": [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)],
-        }
+        encoding["direction"]["chunks"] = (1, *out["direction"].shape[1:])  # one direction per chunk
     # every chunk is written, even one equal to the fill value, so that a missing chunk
     # file always means a lost one (stores.all_chunks_intact)
     out.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)

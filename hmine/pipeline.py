@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stores import CONFIG_HASH, DIRECTIONS_UUID, JACOBIAN_UUID, STAGE_HASH, open_group, store_state, store_uuid
+from hmine.stores import (
+    CONFIG_HASH,
+    DIRECTIONS_UUID,
+    JACOBIAN_UUID,
+    STAGE_HASH,
+    open_group,
+    store_damage,
+    store_state,
+    store_uuid,
+)
 
 STAGE_OUTPUTS = {
     "sample": "samples.zarr",
@@ -44,6 +54,8 @@ def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStat
     state = store_state(path)
     if state in ("missing", "debris"):
         return StageStatus(stage, "missing", str(path.name) if state == "missing" else "crashed during creation")
+    if state == "corrupt":
+        return StageStatus(stage, "damaged", f"{store_damage(path)}; rerun to write the store again")
     group = open_group(path)
     written_by = group.attrs.get(STAGE_HASH, group.attrs.get(CONFIG_HASH))
     if expected_hash is not None and written_by != expected_hash:
@@ -107,6 +119,8 @@ def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageSta
 
     meta = table_meta(path)
     parts = path.with_name(path.stem + ".parts")
+    if meta is None and path.exists():
+        return StageStatus(stage, "damaged", f"{path.name} does not read back whole; rerun to write it again")
     if meta is None:
         if parts.exists():
             return StageStatus(stage, "partial", f"{len(list(parts.glob('part-*.parquet')))} batches done")
@@ -154,11 +168,11 @@ def read_run_config(path: Path) -> RunConfig:
 
 def write_run_config(config: RunConfig) -> Path:
     """Save the run's config beside its stores (reloads to an equal object)."""
+    from hmine.stores import write_bytes_atomic
+
     path = config.run_dir / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.model_dump_json(indent=2))
-    tmp.replace(path)
+    write_bytes_atomic(path, config.model_dump_json(indent=2).encode())
     return path
 
 
@@ -194,6 +208,46 @@ def summarise(result) -> dict:
     }
 
 
+RUN_LOG = "run_log.jsonl"
+
+
+def append_log_record(path: Path, record: dict) -> None:
+    """Append one JSON line to a log, starting a new line if the last one was cut short.
+
+    A kill or a full disk can leave a last line without its newline; appending straight
+    after it would glue the next record onto the broken one.
+    """
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab+") as log:
+        if log.tell() > 0:
+            log.seek(-1, 2)
+            if log.read(1) != b"\n":
+                line = b"\n" + line
+        log.write(line)
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def read_log_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; lines that do not parse (cut short) are skipped, named."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            logging.getLogger(__name__).warning("%s line %d is damaged (cut short?); it is skipped", path, number)
+            continue
+        records.append(record)
+    return records
+
+
 def _log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> None:
     record = {
         "stage": stage,
@@ -202,8 +256,7 @@ def _log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> 
         "skipped": summary.get("skipped", 0),
         "cache_hit": bool(summary.get("cache_hit", False)) or summary.get("computed", 1) == 0,
     }
-    with open(config.run_dir / "run_log.jsonl", "a") as log:
-        log.write(json.dumps(record) + "\n")
+    append_log_record(config.run_dir / RUN_LOG, record)
 
 
 def run_stages(config: RunConfig, stages: tuple[str, ...] = STAGES, *, use_prefect: bool = True) -> dict:

@@ -23,7 +23,16 @@ import pandas as pd
 
 from hmine.config import RunConfig
 from hmine.stages.sample import StageResult, progress, samples_path
-from hmine.stores import STORE_UUID, open_group, store_state, table_meta, write_table
+from hmine.stores import (
+    STORE_UUID,
+    UnreadableFile,
+    open_group,
+    read_json,
+    store_state,
+    table_meta,
+    write_json_atomic,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,17 @@ def read_labels(config: RunConfig) -> pd.DataFrame:
     if meta.get("hmine:config_hash") != config.stage_hash("label"):
         raise ValueError(f"{path} was written by another label config; rerun `hmine label`")
     return pd.read_parquet(path)
+
+
+def _parts_identity(manifest: Path) -> dict | None:
+    """What the work in progress was made from; None when unknown (missing or damaged)."""
+    try:
+        return read_json(manifest)
+    except FileNotFoundError:
+        return None
+    except UnreadableFile as error:  # e.g. a kill while an older hmine wrote it in place
+        logger.warning("label stage: %s; its parts are relabelled", error)
+        return None
 
 
 def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = True) -> StageResult:
@@ -95,10 +115,10 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
     # parts written at another batch size cover other rows: the batch size is part of
     # their identity (not of the table's, which it does not change)
     parts_identity = label_parts_identity(config)
-    if parts.exists() and (not manifest.exists() or json.loads(manifest.read_text()) != parts_identity):
+    if parts.exists() and _parts_identity(manifest) != parts_identity:
         shutil.rmtree(parts)  # parts of another config, samples store or batch size: start over
     parts.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(parts_identity))
+    write_json_atomic(manifest, parts_identity)
 
     group = open_group(source)
     seeds = group["sample"][...]
