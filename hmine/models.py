@@ -123,50 +123,65 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def _check_part(model_id: str, folder: Path) -> dict:
-    """Check one model part folder (``unet/``, ``vqvae/`` or a flat model); its config.
+def check_safetensors_weights(folder: Path, weights_name: str, what: str, fix: str) -> list[Path]:
+    """The safetensors files ``from_pretrained(..., use_safetensors=True)`` reads from ``folder``, checked.
 
-    The weights are the file diffusers loads with ``use_safetensors=True``: the shard index
-    :data:`WEIGHTS_INDEX_NAME` when there is one (diffusers prefers it), else
-    :data:`WEIGHTS_NAME`. Every file they name must be a safetensors file in ``folder`` whose
-    header safetensors can read; any other weight file (a pickle ``.bin``, an unrelated
-    ``*.safetensors``) is never looked at, and never makes the folder acceptable.
+    Those are ``weights_name`` and the shards its index ``weights_name + ".index.json"``
+    names (diffusers prefers the index, transformers the single file, so both are checked
+    when both are there). Every shard must be a ``*.safetensors`` file in ``folder`` (a
+    loader hands any other name to ``torch.load``), and every file's header must be readable
+    by safetensors (which checks it against the file's length). Other weight files (a pickle
+    ``.bin``, an unrelated ``*.safetensors``) are never opened and never count.
+
+    Parameters
+    ----------
+    folder : Path
+    weights_name : str
+        ``diffusion_pytorch_model.safetensors`` (diffusers) or ``model.safetensors``
+        (transformers); a name ending in ``.index.json`` is the index alone.
+    what : str
+        The config field and value the messages start with, e.g. ``model.id './m'``.
+    fix : str
+        What the user should do when the weights are missing.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither the weights nor their index are there; one line naming the folder and ``fix``.
+    ValueError
+        An unreadable index, a shard that is not a safetensors file, or a corrupt file.
     """
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"model.id {model_id!r}: cannot read {folder / 'config.json'} ({_one_line(error)}); "
-            "the folder is corrupt or incomplete - re-save the model with save_pretrained"
-        ) from error
-    index = folder / WEIGHTS_INDEX_NAME
+    if weights_name.endswith(".index.json"):
+        single, index = None, folder / weights_name
+    else:
+        single, index = folder / weights_name, folder / (weights_name + ".index.json")
+    paths = []
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"model.id {model_id!r}: {index} is not a readable shard index ({_one_line(error)}); {_SAFE_FIX}"
-            ) from error
-        unsafe = [shard for shard in shards if not (isinstance(shard, str) and shard.endswith(".safetensors")
-                                                   and Path(shard).name == shard)]
+            raise ValueError(f"{what}: {index} is not a readable shard index ({_one_line(error)}); {fix}") from error
+        unsafe = [
+            shard for shard in shards
+            if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard)
+        ]
         if unsafe or not shards:
-            raise ValueError(
-                f"model.id {model_id!r}: {index} must name safetensors shards in {folder}, "
-                f"got {unsafe or 'none'}; {_SAFE_FIX}"
-            )
-        paths = [folder / shard for shard in shards]
-    elif (folder / WEIGHTS_NAME).is_file():
-        paths = [folder / WEIGHTS_NAME]
-    else:
+            raise ValueError(f"{what}: {index} must name safetensors shards in {folder}, got {unsafe or 'none'}; {fix}")
+        paths += [folder / shard for shard in shards]
+    if single is not None and single.is_file():
+        paths.append(single)
+    if not paths:
         others = sorted(
             path.name for path in folder.iterdir()
             if path.is_file() and path.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}
         )
         held = f" (it holds {', '.join(others)}, which hmine does not load)" if others else ""
-        raise FileNotFoundError(
-            f"model.id {model_id!r}: {folder} has no {WEIGHTS_NAME} nor a sharded {WEIGHTS_INDEX_NAME}{held}; "
-            f"{_SAFE_FIX}"
-        )
+        wanted = f"{single.name} nor a sharded {index.name}" if single is not None else index.name
+        raise FileNotFoundError(f"{what}: {folder} has no {wanted}{held}; {fix}")
     from safetensors import safe_open
 
     for path in paths:
@@ -175,9 +190,26 @@ def _check_part(model_id: str, folder: Path) -> dict:
                 handle.keys()
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(
-                f"model.id {model_id!r}: {path} is not a readable safetensors file ({_one_line(error)}); "
+                f"{what}: {path} is not a readable safetensors file ({_one_line(error)}); "
                 "the download or copy is corrupt - fetch or save the model again"
             ) from error
+    return paths
+
+
+def _check_part(model_id: str, folder: Path) -> dict:
+    """Check one model part folder (``unet/``, ``vqvae/`` or a flat model); its config.
+
+    Its weights are what diffusers loads with ``use_safetensors=True``
+    (:func:`check_safetensors_weights` with :data:`WEIGHTS_NAME`).
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"model.id {model_id!r}: cannot read {folder / 'config.json'} ({_one_line(error)}); "
+            "the folder is corrupt or incomplete - re-save the model with save_pretrained"
+        ) from error
+    check_safetensors_weights(folder, WEIGHTS_NAME, f"model.id {model_id!r}", _SAFE_FIX)
     return config
 
 
