@@ -100,7 +100,12 @@ def sample_shard_task(config_json: str, batches: list[int], shard: int) -> list[
 
 def dask_task_runner(config: RunConfig):
     """prefect-dask's task runner for ``config.runner``: the cluster at its address, or a
-    LocalCluster of single-threaded worker processes with scratch space in hmine's home."""
+    LocalCluster of single-threaded worker processes with scratch space in hmine's home.
+
+    Whatever torch thread count a worker starts with (Dask's nanny sets
+    ``OMP_NUM_THREADS=1``), the sampler runs every call with :data:`hmine.threads.MODEL_THREADS`,
+    as a local run does, so the store holds the same bits on either runner.
+    """
     from prefect_dask import DaskTaskRunner
 
     runner = config.runner
