@@ -100,7 +100,7 @@ def _run_stages(args, stages) -> int:
         logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
     check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
     exit_cleanly_on_signals()
-    new_run_dir = not config.run_dir.exists()
+    created = _first_missing_folder(config.run_dir)  # the folders this command will create
     try:
         with RunLock(config.run_dir):
             check_run_dir(config)  # before anything is written
@@ -111,8 +111,8 @@ def _run_stages(args, stages) -> int:
                 start_prefect_server()
             results = run_stages(config, stages, use_prefect=not args.no_prefect)
     except BaseException:
-        if new_run_dir:
-            _remove_if_untouched(config.run_dir)
+        if created is not None:
+            _remove_if_untouched(config.run_dir, created)
         raise
     for stage, result in results.items():
         print(f"{stage}: {result}")
@@ -123,8 +123,19 @@ def _run_stages(args, stages) -> int:
 _RUN_DIR_BOOKKEEPING = {".lock", "config.json", "config.json.tmp", "run_log.jsonl"}
 
 
-def _remove_if_untouched(run_dir: Path) -> None:
-    """Remove a run directory this command created if no stage wrote into it.
+def _first_missing_folder(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_if_untouched(run_dir: Path, created: Path) -> None:
+    """Remove a run directory this command created, and the empty folders it made for it,
+    if no stage wrote into it.
 
     A refusal after the lock (an offline hub id, weights that cannot be loaded) must not
     leave a run directory that looks like a run.
@@ -134,7 +145,12 @@ def _remove_if_untouched(run_dir: Path) -> None:
         if entries <= _RUN_DIR_BOOKKEEPING:
             for name in entries:
                 (run_dir / name).unlink()
-            run_dir.rmdir()
+            folder = run_dir.absolute()
+            while True:
+                folder.rmdir()  # fails (and stops) at a folder that is not empty
+                if folder == created:
+                    break
+                folder = folder.parent
     except OSError:
         pass  # best effort: the error being raised is the one to report
 

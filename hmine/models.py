@@ -100,9 +100,21 @@ def _local_layout(path: Path) -> str:
 
 
 def _hub_layout(model_id: str, revision: str | None) -> str:
+    import os
+
     from huggingface_hub import hf_hub_download
 
-    index = json.loads(Path(hf_hub_download(model_id, "model_index.json", revision=revision)).read_text())
+    try:
+        index = json.loads(Path(hf_hub_download(model_id, "model_index.json", revision=revision)).read_text())
+    except Exception as error:  # huggingface_hub's errors (offline, not found, HTTP) have no common base
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        reason = "the hub is switched off (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else (
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        )
+        raise FileNotFoundError(
+            f"model.id {model_id!r} (revision {revision or 'main'}) cannot be fetched: {reason}; download it "
+            "once on a machine with a network, or point model.id at a local folder saved with save_pretrained"
+        ) from None
     try:
         hf_hub_download(model_id, "unet/config.json", revision=revision)
         return "folders"
