@@ -10,7 +10,8 @@ Methods
 -------
 * :class:`StepwisePCA` — unsupervised principal directions, one PCA per step
   (``mode="per_step"``) or one over the whole trajectory (``mode="all_steps"``), in
-  memory with scikit-learn or out of core with dask, whichever fits the memory budget.
+  memory or out of core with dask, whichever fits the memory budget; exact on both
+  paths to a measured angle (:func:`top_eigenpairs`).
 * :func:`mean_difference_direction` — Haas et al.'s supervised direction: the mean h of
   the top-k samples by an attribute score minus the mean of the bottom-k.
 * :class:`LinearProbe` — the normal vector of a logistic-regression boundary for a
@@ -47,7 +48,18 @@ variable                       dims                                 meaning
 ``scale_unit``                 (direction, step)                    std of data along u_t
 ``explained_variance_ratio``   (direction, step)                    PCA only, NaN otherwise
 ``probe_accuracy``             (direction, step)                    probes only, NaN otherwise
+``pca_angle_bound``            (direction, step)                    PCA only: measured bound
+                                                                    (degrees) on the angle to
+                                                                    the exact axis
+``pca_residual``               (direction, step)                    PCA only: eigensolver
+                                                                    residual, relative
+``pca_iterations``             (direction, step)                    PCA only: data passes
 =============================  ===================================  ==========================
+
+The root attributes ``hmine:pca_solver``, ``hmine:pca_tol_degrees``,
+``hmine:pca_oversamples``, ``hmine:pca_max_iter``, ``hmine:pca_degenerate_gap`` and
+``hmine:pca_random_state`` record the PCA eigensolver and its settings
+(:func:`top_eigenpairs`); ``hmine:pca_solvers`` the path per method.
 
 Coords on ``direction``: ``name`` (e.g. ``"pca/3"``, ``"probe/is_circle"``,
 ``"conditional/probe/is_circle|is_red"``), ``method`` (one of :data:`METHODS`),
@@ -66,7 +78,7 @@ import math
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,14 +95,32 @@ H_DIMS = ("sample", "step", "channel", "y", "x")
 VECTOR_DIMS = ("step", "channel", "y", "x")
 METHODS = ("pca", "pca_all", "mean_difference", "probe", "conditional")
 
-#: A float64 (samples x features) matrix is needed about three times over during an
-#: in-memory PCA: the loaded copy, the centred copy scikit-learn makes, and the SVD's
-#: workspace and factors (U is as large as the data when samples < features).
+#: A float64 (samples x features) matrix is needed up to three times over during an
+#: in-memory PCA: the loaded copy (centred in place), and the Krylov basis and its image
+#: under the covariance, each (features x basis columns) with at most as many columns as
+#: the data's rank.
 MEMORY_SAFETY_FACTOR = 3
 
-#: Up to this rank (min(samples, features)) an exact LAPACK SVD is cheap enough
-#: (seconds); above it the in-memory path switches to scikit-learn's randomized solver.
-FULL_SVD_MAX_RANK = 1000
+# The PCA solver's settings (top_eigenpairs), used by StepwisePCA and LinearProbe.
+
+#: What computes every PCA (and is recorded with the directions, ``hmine:pca_solver``).
+PCA_SOLVER = (
+    "block Krylov iteration on the covariance in float64 with Rayleigh-Ritz, stopped by a residual "
+    "(Davis-Kahan) bound on each axis's angle to the exact one"
+)
+#: Stop when every component's angle to the exact principal axis is bounded by this many
+#: degrees: 100 times below the 0.01 degree of agreement with an exact SVD that the
+#: tests demand, so that the bound's own slack never matters.
+PCA_TOL_DEGREES = 1e-4
+#: Columns per Krylov block beyond the wanted components: the block's spectral gap, not
+#: the (possibly tiny) one after the k-th eigenvalue, sets how fast the iteration converges.
+PCA_OVERSAMPLES = 8
+#: Data passes (Krylov blocks) before the solver gives up with a warning.
+PCA_MAX_ITER = 100
+#: Eigenvalues closer than this fraction of the largest are treated as one degenerate
+#: cluster: their individual axes are not defined, only the subspace they span, so the
+#: angle bound (and the convergence test) is that of the cluster's subspace.
+PCA_DEGENERATE_GAP = 1e-6
 
 #: A conditional direction's step slice shorter than this fraction of v0's is rounding
 #: noise left after removing a span that contains v0; it is set to zero, not normalised.
@@ -235,12 +265,271 @@ def _check_same_steps(a: xr.DataArray, b: xr.DataArray, what: str) -> None:
 
 
 @dataclass(frozen=True)
+class Eigenpairs:
+    """The top eigenpairs of a sample covariance C and their measured accuracy.
+
+    Attributes
+    ----------
+    vectors : ndarray (features, k)
+        Orthonormal Ritz vectors, by decreasing Ritz value.
+    values : ndarray (k,)
+        Ritz values vᵀCv: the variance of the data along each vector (ddof=1).
+    residuals : ndarray (k,)
+        ‖Cv − θv‖ / θ₁ per pair: the residual relative to the largest variance (the
+        pair's normwise backward error).
+    angle_bounds : ndarray (k,)
+        Degrees: a bound, from the residuals and the spectral gaps, on the angle between
+        each vector and C's exact eigenvector; for a vector whose eigenvalue is in a
+        degenerate cluster (see :data:`PCA_DEGENERATE_GAP`), on the largest angle
+        between the cluster's span and the exact one.
+    subspace_angle_bound : float
+        Degrees: the same bound for the span of all k vectors (the largest principal
+        angle to the exact top-k eigenspace).
+    iterations : int
+        Blocks pushed through the covariance: one data pass each.
+    converged : bool
+        Whether every angle bound is within the tolerance.
+    """
+
+    vectors: np.ndarray
+    values: np.ndarray
+    residuals: np.ndarray
+    angle_bounds: np.ndarray
+    subspace_angle_bound: float
+    iterations: int
+    converged: bool
+
+
+def _orthonormal_complement(block: np.ndarray, basis: np.ndarray, rounding: float) -> np.ndarray:
+    """Orthonormal columns spanning the part of span(``block``) orthogonal to ``basis``.
+
+    Gram–Schmidt against the (orthonormal) columns of ``basis`` is done twice: one pass
+    leaves components along ``basis`` that grow with the cancellation, a second brings
+    them down to rounding level. Left singular vectors whose singular value is below
+    ``rounding`` times the largest column norm of ``block`` are dropped: they carry no
+    new direction.
+    """
+    scale = np.linalg.norm(block, axis=0).max(initial=0.0)
+    if scale == 0:
+        return block[:, :0]
+    for _ in range(2):
+        block = block - basis @ (basis.T @ block)
+    left, singular_values, _ = np.linalg.svd(block, full_matrices=False)
+    return left[:, singular_values > rounding * scale]
+
+
+def _degenerate_clusters(values: np.ndarray, k: int, degenerate_gap: float) -> list[tuple[int, int]]:
+    """(first, last) index pairs of the runs of Ritz values that cover the top k.
+
+    Consecutive values closer than ``degenerate_gap`` times the largest form one run;
+    the last run may reach past k.
+    """
+    tie = degenerate_gap * max(values[0], np.finfo(np.float64).tiny)
+    clusters, first = [], 0
+    while first < k:
+        last = first
+        while last + 1 < len(values) and values[last] - values[last + 1] <= tie:
+            last += 1
+        clusters.append((first, last))
+        first = last + 1
+    return clusters
+
+
+def _sine_bound(values: np.ndarray, residuals: np.ndarray, first: int, last: int, invariant: bool) -> float:
+    """Davis–Kahan bound on the sine of the angle between span(Ritz vectors first..last)
+    and C's exact eigenspace of the same eigenvalues: ‖R‖₂ / gap.
+
+    ``residuals`` holds Cv − θv for the first few Ritz pairs (columns), at least up to
+    ``last + 1`` unless the basis ends there. The gap is the distance from the run's
+    Ritz values to the rest of the spectrum: above, to the Ritz value before the run
+    (Ritz values are lower bounds of the eigenvalues they approximate, so this never
+    overstates the gap); below, to the next Ritz value plus its residual norm (the
+    eigenvalue it approximates lies within that). When the basis has no Ritz value
+    below the run, the gap below is the run's smallest value if the basis is invariant
+    (it holds C's whole range: the rest of the spectrum is 0), and unknown otherwise.
+    """
+    if last + 1 < residuals.shape[1]:
+        below = values[last + 1] + np.linalg.norm(residuals[:, last + 1])
+    elif last + 1 >= len(values) and invariant:
+        below = 0.0
+    else:
+        return math.inf
+    gap = values[last] - below
+    if first > 0:
+        gap = min(gap, values[first - 1] - values[first])
+    if not gap > 0:
+        return math.inf
+    return float(np.linalg.norm(residuals[:, first : last + 1], 2) / gap)
+
+
+def _degrees(sine: float | np.ndarray):
+    return np.degrees(np.arcsin(np.minimum(sine, 1.0)))
+
+
+#: ``product(B)`` for a (features, b) block B returns ``(z, w)``: z = X_c B / √(n−1)
+#: (samples, b) and w = X_cᵀ z = C B (features, b), where X_c is the centred data and
+#: C = X_cᵀX_c / (n−1) its covariance; zᵀz = BᵀCB.
+CovarianceProduct = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def top_eigenpairs(
+    product: CovarianceProduct,
+    n_features: int,
+    k: int,
+    *,
+    n_oversamples: int = PCA_OVERSAMPLES,
+    tol_degrees: float = PCA_TOL_DEGREES,
+    max_iter: int = PCA_MAX_ITER,
+    degenerate_gap: float = PCA_DEGENERATE_GAP,
+    max_basis: int | None = None,
+    seed: int = 0,
+) -> Eigenpairs:
+    """Top-k eigenpairs of a sample covariance C by block Krylov iteration, to a measured angle.
+
+    Randomized block Krylov iteration (block Lanczos with full re-orthogonalisation) on
+    C, in float64. The basis Q = [V_1, …, V_i] spans span{V_1, C V_1, …, C^(i−1) V_1}
+    from a random orthonormal block V_1 of k + ``n_oversamples`` columns; each iteration
+    pushes one new block through ``product`` (one pass over the data) and does a
+    Rayleigh–Ritz step over all of span(Q): QᵀCQ = ZᵀZ = Y Θ Yᵀ with Z = [z_1, …, z_i],
+    Ritz vectors QY, and C of them, WY, without further passes (W = [w_1, …, w_i]).
+
+    It stops when the residuals R = CV − VΘ prove every top-k Ritz vector within
+    ``tol_degrees`` of C's exact eigenvector (:func:`_sine_bound`: ‖r_i‖ over the
+    spectral gap around θ_i, estimated from the other Ritz values and their residuals),
+    or, where eigenvalues are closer than ``degenerate_gap`` times the largest, the
+    span of their cluster within ``tol_degrees`` of the exact eigenspace; and the span
+    of all k vectors within ``tol_degrees`` of the top-k eigenspace (unless a cluster
+    straddles θ_k, when that span is not defined). The bound is
+    measured on the returned vectors themselves, not assumed from an iteration count.
+    Why Krylov and not subspace (power) iteration: over the whole Krylov space the
+    angles shrink at a rate set by the square root of the relative gap between θ_k and
+    the eigenvalues beyond the block instead of by the gap itself, so it needs fewer
+    data passes, which is what an out-of-core fit pays for.
+
+    Parameters
+    ----------
+    product : callable
+        See :data:`CovarianceProduct`.
+    n_features : int
+        Rows of C.
+    k : int
+        Eigenpairs wanted.
+    n_oversamples : int
+        Columns per block beyond k.
+    tol_degrees : float
+        The angle bound every top-k vector (or degenerate cluster) must meet.
+    max_iter : int
+        Blocks (data passes) before giving up with a :class:`RuntimeWarning`.
+    degenerate_gap : float
+        Relative spacing below which eigenvalues form one cluster.
+    max_basis : int or None
+        Most columns Q may hold (Q and W take 16 bytes per feature and column). When the
+        next block would exceed it, the basis is restarted from its top
+        ``max_basis − block`` Ritz vectors (a thick restart: their residuals lie in the
+        next block's span, so the iteration carries on from there). None: no limit; the
+        basis never outgrows the rank of C plus one block.
+    seed : int
+        Seeds the random start block.
+
+    Returns
+    -------
+    Eigenpairs
+    """
+    if k < 1 or k > n_features:
+        raise ValueError(f"k={k} must be between 1 and n_features={n_features}")
+    if max_iter < 1 or n_oversamples < 0 or tol_degrees <= 0:
+        raise ValueError(
+            f"need max_iter >= 1, n_oversamples >= 0 and tol_degrees > 0; "
+            f"got {max_iter}, {n_oversamples} and {tol_degrees}"
+        )
+    block = min(k + n_oversamples, n_features)
+    if max_basis is not None:
+        max_basis = max(max_basis, k + 2 * block)  # room for k + block Ritz vectors and a block
+    tol = math.sin(math.radians(tol_degrees))
+    # a new direction smaller than this (relative) is noise: too small for float64
+    # Gram–Schmidt to keep it orthogonal to Q
+    rounding = np.finfo(np.float64).eps ** 0.5
+    rng = np.random.default_rng(seed)
+    new = np.linalg.qr(rng.standard_normal((n_features, block)))[0]
+    basis = images = projections = None  # Q, W = CQ and Z
+    for iteration in range(1, max_iter + 1):
+        z, w = product(new)
+        if basis is None:
+            basis, images, projections = new, w, z
+        else:
+            basis, images, projections = (
+                np.concatenate(pair, axis=1) for pair in ((basis, new), (images, w), (projections, z))
+            )
+        # Rayleigh–Ritz over span(Q): QᵀCQ = ZᵀZ = Y Θ Yᵀ, by decreasing Θ
+        values, coords = np.linalg.eigh(projections.T @ projections)
+        values, coords = np.maximum(values[::-1], 0.0), coords[:, ::-1]
+        following = _orthonormal_complement(w, basis, rounding)
+        invariant = following.shape[1] == 0  # span(Q) holds C's whole range
+        clusters = _degenerate_clusters(values, k, degenerate_gap)
+        n_pairs = min(len(values), clusters[-1][1] + 2)  # the pairs the bounds look at
+        ritz = basis @ coords[:, :n_pairs]
+        residuals = images @ coords[:, :n_pairs] - ritz * values[:n_pairs]
+        sines = np.empty(k)
+        for first, last in clusters:
+            sines[first : last + 1] = _sine_bound(values, residuals, first, last, invariant)
+        subspace_sine = _sine_bound(values, residuals, 0, k - 1, invariant)
+        # the top-k span is defined (and must meet the tolerance too) unless a tie straddles k
+        subspace_defined = clusters[-1][1] < k
+        converged = bool(sines.max() <= tol and (subspace_sine <= tol or not subspace_defined))
+        if converged or invariant or iteration == max_iter:
+            break
+        if max_basis is not None and basis.shape[1] + following.shape[1] > max_basis:
+            keep = max_basis - block
+            basis, images, projections = (a @ coords[:, :keep] for a in (basis, images, projections))
+        new = following
+    if not converged:
+        warnings.warn(
+            f"PCA: after {iteration} block Krylov iterations the top-{k} axes are only known to within "
+            f"{_degrees(sines.max()):.2g} degrees (tolerance {tol_degrees:g}); raise max_iter",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    scale = max(values[0], np.finfo(np.float64).tiny)
+    return Eigenpairs(
+        vectors=ritz[:, :k],
+        values=values[:k].copy(),
+        residuals=np.linalg.norm(residuals[:, :k], axis=0) / scale,
+        angle_bounds=_degrees(sines),
+        subspace_angle_bound=float(_degrees(subspace_sine)),
+        iterations=iteration,
+        converged=converged,
+    )
+
+
+@dataclass(frozen=True)
 class _PCAFit:
     components: np.ndarray  # (k, features), unit rows, sign fixed
     explained_variance: np.ndarray  # (k,)
     explained_variance_ratio: np.ndarray  # (k,)
     mean: np.ndarray  # (features,)
-    svd_solver: str
+    eigenpairs: Eigenpairs
+
+
+def _pca_of_matrix(matrix: np.ndarray, k: int, **solver) -> _PCAFit:
+    """Exact top-k PCA of an in-memory (samples, features) float64 matrix.
+
+    ``matrix`` is centred in place when it owns its data (it is then the caller's to
+    drop), otherwise copied. ``solver``: :func:`top_eigenpairs`' settings.
+    """
+    if matrix.dtype != np.float64 or matrix.base is not None:
+        matrix = np.array(matrix, dtype=np.float64)
+    n, n_features = matrix.shape
+    mean = matrix.mean(axis=0)
+    matrix -= mean
+    total_variance = float(np.vdot(matrix, matrix)) / (n - 1)
+    root = math.sqrt(n - 1)
+
+    def product(block):
+        z = matrix @ block / root
+        return z, matrix.T @ z / root
+
+    pairs = top_eigenpairs(product, n_features, k, **solver)
+    return _PCAFit(_fix_signs(pairs.vectors.T), pairs.values, pairs.values / total_variance, mean, pairs)
 
 
 def _fix_signs(components: np.ndarray) -> np.ndarray:
@@ -270,10 +559,14 @@ def _align_signs_to_reference(vectors: np.ndarray) -> np.ndarray:
 class StepwisePCA(BaseEstimator):
     """Principal directions of h, per step or over the whole trajectory.
 
-    The fit runs in memory with :class:`sklearn.decomposition.PCA` when one fit's float64
+    Every fit is exact to a measured tolerance: :func:`top_eigenpairs` (block Krylov
+    iteration on the covariance, in float64) runs until the residuals bound each
+    component's angle to the exact principal axis, the one an exact SVD such as
+    ``PCA(svd_solver="full")`` gives, by ``tol_degrees``; the bound is kept in
+    ``angle_bound_``. The covariance products run in memory when one fit's float64
     matrix, times :data:`MEMORY_SAFETY_FACTOR`, fits ``memory_budget_bytes``; otherwise
-    out of core with :func:`dask.array.linalg.svd_compressed` straight from the (lazy)
-    data, re-reading it once per pass instead of holding it.
+    out of core with dask straight from the (lazy) data, one pass over it per Krylov
+    block instead of holding it.
 
     Parameters
     ----------
@@ -283,12 +576,16 @@ class StepwisePCA(BaseEstimator):
         ``per_step``: one PCA per step over the samples' flattened (channel, y, x)
         vectors. ``all_steps``: one PCA over the flattened (step, channel, y, x) vectors.
     memory_budget_bytes : int, default=2**30
-        Above this, the dask path is used.
-    n_power_iter : int, default=4
-        Power (subspace) iterations of the randomized solvers: scikit-learn's randomized
-        PCA in memory, ``svd_compressed`` with dask. Unused by the exact solver.
+        Above this, the dask path is used; it also caps the Krylov basis there (half of
+        it for the basis and its image).
+    tol_degrees : float, default=PCA_TOL_DEGREES
+        Largest angle bound accepted for any component (or degenerate cluster).
+    n_oversamples : int, default=PCA_OVERSAMPLES
+        Columns per Krylov block beyond ``n_components``.
+    max_iter : int, default=PCA_MAX_ITER
+        Krylov blocks (data passes) per fit before giving up with a warning.
     random_state : int, default=0
-        Seed of the randomized solvers' test matrices.
+        Seed of the random start block.
 
     Attributes
     ----------
@@ -301,11 +598,23 @@ class StepwisePCA(BaseEstimator):
         ``explained_variance_`` over the total variance (of the step, or of all steps).
     mean_ : xarray.DataArray (step, channel, y, x)
         Per-feature mean that was subtracted.
+    angle_bound_ : xarray.DataArray, same dims as ``explained_variance_``
+        Degrees: the measured bound on each axis's angle to the exact one (for axes
+        whose variances are within :data:`PCA_DEGENERATE_GAP` of each other, on their
+        common subspace's), see :class:`Eigenpairs`.
+    residual_ : xarray.DataArray, same dims
+        ‖Cv − λv‖ / λ₁ per axis: the residual the bound is computed from.
+    subspace_angle_bound_ : xarray.DataArray (step,) or 0-d
+        Degrees: the bound for the span of all ``n_components`` axes.
+    n_iter_ : xarray.DataArray (step,) or 0-d
+        Krylov blocks, i.e. passes over the data after the mean's.
+    converged_ : bool
+        Whether every fit met ``tol_degrees``.
     n_samples_ : int
     solver_ : {"memory", "dask"}
         The path the fit took.
     svd_solver_ : str
-        The SVD used: ``"full"`` or ``"randomized"`` (memory), ``"svd_compressed"`` (dask).
+        The eigensolver: ``"block_krylov"``.
     memory_required_bytes_ : int
         The estimate that chose the path.
 
@@ -316,10 +625,6 @@ class StepwisePCA(BaseEstimator):
     inner product with component k at the first step is negative. Axes are matched across
     steps by index, not by similarity: when two axes swap order between steps the
     alignment cannot pair them.
-
-    Randomized solvers use QR-normalised power iterations (dask's ``iterator="QR"``):
-    plain power iterations lose the smaller components to rounding when the spectrum
-    is steep.
     """
 
     def __init__(
@@ -328,13 +633,17 @@ class StepwisePCA(BaseEstimator):
         n_components: int = 8,
         mode: str = "per_step",
         memory_budget_bytes: int = 2**30,
-        n_power_iter: int = 4,
+        tol_degrees: float = PCA_TOL_DEGREES,
+        n_oversamples: int = PCA_OVERSAMPLES,
+        max_iter: int = PCA_MAX_ITER,
         random_state: int = 0,
     ):
         self.n_components = n_components
         self.mode = mode
         self.memory_budget_bytes = memory_budget_bytes
-        self.n_power_iter = n_power_iter
+        self.tol_degrees = tol_degrees
+        self.n_oversamples = n_oversamples
+        self.max_iter = max_iter
         self.random_state = random_state
 
     def fit(self, h: xr.DataArray, y=None) -> StepwisePCA:
@@ -374,75 +683,81 @@ class StepwisePCA(BaseEstimator):
         if self.mode == "per_step":
             fits = [fit_one(h, t) for t in range(n_steps)]
             vectors = _align_signs_to_reference(np.stack([f.components for f in fits], axis=1))
-            variance = np.stack([f.explained_variance for f in fits], axis=1)
-            ratio = np.stack([f.explained_variance_ratio for f in fits], axis=1)
             mean = np.stack([f.mean for f in fits])
-            stat_dims = ("component", "step")
-            self.svd_solver_ = fits[0].svd_solver
+            stat_dims, step_dims = ("component", "step"), ("step",)
+
+            def stat(get):
+                return np.stack([get(f) for f in fits], axis=-1)
+
         else:
-            fit = fit_one(h, None)
-            vectors, variance, ratio, mean = (
-                fit.components, fit.explained_variance, fit.explained_variance_ratio, fit.mean
-            )  # fmt: skip
-            stat_dims = ("component",)
-            self.svd_solver_ = fit.svd_solver
+            fits = [fit_one(h, None)]
+            vectors, mean = fits[0].components, fits[0].mean
+            stat_dims, step_dims = ("component",), ()
+
+            def stat(get):
+                return np.asarray(get(fits[0]))
+
+        def wrap(get, dims, name, extra=None):
+            return _wrap(stat(get), dims, h, extra=extra, name=name)
 
         self.components_ = _wrap(
             vectors.reshape(k, n_steps, *vector_shape), ("component", *VECTOR_DIMS), h,
             extra=component, name="components",
         )  # fmt: skip
-        self.explained_variance_ = _wrap(variance, stat_dims, h, extra=component, name="explained_variance")
-        self.explained_variance_ratio_ = _wrap(ratio, stat_dims, h, extra=component, name="explained_variance_ratio")
+        self.explained_variance_ = wrap(lambda f: f.explained_variance, stat_dims, "explained_variance", component)
+        self.explained_variance_ratio_ = wrap(
+            lambda f: f.explained_variance_ratio, stat_dims, "explained_variance_ratio", component
+        )
+        self.angle_bound_ = wrap(lambda f: f.eigenpairs.angle_bounds, stat_dims, "angle_bound", component)
+        self.residual_ = wrap(lambda f: f.eigenpairs.residuals, stat_dims, "residual", component)
+        self.subspace_angle_bound_ = wrap(lambda f: f.eigenpairs.subspace_angle_bound, step_dims, "subspace_angle_bound")
+        self.n_iter_ = wrap(lambda f: f.eigenpairs.iterations, step_dims, "n_iter")
+        self.converged_ = all(f.eigenpairs.converged for f in fits)
         self.mean_ = _wrap(mean.reshape(n_steps, *vector_shape), VECTOR_DIMS, h, name="mean")
         self.n_samples_ = n
+        self.svd_solver_ = "block_krylov"
         return self
 
-    def _fit_in_memory(self, h: xr.DataArray, step: int | None) -> _PCAFit:
-        from sklearn.decomposition import PCA
+    def _solver_settings(self) -> dict:
+        return {
+            "n_oversamples": self.n_oversamples,
+            "tol_degrees": self.tol_degrees,
+            "max_iter": self.max_iter,
+            "seed": self.random_state,
+        }
 
-        matrix = _step_matrix(h, step, np.float64)
-        rank = min(matrix.shape)
-        # The exact SVD costs ~ samples * features * rank; fine up to a rank of ~1000.
-        exact = rank <= FULL_SVD_MAX_RANK or self.n_components > 0.8 * rank
-        pca = PCA(
-            n_components=self.n_components,
-            svd_solver="full" if exact else "randomized",
-            iterated_power=self.n_power_iter,
-            random_state=self.random_state,
-        ).fit(matrix)
-        return _PCAFit(
-            _fix_signs(pca.components_),
-            pca.explained_variance_,
-            pca.explained_variance_ratio_,
-            pca.mean_,
-            "full" if exact else "randomized",
-        )
+    def _fit_in_memory(self, h: xr.DataArray, step: int | None) -> _PCAFit:
+        return _pca_of_matrix(_step_matrix(h, step, np.float64), self.n_components, **self._solver_settings())
 
     def _fit_with_dask(self, h: xr.DataArray, step: int | None) -> _PCAFit:
         import dask
-        import dask.array as da
 
         matrix = _dask_matrix(h, step)
-        n = matrix.shape[0]
+        n, n_features = matrix.shape
         # The mean is computed first and subtracted as a constant, so each later pass
         # over the data is a single read (no mean recomputed inside every pass).
         mean = matrix.mean(axis=0).compute()
         centred = matrix - mean
-        # compute=True persists each small intermediate and re-reads the data per pass,
-        # so memory holds one block of data at a time, never the whole matrix.
-        _, singular_values, components = da.linalg.svd_compressed(
-            centred,
-            self.n_components,
-            iterator="QR",
-            n_power_iter=self.n_power_iter,
-            seed=self.random_state,
-            compute=True,
-            coerce_signs=False,
-        )
-        total_variance = (centred**2).sum() / (n - 1)
-        singular_values, components, total_variance = dask.compute(singular_values, components, total_variance)
-        variance = singular_values**2 / (n - 1)
-        return _PCAFit(_fix_signs(components), variance, variance / total_variance, mean, "svd_compressed")
+        root = math.sqrt(n - 1)
+        total_variance = []
+
+        def product(block):
+            # z and w in one compute: each block of data is read once and serves both
+            z = centred @ block / root
+            w = centred.T @ z / root
+            if total_variance:
+                return dask.compute(z, w)
+            # the first pass also sums the squares for the total variance
+            z, w, sum_of_squares = dask.compute(z, w, (centred**2).sum())
+            total_variance.append(float(sum_of_squares) / (n - 1))
+            return z, w
+
+        # the basis and its image (16 bytes per feature and column) get half the budget
+        max_basis = self.memory_budget_bytes // (2 * 16 * n_features)
+        pairs = top_eigenpairs(product, n_features, self.n_components, max_basis=max_basis, **self._solver_settings())
+        variance = pairs.values
+        return _PCAFit(_fix_signs(pairs.vectors.T), variance, variance / total_variance[0], mean, pairs)
+
 
 
 # --------------------------------------------------------------------------------------
@@ -521,8 +836,8 @@ class LinearProbe(BaseEstimator):
     would make the normal vector live in standardised coordinates, not in h's.
 
     With ``n_components``, the probe is fitted on the projections of h onto the top
-    principal components of the (centred) training samples, and its normal is mapped back
-    to h: w = Vᵀβ. Why: h has far more dimensions than there are samples (8,192 for the
+    principal components of the (centred) training samples (exact, by the solver of
+    :class:`StepwisePCA`), and its normal is mapped back to h: w = Vᵀβ. Why: h has far more dimensions than there are samples (8,192 for the
     embedded model against ~800 training samples), so an unrestricted probe separates the
     classes along low-variance directions that the data never moves along; its normal is
     accurate but not causal (measured on the embedded world with 1,024 samples: edits of
@@ -569,6 +884,10 @@ class LinearProbe(BaseEstimator):
     n_positive_, n_train_, n_heldout_ : int
     n_components_ : int or None
         Principal components the probe was fitted on (None: raw coordinates).
+    pca_angle_bound_ : float or None
+        Degrees: the largest measured angle bound of those components to the exact
+        principal axes of the training samples, over all steps (:func:`top_eigenpairs`);
+        None for raw coordinates.
     stratified_ : bool
         Whether the split could be stratified.
     """
@@ -633,6 +952,8 @@ class LinearProbe(BaseEstimator):
             n_features = _n_features(h) * (1 if self.per_step else h.sizes["step"])
             n_components = min(self.n_components, len(train) - 1, n_features)
 
+        pca_angle_bounds = []
+
         def fit_block(matrix):
             # float32 halves the memory of (samples x 32k features) design matrices, and
             # scikit-learn's lbfgs works on float32 input without an upcast copy.
@@ -640,16 +961,17 @@ class LinearProbe(BaseEstimator):
             features = matrix - centre
             basis = None
             if n_components is not None:
-                from sklearn.decomposition import PCA
-
-                pca = PCA(n_components, svd_solver="randomized", random_state=self.random_state)
-                basis = pca.fit(features[train]).components_  # (n_components, n_features), orthonormal rows
+                # the same exact solver as StepwisePCA, in float64 (a float64 copy of the
+                # training rows is made for it)
+                fit = _pca_of_matrix(features[train].astype(np.float64), n_components, seed=self.random_state)
+                basis = fit.components  # (n_components, n_features), orthonormal rows
+                pca_angle_bounds.append(float(fit.eigenpairs.angle_bounds.max()))
                 features = features @ basis.T
             model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
             model.fit(features[train], labels[train])
             coef = model.coef_[0].astype(np.float64)
             if basis is not None:
-                coef = basis.T.astype(np.float64) @ coef  # w = Vᵀβ, back in h coordinates
+                coef = basis.T @ coef  # w = Vᵀβ, back in h coordinates
             intercept = float(model.intercept_[0]) - float(coef @ centre)
             train_accuracy = model.score(features[train], labels[train])
             heldout_accuracy = model.score(features[test], labels[test])
@@ -680,6 +1002,7 @@ class LinearProbe(BaseEstimator):
         self.n_positive_ = n_positive
         self.n_train_, self.n_heldout_ = len(train), len(test)
         self.n_components_ = n_components
+        self.pca_angle_bound_ = max(pca_angle_bounds) if pca_angle_bounds else None
         return self
 
 
@@ -864,6 +1187,10 @@ class Direction:
         The PCA component index; -1 otherwise.
     explained_variance_ratio, probe_accuracy : xarray.DataArray (step,) or 0-d, float, or None
         Statistics; None where not applicable (stored as NaN), a scalar is repeated over steps.
+    pca_angle_bound, pca_residual, pca_iterations : xarray.DataArray (step,) or 0-d, float, or None
+        PCA only: the eigensolver's measured angle bound (degrees) and relative residual
+        of this axis, and its Krylov blocks (data passes), per step (see
+        :class:`StepwisePCA`); None otherwise.
     """
 
     name: str
@@ -874,6 +1201,9 @@ class Direction:
     component: int = -1
     explained_variance_ratio: xr.DataArray | float | None = None
     probe_accuracy: xr.DataArray | float | None = None
+    pca_angle_bound: xr.DataArray | float | None = None
+    pca_residual: xr.DataArray | float | None = None
+    pca_iterations: xr.DataArray | float | None = None
 
 
 def _per_step(value, n_steps: int, what: str) -> np.ndarray:
@@ -900,6 +1230,7 @@ def build_direction_dataset(directions: Sequence[Direction]) -> xr.Dataset:
     template = directions[0].unit.transpose(*VECTOR_DIMS)
     n_steps = template.sizes["step"]
     units, scales, ratios, accuracies = [], [], [], []
+    solver_stats = {"pca_angle_bound": [], "pca_residual": [], "pca_iterations": []}
     for d in directions:
         if d.method not in METHODS:
             raise ValueError(f"direction {d.name!r}: method {d.method!r} is not one of {METHODS}")
@@ -911,6 +1242,8 @@ def build_direction_dataset(directions: Sequence[Direction]) -> xr.Dataset:
         scales.append(_per_step(d.scale_unit, n_steps, f"{d.name}: scale_unit"))
         ratios.append(_per_step(d.explained_variance_ratio, n_steps, f"{d.name}: explained_variance_ratio"))
         accuracies.append(_per_step(d.probe_accuracy, n_steps, f"{d.name}: probe_accuracy"))
+        for key, values in solver_stats.items():
+            values.append(_per_step(getattr(d, key), n_steps, f"{d.name}: {key}"))
 
     # Variable-length strings (object dtype) are zarr v3's spec'd "string" type; fixed
     # width numpy unicode is written with an "unstable specification" warning.
@@ -949,6 +1282,28 @@ def build_direction_dataset(directions: Sequence[Direction]) -> xr.Dataset:
                 pair,
                 np.stack(accuracies),
                 {"long_name": "held-out accuracy of the linear probe; NaN otherwise"},
+            ),
+            "pca_angle_bound": (
+                pair,
+                np.stack(solver_stats["pca_angle_bound"]),
+                {
+                    "long_name": "PCA only: measured bound on the angle between the axis and the exact "
+                    "principal axis (of its degenerate cluster's subspace where eigenvalues tie); NaN otherwise",
+                    "units": "degree",
+                },
+            ),
+            "pca_residual": (
+                pair,
+                np.stack(solver_stats["pca_residual"]),
+                {
+                    "long_name": "PCA only: eigensolver residual |C v - lambda v| / lambda_1 of the axis, "
+                    "C the covariance; NaN otherwise"
+                },
+            ),
+            "pca_iterations": (
+                pair,
+                np.stack(solver_stats["pca_iterations"]),
+                {"long_name": "PCA only: block Krylov iterations (passes over the data) of the fit; NaN otherwise"},
             ),
         },
         coords=coords,
@@ -1082,7 +1437,6 @@ def fit_directions(
     random_state: int = 0,
     threshold: float = 0.5,
     probe_test_fraction: float = 0.25,
-    n_power_iter: int = 4,
 ) -> xr.Dataset:
     """Fit every configured direction of h into one dataset (layout in the module docs).
 
@@ -1121,7 +1475,8 @@ def fit_directions(
         The PCA's path choice; also, when h is lazy and no larger than a quarter of it,
         a loaded copy of h is used so that the PCA, probes and normalisation do not each
         re-read the store (the other three quarters stay for the float64 work matrices).
-    random_state, n_power_iter : int
+    random_state : int
+        Seeds the PCA solver's start block and the probes' splits.
 
     Returns
     -------
@@ -1161,14 +1516,16 @@ def fit_directions(
         if k < pca_components:
             logger.warning("%s: %d components asked, %d possible with %d samples", method, pca_components, k, n)
         pca = StepwisePCA(
-            n_components=k, mode=mode, memory_budget_bytes=memory_budget_bytes,
-            n_power_iter=n_power_iter, random_state=random_state,
+            n_components=k, mode=mode, memory_budget_bytes=memory_budget_bytes, random_state=random_state,
         ).fit(h)  # fmt: skip
         solvers[method] = f"{pca.solver_}/{pca.svd_solver_}"
         for c in range(k):
             meta = {
                 "name": f"{method}/{c}", "method": method, "component": c,
                 "explained_variance_ratio": pca.explained_variance_ratio_.isel(component=c, drop=True),
+                "pca_angle_bound": pca.angle_bound_.isel(component=c, drop=True),
+                "pca_residual": pca.residual_.isel(component=c, drop=True),
+                "pca_iterations": pca.n_iter_,
             }  # fmt: skip
             raw.append((meta, pca.components_.isel(component=c, drop=True)))
 
@@ -1214,6 +1571,14 @@ def fit_directions(
             "hmine:threshold": float(threshold),
             "hmine:probe_components": "raw h" if probe_components is None else int(probe_components),
             "hmine:pca_solvers": ", ".join(f"{k}: {v}" for k, v in solvers.items()),
+            # the eigensolver's settings; its measured accuracy is in pca_angle_bound,
+            # pca_residual and pca_iterations
+            "hmine:pca_solver": PCA_SOLVER,
+            "hmine:pca_tol_degrees": float(PCA_TOL_DEGREES),
+            "hmine:pca_oversamples": int(PCA_OVERSAMPLES),
+            "hmine:pca_max_iter": int(PCA_MAX_ITER),
+            "hmine:pca_degenerate_gap": float(PCA_DEGENERATE_GAP),
+            "hmine:pca_random_state": int(random_state),
             "hmine:conditional_span": "the other attributes' directions of the same method",
             "hmine:scale_convention": (
                 "direction is a unit vector per step; scale_unit is the std over samples (ddof=1) of the "
@@ -1221,4 +1586,7 @@ def fit_directions(
             ),
         }
     )
+    probe_bounds = [p.pca_angle_bound_ for p in probes.values() if p.pca_angle_bound_ is not None]
+    if probe_bounds:  # degrees; the probes' principal subspaces use the same solver and settings
+        ds.attrs["hmine:probe_pca_angle_bound"] = float(max(probe_bounds))
     return ds

@@ -36,12 +36,17 @@ def directions_intact(config: RunConfig) -> bool:
 
 
 def directions_identity(config: RunConfig) -> dict:
-    """What the directions depend on: the stage config and the upstream stores' identities."""
+    """What the directions depend on: the stage config, the upstream stores' identities
+    and the PCA solver (a store fitted by another solver, e.g. the randomized one hmine
+    used before, is fitted again)."""
+    from hmine.directions import PCA_SOLVER
+
     labels = table_meta(labels_path(config)) or {}
     return {
         "hmine:config_hash": config.stage_hash("directions"),
         "hmine:samples_uuid": open_group(samples_path(config)).attrs[STORE_UUID],
         "hmine:labels_samples_uuid": labels.get("hmine:samples_uuid", ""),
+        "hmine:pca_solver": PCA_SOLVER,
     }
 
 
