@@ -109,3 +109,47 @@ def tiny_scaled_latent_model_dir(tmp_path_factory):
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
+
+
+TINY_CLIP_IMAGE_SIZE = 32
+TINY_CLIP_TEXT_TOKENS = 64
+
+
+def _write_tiny_tokenizer(folder) -> int:
+    """A character-level CLIP BPE tokenizer (vocab.json + merges.txt, no merges); returns its vocab size.
+
+    Byte-level BPE maps printable ASCII to itself, so every character is a token, with a
+    ``</w>`` variant for the last character of a word.
+    """
+    import json
+
+    from transformers import CLIPTokenizer
+
+    symbols = [chr(code) for code in range(33, 127)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    # from_pretrained, not CLIPTokenizer(vocab_file=...): transformers 5 ignores those
+    # arguments and builds an empty vocabulary in which every character is unknown.
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return len(tokens)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP (tokenizer and model) saved like a hub checkpoint, loaded by path."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    vocab_size = _write_tiny_tokenizer(folder)
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        # bos/eos ids match the tokenizer, so the text tower pools at <|endoftext|>.
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=TINY_CLIP_TEXT_TOKENS,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, **layers),
+        vision_config=dict(image_size=TINY_CLIP_IMAGE_SIZE, patch_size=8, **layers),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    return folder

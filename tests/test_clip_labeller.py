@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_TEXT_TOKENS
+
 from hmine.clip_labeller import CLIP_MEAN, CLIP_STD, ClipLabeller, ImagePreprocessing
 
 torch.set_num_threads(1)
@@ -25,45 +27,7 @@ PROMPTS = {
     "hat": ("a person wearing a hat", "a photo of a person"),
     "old": ("an old face", "a young face"),
 }
-TEXT_MAX_TOKENS = 64
-IMAGE_SIZE = 32
-
-
-def _write_tiny_tokenizer(folder) -> int:
-    """A character-level CLIP BPE tokenizer (vocab.json + merges.txt, no merges); returns its vocab size.
-
-    Byte-level BPE maps printable ASCII to itself, so every character is a token, with a
-    ``</w>`` variant for the last character of a word.
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = [chr(code) for code in range(33, 127)]
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    # from_pretrained, not CLIPTokenizer(vocab_file=...): transformers 5 ignores those
-    # arguments and builds an empty vocabulary in which every character is unknown.
-    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
-    return len(tokens)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    vocab_size = _write_tiny_tokenizer(folder)
-    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        # bos/eos ids match the tokenizer, so the text tower pools at <|endoftext|>.
-        text_config=dict(vocab_size=vocab_size, max_position_embeddings=TEXT_MAX_TOKENS,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1, **layers),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **layers),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    return folder
+IMAGE_SIZE = TINY_CLIP_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -382,8 +346,8 @@ def test_missing_or_broken_model_folders_are_named(tiny_clip_dir, tmp_path):
 def test_bad_arguments_are_named(tiny_clip_dir, labeller):
     with pytest.raises(ValueError, match="batch_size"):
         ClipLabeller(PROMPTS, model_id=str(tiny_clip_dir), batch_size=0)
-    with pytest.raises(ValueError, match=f"longer than the text tower's {TEXT_MAX_TOKENS} tokens"):
-        ClipLabeller({"long": ("x" * TEXT_MAX_TOKENS, "y")}, model_id=str(tiny_clip_dir))
+    with pytest.raises(ValueError, match=f"longer than the text tower's {TINY_CLIP_TEXT_TOKENS} tokens"):
+        ClipLabeller({"long": ("x" * TINY_CLIP_TEXT_TOKENS, "y")}, model_id=str(tiny_clip_dir))
     with pytest.raises(ValueError, match="does not know some characters.*'a café'"):
         ClipLabeller({"cafe": ("a café", "a bar")}, model_id=str(tiny_clip_dir))  # é is outside the tiny vocab
     with pytest.raises(ValueError, match=r"\(n, 3, H, W\)"):
