@@ -1,0 +1,530 @@
+"""Resumable training of the text-conditional shapes-world model (text encoder + U-Net, jointly).
+
+    python -m hmine.textworld.train configs/embedded-text-ddpm.yaml --work-dir stores/train-text \
+        [--until-step N] [--export-dir DIR]
+
+Each step draws a fresh batch of world images (seeded by ``(seed, step)``), captions them
+naming a random subset of their factors (:func:`hmine.textworld.captions.caption_batch`,
+also seeded by the step; 10 % empty captions for classifier-free guidance), and trains the
+text encoder and the U-Net together on the v-prediction loss.
+
+Work directory
+--------------
+``config.json``
+    The run's config; a work dir written by another config is refused.
+``checkpoints/step-NNNNNN/``
+    ``model.safetensors`` (the trained weights), ``ema.safetensors`` (their EMA),
+    ``optimizer.safetensors`` (AdamW's moment tensors and step counts) and ``state.json``
+    (the step and the optimizer's param groups). Safetensors and JSON only, never pickle.
+    The newest ``keep_checkpoints`` are kept.
+``latest.json``
+    Names the newest complete checkpoint; replaced atomically after its folder is fully
+    written (and fsynced), so a kill at any moment leaves a checkpoint to resume from.
+``log.jsonl``
+    One record per ``log_every`` steps: step, loss, learning rate, seconds.
+``grid-NNNNNN.png``
+    Every ``sample_every`` steps: 8 prompts (rows) x 8 seeds, EMA weights, CFG.
+
+SIGINT and SIGTERM end the run after the current step with a checkpoint (exit 130 / 143);
+the same command resumes. The data, the captions and the noise of step ``s`` depend on
+``(seed, s)`` only, so a resumed run computes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (stack-notes §0.2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
+
+from hmine import world  # noqa: E402
+from hmine.textworld import captions  # noqa: E402
+from hmine.textworld import model as tw  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+GRID_PROMPTS = (
+    "a red circle",
+    "a green square",
+    "a blue triangle",
+    "a large shape",
+    "a small shape",
+    "a shape at the top left",
+    "a shape at the bottom right",
+    "a large blue square at the top right on a light background",
+)
+"""Rows of the sample grids written while training."""
+
+
+class TextTrainConfig(BaseModel):
+    """Settings of a text-conditional world model training run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(6000, ge=1)
+    batch_size: int = Field(48, ge=1)
+    learning_rate: float = Field(6e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    min_lr_fraction: float = Field(0.1, ge=0, le=1, description="the cosine decays to this fraction of the peak")
+    weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = Field(0, ge=0, le=999)
+    # U-Net
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = Field(1, ge=1)
+    cross_attention_levels: int = Field(1, ge=1, description="lowest-resolution levels with transformers (plus the mid block)")
+    attention_heads: int = Field(4, ge=1, description="heads of every transformer (diffusers calls it attention_head_dim)")
+    num_train_timesteps: int = Field(1000, ge=2)
+    # text encoder (a CLIPTextModel, trained jointly)
+    text_hidden_size: int = Field(128, ge=8)
+    text_intermediate_size: int = Field(512, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    max_tokens: int = Field(16, ge=15, description="tokenizer model_max_length (the longest caption is 14 tokens)")
+    # captions
+    name_probability: float = Field(0.5, ge=0, le=1, description="each factor is named with this probability")
+    caption_drop_probability: float = Field(0.1, ge=0, le=1, description="share of empty captions (for CFG)")
+    # bookkeeping
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    ema_snapshot_every: int = Field(1000, ge=0, description="also keep the EMA weights of every this many steps in ema/ (0: never)")
+    sample_every: int = Field(500, ge=1)
+    sample_steps: int = Field(20, ge=1)
+    sample_guidance_scale: float = Field(4.0, ge=1)
+    log_every: int = Field(20, ge=1)
+    torch_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "TextTrainConfig":
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError("text_hidden_size must be a multiple of text_heads")
+        if self.cross_attention_levels > len(self.block_out_channels):
+            raise ValueError("cross_attention_levels must be <= len(block_out_channels)")
+        for channels in self.block_out_channels:
+            if channels % self.attention_heads:
+                raise ValueError("every block_out_channels must be a multiple of attention_heads")
+        return self
+
+    def step_seed(self, step: int) -> int:
+        """Seed of the world images, captions and noise of 0-based step ``step``."""
+        return self.seed * 1_000_003 + step
+
+    def learning_rate_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak at ``steps``."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        floor = self.min_lr_fraction
+        return float(self.learning_rate * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
+
+
+def load_config(path: Path) -> TextTrainConfig:
+    """A :class:`TextTrainConfig` from a YAML file."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no mapping of settings")
+    return TextTrainConfig(**data)
+
+
+# -- the model pair ---------------------------------------------------------------------
+
+
+class Parts(torch.nn.Module):
+    """Text encoder and U-Net as one module, so one optimizer, one EMA, one state dict hold both."""
+
+    def __init__(self, config: TextTrainConfig, vocab_size: int):
+        super().__init__()
+        self.text_encoder = tw.build_text_encoder(config, vocab_size)
+        self.unet = tw.build_unet(config)
+
+    def forward(self, input_ids: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        states = self.text_encoder(input_ids).last_hidden_state
+        return self.unet(x_t, t, encoder_hidden_states=states).sample
+
+
+def build_parts(config: TextTrainConfig, tokenizer) -> Parts:
+    torch.manual_seed(config.seed)  # the initial weights are part of the seeded run
+    return Parts(config, len(tokenizer))
+
+
+def training_batch(config: TextTrainConfig, step: int) -> tuple[world.WorldBatch, list[str]]:
+    """World images and captions of 0-based training step ``step``."""
+    seed = config.step_seed(step)
+    batch = world.generate(config.batch_size, seed=seed)
+    texts, _ = captions.caption_batch(
+        batch.factors, seed, name_probability=config.name_probability, drop_probability=config.caption_drop_probability
+    )
+    return batch, texts
+
+
+def training_loss(parts: Parts, tokenizer, scheduler, config: TextTrainConfig, step: int) -> torch.Tensor:
+    """The v-prediction MSE of step ``step`` (its images, captions, noise and timesteps)."""
+    batch, texts = training_batch(config, step)
+    x0 = torch.from_numpy(batch.images)
+    gen = torch.Generator().manual_seed(config.step_seed(step))
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022)
+    return F.mse_loss(parts(tw.tokenize(tokenizer, texts), x_t, t), target)
+
+
+# -- checkpoints: safetensors + JSON ------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(data, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict split into flat tensors (``state.<param>.<key>``) and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(work_dir: Path, step: int, parts: Parts, ema: Parts, optimizer, keep: int) -> Path:
+    """Write ``checkpoints/step-<step>/`` and point ``latest.json`` at it; prune old ones."""
+    root = work_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(parts.state_dict(), tmp / "model.safetensors")
+    _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    _write_json_atomic({"step": step, "optimizer": opt_meta}, tmp / "state.json")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_json_atomic({"checkpoint": final.name, "step": step}, work_dir / "latest.json")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a work dir, or None."""
+    pointer = Path(work_dir) / "latest.json"
+    if not pointer.is_file():
+        return None
+    folder = Path(work_dir) / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+    if not (folder / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {folder}, which is missing or incomplete")
+    return folder
+
+
+def load_checkpoint(folder: Path, parts: Parts, ema: Parts, optimizer) -> int:
+    """Load a checkpoint into the modules and optimizer; return its step."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "state.json").read_text())
+    parts.load_state_dict(load_file(str(folder / "model.safetensors")))
+    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+    optimizer.load_state_dict(optimizer_state_from(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
+    return int(state["step"])
+
+
+def ensure_run_files(config: TextTrainConfig, work_dir: Path):
+    """Write (or check) ``config.json`` and ``tokenizer/`` of a work dir; return the tokenizer."""
+    from transformers import CLIPTokenizer
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_path = work_dir / "config.json"
+    if config_path.exists():
+        stored = TextTrainConfig.model_validate_json(config_path.read_text())
+        if stored != config:
+            changed = sorted(k for k in type(config).model_fields if getattr(stored, k) != getattr(config, k))
+            raise ValueError(
+                f"work_dir {work_dir} was written by another config (differs in {changed}); "
+                "use a new work_dir or the config in its config.json"
+            )
+    else:
+        _write_json_atomic(json.loads(config.model_dump_json()), config_path)
+    folder = work_dir / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        tw.write_tokenizer(folder, config.max_tokens)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def load_work_dir(work_dir: Path, which: str = "ema", step: int | None = None):
+    """The model of a work dir's newest checkpoint (``which``: ``ema`` or ``model`` weights).
+
+    With ``step``, the EMA snapshot ``ema/ema-<step>.safetensors`` instead (or the
+    checkpoint of that step, while it is kept). Returns ``(TextWorldModel, step)``.
+    """
+    from safetensors.torch import load_file
+
+    from hmine.textworld.sampling import TextWorldModel
+
+    work_dir = Path(work_dir)
+    config = TextTrainConfig.model_validate_json((work_dir / "config.json").read_text())
+    tokenizer = ensure_run_files(config, work_dir)
+    parts = build_parts(config, tokenizer)
+    if step is not None:
+        weights = work_dir / "checkpoints" / f"step-{step:06d}" / f"{which}.safetensors"
+        if not weights.is_file() and which == "ema":
+            weights = work_dir / "ema" / f"ema-{step:06d}.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{work_dir} keeps no {which} weights of step {step}")
+    else:
+        folder = latest_checkpoint(work_dir)
+        if folder is None:
+            raise FileNotFoundError(f"{work_dir} has no checkpoint yet")
+        weights = folder / f"{which}.safetensors"
+        step = json.loads((folder / "state.json").read_text())["step"]
+    parts.load_state_dict(load_file(str(weights)))
+    model = TextWorldModel(parts.unet, parts.text_encoder, tokenizer, tw.build_scheduler(config)).eval()
+    return model, step
+
+
+# -- export -------------------------------------------------------------------------------
+
+
+MODEL_INDEX = {
+    "_class_name": "SemanticStableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+    # Pixel space: no VAE. Stable Diffusion's other parts are absent as well.
+    "vae": [None, None],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+
+def export_model(parts: Parts, tokenizer, config: TextTrainConfig, export_dir: Path) -> Path:
+    """Write the Stable-Diffusion-like folder: unet/, text_encoder/, tokenizer/, scheduler/, model_index.json."""
+    import diffusers
+
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    parts.unet.save_pretrained(export_dir / "unet", safe_serialization=True)
+    parts.text_encoder.save_pretrained(export_dir / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(export_dir / "tokenizer")
+    tw.build_scheduler(config).save_pretrained(export_dir / "scheduler")
+    index = {"_class_name": MODEL_INDEX["_class_name"], "_diffusers_version": diffusers.__version__}
+    index.update({k: v for k, v in MODEL_INDEX.items() if k != "_class_name"})
+    (export_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return export_dir
+
+
+# -- the loop -----------------------------------------------------------------------------
+
+
+def save_sample_grid(parts: Parts, tokenizer, config: TextTrainConfig, path: Path) -> None:
+    """8 prompts (rows, :data:`GRID_PROMPTS`) x 8 seeds with the EMA weights, as a PNG."""
+    from hmine.imaging import write_image_grid
+    from hmine.textworld.sampling import TextWorldModel, sample
+
+    was = parts.training
+    parts.eval()
+    model = TextWorldModel(parts.unet, parts.text_encoder, tokenizer, tw.build_scheduler(config))
+    prompts = [p for p in GRID_PROMPTS for _ in range(8)]
+    images = sample(model, prompts, guidance_scale=config.sample_guidance_scale, steps=config.sample_steps, seed=0)
+    parts.train(was)
+    write_image_grid(images, path, columns=8, upscale=2)
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def train(
+    config: TextTrainConfig,
+    work_dir: Path,
+    export_dir: Path | None = None,
+    *,
+    until_step: int | None = None,
+    handle_signals: bool = False,
+) -> tuple[Parts, int]:
+    """Train (or resume) a run; return the EMA parts and the step reached.
+
+    Parameters
+    ----------
+    config : TextTrainConfig
+    work_dir : Path
+        See the module docstring.
+    export_dir : Path, optional
+        Write the EMA model reached in the package layout there (:func:`export_model`);
+        before ``config.steps`` this is a snapshot of an unfinished run.
+    until_step : int, optional
+        Stop with a checkpoint at this step; a later call continues to ``config.steps``.
+    handle_signals : bool
+        Stop after the current step with a checkpoint on SIGINT / SIGTERM (the CLI's
+        setting); the exit status is left to the caller (``stopped_by`` in the log).
+    """
+    torch.set_num_threads(config.torch_threads)
+    work_dir = Path(work_dir)
+    tokenizer = ensure_run_files(config, work_dir)
+    parts = build_parts(config, tokenizer)
+    ema = build_parts(config, tokenizer)
+    ema.load_state_dict(parts.state_dict())
+    ema.requires_grad_(False)
+    ema.eval()
+    scheduler = tw.build_scheduler(config)
+    optimizer = torch.optim.AdamW(parts.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    start = 0
+    folder = latest_checkpoint(work_dir)
+    if folder is not None:
+        start = load_checkpoint(folder, parts, ema, optimizer)
+        logger.info("resumed from %s (step %d)", folder, start)
+    stop = config.steps if until_step is None else min(config.steps, int(until_step))
+
+    flag = _StopFlag()
+    previous = {}
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, flag)
+    parts.train()
+    started = time.perf_counter()
+    last_saved = start
+    step = start
+    try:
+        with open(work_dir / "log.jsonl", "a") as log:
+            for step in range(start, stop):
+                lr = config.learning_rate_at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = training_loss(parts, tokenizer, scheduler, config, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
+                optimizer.step()
+                with torch.no_grad():
+                    # EMA warm-up: a short horizon early keeps the EMA from lagging.
+                    decay = min(config.ema_decay, (1 + step) / (10 + step))
+                    for pe, p in zip(ema.parameters(), parts.parameters()):
+                        pe.lerp_(p, 1 - decay)
+                done = step + 1
+                if done % config.log_every == 0 or done == stop:
+                    elapsed = time.perf_counter() - started
+                    record = {
+                        "step": done,
+                        "loss": round(loss.item(), 6),
+                        "grad_norm": round(float(grad_norm), 4),
+                        "lr": lr,
+                        "seconds": round(elapsed, 2),
+                        "seconds_per_step": round(elapsed / (done - start), 3),
+                    }
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    logger.info("step %d loss %.4f (%.2f s/step)", done, record["loss"], record["seconds_per_step"])
+                if done % config.checkpoint_every == 0 or done == stop or flag.signal is not None:
+                    saved = save_checkpoint(work_dir, done, parts, ema, optimizer, config.keep_checkpoints)
+                    last_saved = done
+                    if config.ema_snapshot_every and done % config.ema_snapshot_every == 0:
+                        (work_dir / "ema").mkdir(exist_ok=True)
+                        shutil.copyfile(saved / "ema.safetensors", work_dir / "ema" / f"ema-{done:06d}.safetensors")
+                if done % config.sample_every == 0 or done == config.steps:
+                    save_sample_grid(ema, tokenizer, config, work_dir / f"grid-{done:06d}.png")
+                if flag.signal is not None:
+                    log.write(json.dumps({"step": done, "stopped_by": signal.Signals(flag.signal).name}) + "\n")
+                    break
+            else:
+                step = stop - 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    reached = last_saved if flag.signal is not None else max(start, stop)
+    if folder is None and start >= stop:
+        save_checkpoint(work_dir, start, parts, ema, optimizer, config.keep_checkpoints)
+    if export_dir is not None:
+        if reached < config.steps:
+            logger.warning("exporting the EMA weights of step %d of %d (the run is not finished)", reached, config.steps)
+        export_model(ema, tokenizer, config, Path(export_dir))
+    train.stopped_by = flag.signal  # for the CLI's exit status
+    return ema, reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hmine.textworld.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--export-dir", type=Path)
+    parser.add_argument("--until-step", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    try:
+        config = load_config(args.config)
+    except Exception as error:  # a bad config is refused in one line
+        print(f"error: {args.config}: {error}", file=sys.stderr)
+        return 2
+    parts, reached = train(config, args.work_dir, args.export_dir, until_step=args.until_step, handle_signals=True)
+    logger.info("at step %d of %d; work dir %s", reached, config.steps, args.work_dir)
+    if train.stopped_by is not None:
+        return 128 + int(train.stopped_by)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
