@@ -1,0 +1,333 @@
+"""The embedded text-conditional world model: captions, tokenizer, training resume, export layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hmine import world
+from hmine.textworld import captions
+from hmine.textworld import model as tw
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = dict(
+    steps=4,
+    batch_size=4,
+    warmup_steps=1,
+    block_out_channels=(8, 16, 16),
+    attention_heads=2,
+    text_hidden_size=16,
+    text_intermediate_size=32,
+    text_layers=1,
+    text_heads=2,
+    checkpoint_every=1,
+    sample_every=10**6,
+    sample_steps=2,
+    log_every=1,
+    ema_snapshot_every=0,
+)
+
+
+def tiny_config(**changes):
+    from hmine.textworld.train import TextTrainConfig
+
+    return TextTrainConfig(**{**TINY, **changes})
+
+
+def _words_of(text: str, factor: str) -> set[str]:
+    return set(text.split()) & set(captions.WORDS[factor])
+
+
+# -- captions ----------------------------------------------------------------------------
+
+
+def test_compose_follows_the_template():
+    assert captions.compose({}) == ""
+    assert captions.compose({"color": "red"}) == "a red shape"
+    assert captions.compose({"shape": "circle", "x": "left"}) == "a circle at the left"
+    full = {"size": "large", "color": "red", "shape": "circle", "y": "top", "x": "left", "background": "dark"}
+    assert captions.compose(full) == "a large red circle at the top left on a dark background"
+    with pytest.raises(ValueError, match="not a word of color"):
+        captions.compose({"color": "purple"})
+    with pytest.raises(ValueError, match="unknown factors"):
+        captions.compose({"texture": "smooth"})
+
+
+def test_every_word_belongs_to_one_factor_only():
+    seen: dict[str, str] = {}
+    for factor, words in captions.WORDS.items():
+        for word in words:
+            assert word not in seen, f"{word} names both {seen[word]} and {factor}"
+            assert word not in captions.FILLER_WORDS
+            seen[word] = factor
+
+
+def test_bins_are_the_thirds_of_each_range():
+    lo, hi = captions.bin_edges("size")
+    assert (lo, hi) == pytest.approx((world.SIZE_MIN + 5 / 3, world.SIZE_MIN + 10 / 3))
+    assert captions.factor_bin("size", [5.0, lo - 1e-4, lo, hi - 1e-4, hi, 10.0]).tolist() == [0, 0, 1, 1, 2, 2]
+    # the outer thirds lie past the world's binary thresholds, so "large" is is_large etc.
+    assert captions.bin_edges("size")[1] > world.SIZE_LARGE_THRESHOLD > captions.bin_edges("size")[0]
+    assert captions.bin_edges("x")[1] > world.CENTER > captions.bin_edges("x")[0]
+    assert captions.bin_edges("background")[1] > world.BG_LIGHT_THRESHOLD > captions.bin_edges("background")[0]
+
+
+def test_captions_name_a_seeded_random_subset_of_the_true_factors():
+    factors = world.sample_factors(2000, seed=3)
+    texts, named = captions.caption_batch(factors, seed=11)
+    again, named_again = captions.caption_batch(factors, seed=11)
+    other, _ = captions.caption_batch(factors, seed=12)
+    assert texts == again and (named == named_again).all()
+    assert texts != other
+    words = captions.factor_words(factors)
+    for i in range(200):
+        for j, factor in enumerate(captions.FACTORS):
+            expected = {captions.WORDS[factor][words[factor][i]]} if named[i, j] else set()
+            assert _words_of(texts[i], factor) == expected, texts[i]
+    # each factor named about half the time, 10 % dropped (plus the rare draws naming nothing)
+    empty = np.array([t == "" for t in texts])
+    assert abs(empty.mean() - (0.1 + 0.9 * 0.5**6)) < 0.025
+    assert (named[empty] == False).all()  # noqa: E712
+    share = named[~empty].mean(axis=0)
+    assert np.all(np.abs(share - 0.5) < 0.05), share
+
+
+def test_single_factor_prompts_cover_every_word():
+    prompts = captions.single_factor_prompts()
+    assert len(prompts) == sum(len(w) for w in captions.WORDS.values())
+    assert ("color", "red", "a red shape") in prompts
+    assert ("background", "dark", "a shape on a dark background") in prompts
+
+
+# -- tokenizer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tw.build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", 16)
+
+
+def test_every_caption_word_is_one_token_and_prompts_pad_with_endoftext(tokenizer):
+    for word in captions.vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert tokenizer.convert_ids_to_tokens(ids) == [word + "</w>"]
+    ids = tw.tokenize(tokenizer, ["a large red circle at the top left on a dark background", ""])
+    assert ids.shape == (2, 16)
+    assert ids[0, :14].tolist()[0] == tokenizer.bos_token_id and ids[0, 13] == tokenizer.eos_token_id
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert ids[1].tolist() == [tokenizer.bos_token_id] + [tokenizer.eos_token_id] * 15
+    # any other text still tokenizes (character by character), nothing is unknown
+    other = tokenizer("zebra!", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in other and len(other) == 6
+
+
+# -- training: resume, checkpoints, export ----------------------------------------------
+
+
+def _checkpoint_tensors(work_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from hmine.textworld.train import latest_checkpoint
+
+    folder = latest_checkpoint(work_dir)
+    out = {}
+    for name in ("model", "ema", "optimizer"):
+        out.update({f"{name}/{k}": v for k, v in load_file(str(folder / f"{name}.safetensors")).items()})
+    return out
+
+
+def _assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    from hmine.textworld.train import latest_checkpoint, train
+
+    config = tiny_config()
+    train(config, tmp_path / "whole")
+    train(config, tmp_path / "parts", until_step=2)
+    assert json.loads((tmp_path / "parts" / "latest.json").read_text())["step"] == 2
+    _, reached = train(config, tmp_path / "parts")
+    assert reached == 4
+    _assert_same_tensors(_checkpoint_tensors(tmp_path / "whole"), _checkpoint_tensors(tmp_path / "parts"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # safetensors and JSON only: nothing to unpickle
+    folder = latest_checkpoint(tmp_path / "parts")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"
+    ]  # fmt: skip
+    assert len(list((tmp_path / "parts" / "checkpoints").glob("step-*"))) == config.keep_checkpoints
+    # the optimizer state came back: both runs' Adam moments are non-zero and equal
+    assert float(_checkpoint_tensors(tmp_path / "parts")["optimizer/state.0.exp_avg_sq"].abs().sum()) > 0
+
+
+def test_a_half_written_checkpoint_is_ignored_on_resume(tmp_path):
+    from hmine.textworld.train import train
+
+    config = tiny_config(steps=3)
+    train(config, tmp_path / "whole")
+    train(config, tmp_path / "killed", until_step=2)
+    # a kill while step 3's checkpoint was being written leaves its temporary folder
+    junk = tmp_path / "killed" / "checkpoints" / ".step-000003.tmp"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"\x00" * 10)
+    train(config, tmp_path / "killed")
+    _assert_same_tensors(_checkpoint_tensors(tmp_path / "whole"), _checkpoint_tensors(tmp_path / "killed"))
+
+
+def test_sigterm_stops_the_cli_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    import yaml
+
+    from hmine.textworld.train import train
+
+    config = tiny_config(steps=400, checkpoint_every=1000)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+                                   | {"steps": 400, "checkpoint_every": 1000}))
+    work = tmp_path / "cli"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hmine.textworld.train", str(path), "--work-dir", str(work)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    log = work / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    stopped = json.loads((work / "latest.json").read_text())["step"]
+    assert 2 <= stopped < 400
+    assert json.loads(log.read_text().splitlines()[-1]) == {"step": stopped, "stopped_by": "SIGTERM"}
+    train(config, work, until_step=stopped + 1)
+    train(config, tmp_path / "whole", until_step=stopped + 1)
+    _assert_same_tensors(_checkpoint_tensors(tmp_path / "whole"), _checkpoint_tensors(work))
+
+
+def test_a_work_dir_of_another_config_is_refused(tmp_path):
+    from hmine.textworld.train import train
+
+    train(tiny_config(steps=1), tmp_path)
+    with pytest.raises(ValueError, match=r"another config \(differs in \['learning_rate'\]\)"):
+        train(tiny_config(steps=1, learning_rate=1e-3), tmp_path)
+
+
+def test_the_real_config_fits_the_package_budget():
+    from hmine.textworld.train import Parts, load_config
+
+    config = load_config(REPO / "configs" / "embedded-text-ddpm.yaml")
+    parts = Parts(config, vocab_size=300)
+    assert tw.count_parameters(parts) * 4 < 20e6  # float32 bytes, well under 25 MB with the card
+    assert config.torch_threads == 1 and 0 < config.caption_drop_probability < 0.5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from hmine.textworld.train import train
+
+    root = tmp_path_factory.mktemp("textworld")
+    ema, _ = train(tiny_config(steps=2), root / "work", root / "export")
+    return root / "export", ema
+
+
+def test_export_is_a_stable_diffusion_layout_that_loads_back_with_safetensors(exported):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder, ema = exported
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"
+    ]  # fmt: skip
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["vae"] == [None, None]
+    weights = [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt", ".safetensors")]
+    assert sorted(p.suffix for p in weights) == [".safetensors", ".safetensors"]
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True, low_cpu_mem_usage=False)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    ids = tw.tokenize(tokenizer, ["a red circle", ""])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        states = text_encoder(ids).last_hidden_state
+        torch.testing.assert_close(states, ema.text_encoder(ids).last_hidden_state)
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=states).sample, ema(ids, x, t))
+
+
+def test_export_loads_as_a_semantic_stable_diffusion_pipeline(exported):
+    from diffusers import SemanticStableDiffusionPipeline
+
+    folder, _ = exported
+    # pixel space: the pipeline's VAE (and safety parts) are passed as None explicitly
+    pipe = SemanticStableDiffusionPipeline.from_pretrained(
+        folder, use_safetensors=True, vae=None, safety_checker=None, feature_extractor=None
+    )
+    assert pipe.vae is None and pipe.unet.config.sample_size == 32
+    assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+
+
+# -- sampling and evaluation ---------------------------------------------------------------
+
+
+def test_guided_sampling_is_seeded_and_independent_of_the_batch_size(exported):
+    from hmine.textworld.sampling import load_folder, sample
+
+    model = load_folder(exported[0])
+    prompts = ["a red shape", "a circle", "", "a shape at the left"]
+    a = sample(model, prompts, steps=2, seed=5, batch_size=4)
+    b = sample(model, prompts, steps=2, seed=5, batch_size=3)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(a, sample(model, prompts, steps=2, seed=6))
+
+
+def test_agreement_reads_classes_bins_and_sides():
+    from hmine.textworld.evaluate import agreement
+
+    table = pd.DataFrame(
+        {
+            "shape": [0, 1, 2], "color": [2, 2, 2],
+            "size": [5.5, 7.4, 9.5], "is_large": [0.01, 0.4, 0.99],
+            "x": [8.0, 16.0, 24.0], "is_left": [0.99, 0.5, 0.01],
+        }
+    )  # fmt: skip
+    assert agreement(table, "shape", np.array([0, 1, 0]))["agree"].tolist() == [True, True, False]
+    size = agreement(table, "size", np.array([0, 1, 2]))
+    assert size["agree"].tolist() == [True, True, True]
+    assert size["side"][[0, 2]].tolist() == [1.0, 1.0] and np.isnan(size["side"][1])
+    x = agreement(table, "x", np.array([2, 1, 0]))  # named right, centre, left: the image shows left, centre, right
+    assert x["agree"].tolist() == [False, True, False]
+    assert x["side"][[0, 2]].tolist() == [0.0, 0.0]
+
+
+def test_evaluate_reports_every_factor_and_word(exported):
+    from hmine.textworld.evaluate import evaluate, format_report
+    from hmine.textworld.sampling import load_folder
+
+    result = evaluate(load_folder(exported[0]), 3, factors=("color", "size"), n_full=2, steps=1)
+    assert set(result["single"]) == {"color", "size"}
+    assert set(result["single"]["size"]["words"]) == {"small", "medium", "large"}
+    assert all(0 <= e["agreement"] <= 1 for e in result["single"].values())
+    assert set(result["full"]) == set(captions.FACTORS) | {"all_factors"}
+    assert "color" in format_report(result)
