@@ -160,8 +160,8 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     train(config, tmp_path / "whole")
     train(config, tmp_path / "parts", until_step=2)
     assert json.loads((tmp_path / "parts" / "latest.json").read_text())["step"] == 2
-    _, reached = train(config, tmp_path / "parts")
-    assert reached == 4
+    result = train(config, tmp_path / "parts")
+    assert result.step == 4 and result.stopped_by is None
     _assert_same_tensors(_checkpoint_tensors(tmp_path / "whole"), _checkpoint_tensors(tmp_path / "parts"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -241,7 +241,7 @@ def exported(tmp_path_factory):
     from hmine.textworld.train import train
 
     root = tmp_path_factory.mktemp("textworld")
-    ema, _ = train(tiny_config(steps=2), root / "work", root / "export")
+    ema = train(tiny_config(steps=2), root / "work", root / "export").ema
     return root / "export", ema
 
 

@@ -63,7 +63,8 @@ def sample(
     empty prompt as the unconditional one (what training's caption dropout learnt);
     ``guidance_scale`` 1 is plain conditional sampling. The initial noise of the whole
     call comes from one generator seeded by ``seed``, drawn before the batches are cut,
-    so the same (prompts, seed) gives the same images whatever ``batch_size``.
+    so the same (prompts, seed) gives the same images whatever ``batch_size`` (at eta 0;
+    with eta > 0 the per-step noise is drawn per batch).
     """
     from diffusers import DDIMScheduler
 

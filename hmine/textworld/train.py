@@ -45,6 +45,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -391,6 +392,17 @@ def save_sample_grid(parts: Parts, tokenizer, config: TextTrainConfig, path: Pat
     write_image_grid(images, path, columns=8, upscale=2)
 
 
+class TrainResult(NamedTuple):
+    """What :func:`train` returns."""
+
+    ema: Parts
+    """The EMA text encoder and U-Net reached (eval mode)."""
+    step: int
+    """The step of the last checkpoint written."""
+    stopped_by: int | None
+    """The signal that stopped the run early, or None."""
+
+
 class _StopFlag:
     def __init__(self):
         self.signal: int | None = None
@@ -406,8 +418,8 @@ def train(
     *,
     until_step: int | None = None,
     handle_signals: bool = False,
-) -> tuple[Parts, int]:
-    """Train (or resume) a run; return the EMA parts and the step reached.
+) -> TrainResult:
+    """Train (or resume) a run; return the EMA parts, the step reached and any stopping signal.
 
     Parameters
     ----------
@@ -421,7 +433,7 @@ def train(
         Stop with a checkpoint at this step; a later call continues to ``config.steps``.
     handle_signals : bool
         Stop after the current step with a checkpoint on SIGINT / SIGTERM (the CLI's
-        setting); the exit status is left to the caller (``stopped_by`` in the log).
+        setting); the exit status is left to the caller (``stopped_by``, also in the log).
     """
     torch.set_num_threads(config.torch_threads)
     work_dir = Path(work_dir)
@@ -448,7 +460,6 @@ def train(
     parts.train()
     started = time.perf_counter()
     last_saved = start
-    step = start
     try:
         with open(work_dir / "log.jsonl", "a") as log:
             for step in range(start, stop):
@@ -490,8 +501,6 @@ def train(
                 if flag.signal is not None:
                     log.write(json.dumps({"step": done, "stopped_by": signal.Signals(flag.signal).name}) + "\n")
                     break
-            else:
-                step = stop - 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -502,8 +511,7 @@ def train(
         if reached < config.steps:
             logger.warning("exporting the EMA weights of step %d of %d (the run is not finished)", reached, config.steps)
         export_model(ema, tokenizer, config, Path(export_dir))
-    train.stopped_by = flag.signal  # for the CLI's exit status
-    return ema, reached
+    return TrainResult(ema, reached, flag.signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,11 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bad config is refused in one line
         print(f"error: {args.config}: {error}", file=sys.stderr)
         return 2
-    parts, reached = train(config, args.work_dir, args.export_dir, until_step=args.until_step, handle_signals=True)
-    logger.info("at step %d of %d; work dir %s", reached, config.steps, args.work_dir)
-    if train.stopped_by is not None:
-        return 128 + int(train.stopped_by)
-    return 0
+    result = train(config, args.work_dir, args.export_dir, until_step=args.until_step, handle_signals=True)
+    logger.info("at step %d of %d; work dir %s", result.step, config.steps, args.work_dir)
+    return 0 if result.stopped_by is None else 128 + int(result.stopped_by)
 
 
 if __name__ == "__main__":
