@@ -1,37 +1,29 @@
-"""Cache keys for whole stages: the stage's config hash plus the identity of its output.
+"""Prefect cache keys for whole stages: the stage's input identity plus its output's identity.
 
-A stage's Prefect result is reused only when its output is complete and is the same
-output (same ``hmine:store_uuid`` for a zarr store, same metadata for a table) the
-result was computed for; a deleted, repaired or partial output gives a key that matches
-nothing, so the stage body runs and resumes from the output's own done-marks. The flows
-pass, as the config hash, the stage's hash joined with the identities of the outputs it
-reads (``flows.stages.STAGE_READS``), so new inputs are a new key too.
+A stage's Prefect result is reused only when its output is up to date — complete, made
+from exactly the current inputs (:func:`hmine.stages.input_identity`: the config hash,
+the identities of the outputs it reads, its other inputs) and whole by its chunk check —
+and is the same output (same ``hmine:store_uuid`` for a zarr store, same metadata for a
+table) the result was computed for. Otherwise the key matches nothing, and the stage
+body runs and resumes from the output's own done-marks. The same functions decide the
+stage's own skip check and ``hmine status``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
-from pathlib import Path
-
-from hmine.stores import store_uuid, table_meta
 
 
-def output_identity(path: Path) -> str | None:
-    """A string naming a complete stage output, None when it is missing or partial."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        meta = table_meta(path)
-        if meta is None:
-            return None
-        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    return store_uuid(path)
+def stage_cache_key(context, parameters) -> str:
+    """``cache_key_fn`` of every stage task (the stage is the task's name)."""
+    return stage_key(context.task.name, parameters["config"])
 
 
-def stage_cache_key(stage: str, config_hash: str, output_path: Path, intact: bool = True) -> str:
-    """The key; ``intact=False`` (an output found damaged) gives a key that matches nothing."""
-    identity = output_identity(output_path) if intact else None
+def stage_key(stage: str, config) -> str:
+    """The cache key of ``stage`` under ``config`` now."""
+    from hmine.stages import input_identity, output_identity, up_to_date
+
+    identity = output_identity(config, stage) if up_to_date(config, stage) else None
     if identity is None:
         identity = "pending-" + uuid.uuid4().hex  # never matches a stored result
-    return f"hmine-{stage}-{config_hash}-{identity}"
+    return f"hmine-{stage}-{input_identity(config, stage)}-{identity}"

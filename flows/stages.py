@@ -1,8 +1,10 @@
 """The stages of the mining pipeline as Prefect tasks and flows.
 
-Each task is a thin call of a plain ``hmine.stages`` function, cached by the stage's
-config hash and the identity of its output (see :mod:`flows.caching`); each stage also
+One task per registered stage (:mod:`hmine.stages`), named after it and taking the
+RunConfig: a thin call of the stage's plain function, cached by the stage's input
+identity and the identity of its output (see :mod:`flows.caching`); each stage also
 resumes partial work on its own, so a crash inside a stage loses at most one batch.
+Only failures of network I/O (a hub download) are retried.
 
 With ``runner.kind: dask`` the sample stage runs as a subflow with prefect-dask's
 DaskTaskRunner: the flow prepares the store, submits one task per shard of the batches
@@ -11,80 +13,60 @@ left, waits for them all, then marks the store complete in its own process.
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import time
 from contextlib import contextmanager
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import output_identity, stage_cache_key
+from flows.caching import stage_cache_key
 from hmine.config import RunConfig
-from hmine.pipeline import STAGE_OUTPUTS, run_stage, summarise
+from hmine.pipeline import check_stage_names, log_stage, run_stage, summarise
 from hmine.runtime import hmine_home
-from hmine.stages.directions import directions_intact
-from hmine.stages.edit import edits_intact
-from hmine.stages.jacobian import JACOBIAN_PREFIX, jacobian_intact, jacobian_mask_hash
-from hmine.stages.sample import samples_intact
+from hmine.stages import get
 
-OUTPUTS_INTACT = {
-    "sample": samples_intact,
-    "directions": directions_intact,
-    "edit": edits_intact,
-    "jacobian": jacobian_intact,
+# Exceptions worth a retry: the network failed, not the stage. Matched by name, so that
+# neither httpx nor huggingface_hub has to be imported here.
+NETWORK_ERRORS = {
+    "ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError", "ConnectionError",
+    "ConnectionResetError", "HfHubHTTPError", "LocalEntryNotFoundError", "Timeout",
 }
 
 
-# The outputs each stage reads: a stage's result is reused only for the very inputs it was
-# computed from (a repaired or recomputed upstream store gets a new uuid), as the stage
-# functions themselves check.
-STAGE_READS = {
-    "sample": (),
-    "label": ("sample",),
-    "directions": ("sample", "label"),
-    "edit": ("sample", "directions"),
-    "jacobian": ("sample",),
-}
+def _is_network_error(task, task_run, state) -> bool:
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and any(type(e).__name__ in NETWORK_ERRORS for e in _chain(error))
 
 
-def _inputs_identity(stage: str, config: RunConfig) -> str:
-    reads = STAGE_READS[stage]
-    if stage == "edit" and any(name.startswith(JACOBIAN_PREFIX) for name in config.edit.directions):
-        reads = (*reads, "jacobian")  # per-image Jacobian directions
-    parts = [str(output_identity(config.run_dir / STAGE_OUTPUTS[read])) for read in reads]
-    if stage == "jacobian":
-        try:
-            parts.append(jacobian_mask_hash(config))  # mask files change under the same config
-        except (OSError, ValueError):
-            parts.append("unreadable")  # the stage itself refuses these masks, with the reason
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def _chain(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
-def _stage_key(context, parameters) -> str:
-    config = RunConfig.model_validate_json(parameters["config_json"])
-    stage = parameters["stage"]
-    # the chunk-addressed stores' chunks are checked on every run: a damaged one must reach
-    # the stage, which redoes that part, instead of a cached "complete"
-    intact = OUTPUTS_INTACT[stage](config) if stage in OUTPUTS_INTACT else True
-    config_hash = f"{config.stage_hash(stage)}-{_inputs_identity(stage, config)}"
-    return stage_cache_key(stage, config_hash, config.run_dir / STAGE_OUTPUTS[stage], intact)
+@functools.cache
+def stage_task(name: str):
+    """The Prefect task of a registered stage (made once per stage and process)."""
+    stage = get(name)
 
+    def run(config: RunConfig) -> dict:
+        return run_stage(name, config)
 
-@task(
-    name="run_stage",
-    task_run_name="{stage}",
-    cache_key_fn=_stage_key,
-    persist_result=True,
-    result_storage=hmine_home() / "prefect-results",
-)
-def run_stage_task(stage: str, config_json: str) -> dict:
-    """Run one stage of the pipeline (it resumes a partial output)."""
-    return run_stage(stage, RunConfig.model_validate_json(config_json))
-
-
-@task(name="build_report")
-def build_report_task(config_json: str) -> dict:
-    """Write the HTML report; cheap and read-only on the stores, so never cached."""
-    return run_stage("report", RunConfig.model_validate_json(config_json))
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = stage.summary
+    if stage.output is None:  # writes elsewhere (the report): cheap, never cached
+        return task(name=name, task_run_name=name, cache_policy=NO_CACHE, persist_result=False)(run)
+    return task(
+        name=name,
+        task_run_name=name,
+        cache_key_fn=stage_cache_key,
+        persist_result=True,
+        result_storage=hmine_home() / "prefect-results",
+        retries=2,
+        retry_delay_seconds=10,
+        retry_condition_fn=_is_network_error,
+    )(run)
 
 
 # The store's done-marks are the truth about which batches exist (stack-notes section 3,
@@ -184,26 +166,27 @@ def sample_dask_flow(config_json: str) -> dict:
     return {**summarise(finish_sample_stage(plan, computed)), "shards": len(shards)}
 
 
-def _run(stage: str, config_json: str) -> dict:
-    if stage == "report":
-        return {**build_report_task(config_json), "cache_hit": False}
-    if stage == "sample":
-        config = RunConfig.model_validate_json(config_json)
-        if config.runner.kind == "dask":
-            # no stage-level cache here: an intact complete store costs one chunk check
-            on_dask = sample_dask_flow.with_options(task_runner=dask_task_runner(config))
-            return {**on_dask(config_json), "cache_hit": False}
-    state = run_stage_task(stage, config_json, return_state=True)
+def _run(stage: str, config: RunConfig) -> dict:
+    if stage == "sample" and config.runner.kind == "dask":
+        # no stage-level cache here: an intact complete store costs one chunk check
+        on_dask = sample_dask_flow.with_options(task_runner=dask_task_runner(config))
+        return {**on_dask(config.model_dump_json()), "cache_hit": False}
+    state = stage_task(stage)(config, return_state=True)
     return {**state.result(), "cache_hit": state.name == "Cached"}
 
 
 @flow(name="hmine-sample")
-def sample_flow(config_json: str) -> dict:
+def sample_flow(config: RunConfig) -> dict:
     """Stage 1: sample images and store per-step h."""
-    return _run("sample", config_json)
+    return _run("sample", config)
 
 
 @flow(name="hmine-pipeline")
-def pipeline_flow(config_json: str, stages: list[str]) -> dict:
-    """Run the given stages in order, each as a cached task."""
-    return {stage: _run(stage, config_json) for stage in stages}
+def pipeline_flow(config: RunConfig, stages: list[str]) -> dict:
+    """Run the given stages in order, each as its cached task, logging each one's time."""
+    results = {}
+    for stage in check_stage_names(stages):
+        started = time.perf_counter()
+        results[stage] = _run(stage, config)
+        log_stage(config, stage, results[stage], time.perf_counter() - started)
+    return results

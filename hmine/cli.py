@@ -60,17 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage of a config, resuming what exists")
     _add_config_args(p)
     _add_dask_arg(p)
-    for stage, text in [
-        ("sample", "stage 1: sample images and store per-step h"),
-        ("label", "stage 2: score every sample's image with the labeller"),
-        ("directions", "stage 3: PCA, mean-difference, probe and conditional directions"),
-        ("jacobian", "stage 4: per-image Jacobian directions by block Krylov iteration"),
-        ("edit", "stage 5: apply directions (also per-image Jacobian ones) at several scales and measure the effect"),
-        ("report", "write the HTML report of a run"),
-    ]:
-        p = sub.add_parser(stage, help=text)
+    from hmine.stages import stages
+
+    for stage in stages():
+        p = sub.add_parser(stage.name, help=stage.summary)
         _add_config_args(p)
-        if stage == "sample":
+        if stage.name == "sample":
             _add_dask_arg(p)
 
     p = sub.add_parser("status", help="per stage: complete / partial / missing / stale")
@@ -109,7 +104,12 @@ def _run_stages(args, stages) -> int:
                 from hmine.runtime import start_prefect_server
 
                 start_prefect_server()
-            results = run_stages(config, stages, use_prefect=not args.no_prefect)
+            if args.no_prefect:
+                results = run_stages(config, stages)
+            else:
+                from flows.stages import pipeline_flow  # the library never imports flows
+
+                results = pipeline_flow(config, list(stages))
     except BaseException:
         if created is not None:
             _remove_if_untouched(config.run_dir, created)
@@ -197,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     from hmine.stores import StoreConfigMismatch
 
     try:
-        if args.command == "run":
-            from hmine.pipeline import STAGES
+        from hmine.stages import stage_names
 
-            return _run_stages(args, STAGES)
-        if args.command in ("sample", "label", "directions", "edit", "jacobian", "report"):
+        if args.command == "run":
+            return _run_stages(args, stage_names())
+        if args.command in stage_names():
             return _run_stages(args, (args.command,))
         if args.command == "status":
             return _status(args)

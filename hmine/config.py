@@ -275,34 +275,16 @@ class RunConfig(_Frozen):
         return self.output_root / self.name
 
     def stage_hash(self, stage: str) -> str:
-        """Hash of everything that determines the given stage's output."""
-        return config_hash(self.stage_inputs(stage))
+        """Hash of everything that determines the given stage's output (see :mod:`hmine.stages`)."""
+        from hmine.stages import stage_hash
 
-    def _labeller_identity(self) -> str:
-        return _labeller_identity_for(self.label)
+        return stage_hash(self, stage)
 
     def stage_inputs(self, stage: str) -> dict:
-        # Each stage's inputs are its own settings plus those of the stages it reads.
-        model = self.model.model_dump(mode="json", exclude={"device"})
-        model["weights"] = model_identity(self.model.id, self.model.revision)
-        sample = {"model": model, "sample": self.sample.model_dump(mode="json")}
-        label = {
-            **sample,
-            "label": self.label.model_dump(mode="json", exclude={"batch_size"}),
-            "labeller": self._labeller_identity(),
-        }
-        directions = {**label, "directions": self.directions.model_dump(mode="json")}
-        if stage == "sample":
-            return sample
-        if stage == "label":
-            return label
-        if stage == "directions":
-            return directions
-        if stage == "edit":
-            return {**directions, "edit": self.edit.model_dump(mode="json", exclude={"batch_size", "strip_samples"})}
-        if stage == "jacobian":
-            return {**sample, "jacobian": self.jacobian.model_dump(mode="json")}
-        raise KeyError(f"unknown stage {stage!r}")
+        """The stage's settings and those of every stage it reads, as hashed."""
+        from hmine.stages import stage_inputs
+
+        return stage_inputs(self, stage)
 
 
 @functools.lru_cache(maxsize=64)
@@ -337,7 +319,8 @@ def model_identity(model_id: str, revision: str | None) -> str:
     return revision or "main"
 
 
-def _labeller_identity_for(label: "LabelConfig") -> str:
+def labeller_identity(label: "LabelConfig") -> str:
+    """Revision or weights fingerprint of the labeller's model (part of the label stage's hash)."""
     if label.labeller == "clip":
         return model_identity(label.clip_model_id, label.clip_revision)
     if label.classifier_path is not None:

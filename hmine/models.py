@@ -269,6 +269,20 @@ def check_model_source(model_id: str) -> dict | None:
     return unet_config
 
 
+def image_size_of(model_id: str) -> tuple[int, int] | None:
+    """(height, width) of a local or embedded pixel model's images, read from its U-Net
+    config without loading weights; None for a hub id or a latent model (known only once
+    loaded: its decoder sets the size)."""
+    unet_config = check_model_source(model_id)
+    if unet_config is None or not unet_config.get("sample_size"):
+        return None
+    folder = embedded_model_path() if model_id == EMBEDDED_MODEL_ID else Path(model_id)
+    if (folder / "vqvae").exists():
+        return None
+    size = unet_config["sample_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def load_model(
     model_id: str = EMBEDDED_MODEL_ID,
     *,

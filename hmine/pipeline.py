@@ -1,10 +1,12 @@
-"""The ordered list of stages and their status in a run directory.
+"""Running the registered stages as plain functions, and their status in a run directory.
 
-Each stage is a plain function ``run_<stage>_stage(config)`` in :mod:`hmine.stages`; the
-Prefect flows in ``flows/`` wrap the same functions. :func:`stage_status` reads a run
-directory and says, per stage, ``complete``, ``partial`` (with counts), ``missing``,
-``stale`` (written by a config whose hash differs from the current one) or ``damaged``
-(work marked done whose chunk files are missing or truncated; a rerun redoes it).
+The stages and everything about them come from the registry (:mod:`hmine.stages`);
+:func:`run_stages` runs them without Prefect, ``flows.stages.pipeline_flow`` with it
+(the library never imports ``flows``). :func:`stage_status` reads a run directory and
+says, per stage, ``complete``, ``partial`` (with counts), ``missing``, ``stale`` (made
+from other inputs than the current ones: another config, or upstream outputs written
+since) or ``damaged`` (chunks or files lost or failing their checksums; a rerun redoes
+them).
 """
 
 from __future__ import annotations
@@ -16,26 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stores import (
-    CONFIG_HASH,
-    DIRECTIONS_UUID,
-    JACOBIAN_UUID,
-    STAGE_HASH,
-    open_group,
-    store_damage,
-    store_state,
-    store_uuid,
-)
-
-STAGE_OUTPUTS = {
-    "sample": "samples.zarr",
-    "label": "labels.parquet",
-    "directions": "directions.zarr",
-    # before the edit stage, which can apply per-image Jacobian directions
-    "jacobian": "jacobian.zarr",
-    "edit": "edits.zarr",
-}
-STAGES = (*STAGE_OUTPUTS, "report")
+from hmine.stores import CONFIG_HASH, STAGE_HASH, open_group, store_state
 
 
 @dataclass
@@ -48,89 +31,85 @@ class StageStatus:
         return f"{self.stage:<11} {self.state:<9} {self.detail}".rstrip()
 
 
-def _zarr_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:
-    from hmine.stages.edit import effects_measured_from
-
-    state = store_state(path)
-    if state in ("missing", "debris"):
-        return StageStatus(stage, "missing", str(path.name) if state == "missing" else "crashed during creation")
-    if state == "corrupt":
-        return StageStatus(stage, "damaged", f"{store_damage(path)}; rerun to write the store again")
-    group = open_group(path)
-    written_by = group.attrs.get(STAGE_HASH, group.attrs.get(CONFIG_HASH))
-    if expected_hash is not None and written_by != expected_hash:
-        return StageStatus(stage, "stale", f"written by config {written_by}")
-    for upstream, key in (("directions", DIRECTIONS_UUID), ("jacobian", JACOBIAN_UUID)):
-        made_from = group.attrs.get(key)
-        if made_from is not None and made_from != store_uuid(path.with_name(STAGE_OUTPUTS[upstream])):
-            return StageStatus(stage, "stale", f"made from {upstream} directions that have since been recomputed")
-    damaged = _damaged_count(stage, group, path)
-    if damaged and "done" not in group:
-        return StageStatus(stage, "damaged", "lost chunk files; rerun to write it again")
-    if damaged:
-        done = int(group["done"][...].sum())
-        return StageStatus(stage, "damaged", f"{damaged}/{done} done entries lost chunks; rerun to redo them")
-    if state == "complete" and stage == "edit" and not effects_measured_from(path):
-        return StageStatus(stage, "partial", "edits done, effects table not measured from them; rerun")
-    if state == "complete":
-        return StageStatus(stage, "complete", f"{path.name}")
-    if "done" in group:
-        done = group["done"][...]
-        return StageStatus(stage, "partial", f"{int(done.sum())}/{done.size} done")
-    return StageStatus(stage, "partial", "")
-
-
-def _damaged_count(stage: str, group, path: Path) -> int:
-    """Done entries of a chunk-checked store (sample, edit, jacobian) whose chunks are damaged."""
-    from hmine.stores import CHUNK_CHECKED_ARRAYS, all_chunks_intact, damaged_entries
-
-    arrays = CHUNK_CHECKED_ARRAYS.get(STAGE_OUTPUTS[stage])
-    if arrays is None:
-        return 0
-    if stage == "jacobian":
-        from hmine.stages.jacobian import checked_arrays
-
-        arrays = checked_arrays(group)
-    if "done" not in group:  # written in one go: whole, or to be written again
-        return 0 if store_state(path) != "complete" or all_chunks_intact(path, arrays) else 1
-    return len(damaged_entries(group, path, arrays))
-
-
 def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageStatus]:
-    """Status of every stage in ``run_dir``; staleness needs the current ``config``."""
+    """Status of every stage with an output in ``run_dir``, as the stages themselves decide
+    (:mod:`hmine.stages`); staleness needs the current ``config`` (default: the run's
+    ``config.json``)."""
+    from hmine.stages import stages
+
     run_dir = Path(run_dir)
     if config is None and (run_dir / "config.json").exists():
         try:
             config = read_run_config(run_dir / "config.json")
         except ValueError as error:  # the stores still have a state worth showing
             logging.getLogger(__name__).warning("%s; stale stages are not detected", error)
-    statuses = []
-    for stage, output in STAGE_OUTPUTS.items():
-        expected = config.stage_hash(stage) if config is not None else None
-        if output.endswith(".parquet"):
-            statuses.append(_table_status(stage, run_dir / output, expected))
-        else:
-            statuses.append(_zarr_status(stage, run_dir / output, expected))
-    return statuses
+    known = config is not None
+    if not known:  # only the paths are needed: the chunk checks read the stores themselves
+        config = RunConfig.model_construct(name=run_dir.name, output_root=run_dir.parent)
+    elif config.run_dir.resolve() != run_dir.resolve():
+        config = config.model_copy(update={"name": run_dir.name, "output_root": run_dir.parent})
+    return [_status(config, stage.name, known) for stage in stages() if stage.output is not None]
 
 
-def _table_status(stage: str, path: Path, expected_hash: str | None) -> StageStatus:
+def _status(config: RunConfig, name: str, known: bool) -> StageStatus:
+    from hmine.stages import damaged_count, get, input_identity, is_complete, recorded_identity
+
+    path = get(name).output_path(config)
+    missing = _missing_or_partial(name, path)
+    if missing is not None:
+        return missing
+    if known and recorded_identity(config, name) != input_identity(config, name):
+        return StageStatus(name, "stale", _why_stale(config, name, path))
+    damaged = damaged_count(config, name)
+    if damaged:
+        return StageStatus(name, "damaged", f"{damaged} done units lost or damaged chunks; rerun to redo them")
+    if is_complete(config, name):
+        return StageStatus(name, "complete", path.name)
+    if name == "edit" and store_state(path) == "complete":
+        return StageStatus(name, "partial", "edits done, effects table not measured from them; rerun")
+    if path.suffix != ".parquet" and "done" in open_group(path):
+        done = open_group(path)["done"][...]
+        return StageStatus(name, "partial", f"{int(done.sum())}/{done.size} done")
+    return StageStatus(name, "partial", "")
+
+
+def _missing_or_partial(name: str, path: Path) -> StageStatus | None:
+    """The status of an output that is not there to compare: missing, crashed, damaged whole."""
+    from hmine.stores import store_damage, table_meta
+
+    if path.suffix == ".parquet":
+        if table_meta(path) is not None:
+            return None
+        if path.exists():
+            return StageStatus(name, "damaged", f"{path.name} does not read back whole; rerun to write it again")
+        parts = path.with_name(path.stem + ".parts")  # work in progress of a table written in batches
+        if parts.exists():
+            return StageStatus(name, "partial", f"{len(list(parts.glob('part-*.parquet')))} batches done")
+        return StageStatus(name, "missing", path.name)
+    state = store_state(path)
+    if state == "missing":
+        return StageStatus(name, "missing", path.name)
+    if state == "debris":
+        return StageStatus(name, "missing", "crashed during creation")
+    if state == "corrupt":
+        return StageStatus(name, "damaged", f"{store_damage(path)}; rerun to write the store again")
+    return None
+
+
+def _why_stale(config: RunConfig, name: str, path: Path) -> str:
     from hmine.stores import table_meta
 
-    meta = table_meta(path)
-    parts = path.with_name(path.stem + ".parts")
-    if meta is None and path.exists():
-        return StageStatus(stage, "damaged", f"{path.name} does not read back whole; rerun to write it again")
-    if meta is None:
-        if parts.exists():
-            return StageStatus(stage, "partial", f"{len(list(parts.glob('part-*.parquet')))} batches done")
-        return StageStatus(stage, "missing", path.name)
-    if expected_hash is not None and meta.get(CONFIG_HASH) != expected_hash:
-        return StageStatus(stage, "stale", f"written by config {meta.get(CONFIG_HASH)}")
-    samples_uuid = meta.get("hmine:samples_uuid")
-    if samples_uuid is not None and samples_uuid != store_uuid(path.with_name(STAGE_OUTPUTS["sample"])):
-        return StageStatus(stage, "stale", "made from samples that have since been written again")
-    return StageStatus(stage, "complete", path.name)
+    attrs = (table_meta(path) or {}) if path.suffix == ".parquet" else open_group(path).attrs
+    written_by = attrs.get(STAGE_HASH, attrs.get(CONFIG_HASH))
+    if written_by != config.stage_hash(name):
+        return f"written by config {written_by}"
+    from hmine.stages import changed_reads, get
+
+    changed = changed_reads(config, name)
+    if changed:
+        outputs = " and ".join(get(r).output for r in changed)
+        return f"made from {outputs}, written again since; rerun"
+    return "made from other inputs (e.g. mask files) than the current ones; rerun"
 
 
 def check_run_dir(config: RunConfig) -> None:
@@ -141,7 +120,7 @@ def check_run_dir(config: RunConfig) -> None:
     """
     from hmine.stores import StoreConfigMismatch
 
-    path = config.run_dir / STAGE_OUTPUTS["sample"]
+    path = config.run_dir / "samples.zarr"
     if store_state(path) in ("partial", "complete"):
         found = open_group(path).attrs.get(CONFIG_HASH)
         if found != config.stage_hash("sample"):
@@ -178,23 +157,9 @@ def write_run_config(config: RunConfig) -> Path:
 
 def run_stage(stage: str, config: RunConfig) -> dict:
     """Run one stage as a plain function; return a small JSON-able summary."""
-    if stage == "report":
-        from hmine.report import build_report
+    from hmine.stages import get
 
-        return {"path": str(build_report(config)), "computed": 1, "skipped": 0}
-    if stage == "sample":
-        from hmine.stages.sample import run_sample_stage as run
-    elif stage == "label":
-        from hmine.stages.label import run_label_stage as run
-    elif stage == "directions":
-        from hmine.stages.directions import run_directions_stage as run
-    elif stage == "edit":
-        from hmine.stages.edit import run_edit_stage as run
-    elif stage == "jacobian":
-        from hmine.stages.jacobian import run_jacobian_stage as run
-    else:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return summarise(run(config))
+    return summarise(get(stage).run_function()(config))
 
 
 def summarise(result) -> dict:
@@ -248,7 +213,8 @@ def read_log_records(path: Path) -> list[dict]:
     return records
 
 
-def _log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> None:
+def log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> None:
+    """Append one stage's time and cache use to the run's ``run_log.jsonl``."""
     record = {
         "stage": stage,
         "seconds": round(seconds, 2),
@@ -259,23 +225,27 @@ def _log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> 
     append_log_record(config.run_dir / RUN_LOG, record)
 
 
-def run_stages(config: RunConfig, stages: tuple[str, ...] = STAGES, *, use_prefect: bool = True) -> dict:
-    """Run the given stages in order, logging each one's time and cache use in run_log.jsonl."""
+def check_stage_names(stages) -> tuple[str, ...]:
+    from hmine.stages import stage_names
+
+    known = stage_names()
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown}; stages are {', '.join(known)}")
+    return tuple(stages)
+
+
+def run_stages(config: RunConfig, stages: tuple[str, ...] | None = None) -> dict:
+    """Run the given stages (default: all) in order as plain functions, without Prefect,
+    logging each one's time in run_log.jsonl. ``flows.stages.pipeline_flow`` is the same
+    with each stage a cached Prefect task."""
     import time
 
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown}; stages are {', '.join(STAGES)}")
-    results = {}
-    config_json = config.model_dump_json()
-    for stage in stages:
-        started = time.perf_counter()
-        if use_prefect:
-            from flows.stages import pipeline_flow
+    from hmine.stages import stage_names
 
-            summary = pipeline_flow(config_json, [stage])[stage]
-        else:
-            summary = run_stage(stage, config)
-        _log_stage(config, stage, summary, time.perf_counter() - started)
-        results[stage] = summary
+    results = {}
+    for stage in check_stage_names(stage_names() if stages is None else stages):
+        started = time.perf_counter()
+        results[stage] = run_stage(stage, config)
+        log_stage(config, stage, results[stage], time.perf_counter() - started)
     return results

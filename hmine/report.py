@@ -23,7 +23,6 @@ from hmine.stores import open_group, store_state, table_meta
 # holds fill values where work is missing
 NOT_DONE = "Not run (or not complete): run the stage, then the report."
 
-REPORT_STAGES = ("sample", "label", "directions", "edit", "jacobian")
 
 
 def _plt():
@@ -93,7 +92,7 @@ def jacobian_summary(run_dir: Path) -> pd.DataFrame:
 
     jac = xr.open_zarr(Path(run_dir) / "jacobian.zarr", consolidated=False)
     frame = pd.DataFrame(index=pd.Index(jac["sample"].values, name="seed"))
-    if frame.empty:  # jacobian.n_samples: 0 analyses nothing
+    if not len(frame.index):  # jacobian.n_samples: 0 analyses nothing
         return frame
     first = jac.isel(step=0)
     frame["step"] = int(first["step"])
@@ -114,7 +113,7 @@ def jacobian_summary(run_dir: Path) -> pd.DataFrame:
 def jacobian_strip_paths(run_dir: Path) -> list[Path]:
     """The strips of the samples and first step in ``jacobian.zarr`` that exist (never left-overs
     of an earlier config, which may analyse other samples or steps)."""
-    from hmine.stages.jacobian import STRIPS_DIR, strip_filename
+    from hmine.localisation import STRIPS_DIR, strip_filename
 
     group = open_group(Path(run_dir) / "jacobian.zarr")
     if "inside_mask_fraction" not in group or not np.isfinite(group["inside_mask_fraction"][...]).all():
@@ -192,15 +191,26 @@ def _is_report_dir(path: Path) -> bool:
     return {p.name for p in path.iterdir()} <= {"index.html", "img"}
 
 
-def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
+def stage_heading(name: str) -> str:
+    """A stage's heading in the report, e.g. "Sample stage"."""
+    return f"{name.capitalize()} stage"
+
+
+def run_report_stage(config: RunConfig):
+    """The report as a stage of the registry: build it, return where it is."""
+    import time
+
+    from hmine.stages.sample import StageResult
+
+    started = time.perf_counter()
+    return StageResult(build_report(config), 1, 1, 0, 0, time.perf_counter() - started)
+
+
+def provenance_section(config: RunConfig, run_dir: Path) -> str:
     import xarray as xr
 
-    plt = _plt()
-    sections: list[str] = []
+    from hmine.stages import stage_names
 
-    # -- provenance ------------------------------------------------------------------
-    if store_state(run_dir / "samples.zarr") != "complete":
-        raise FileNotFoundError(f"{run_dir / 'samples.zarr'} is not complete; run the sample stage first")
     samples = xr.open_zarr(run_dir / "samples.zarr", consolidated=False)
     log = read_run_log(run_dir)
     import hmine
@@ -211,7 +221,7 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
         f"{samples.sizes['step']} steps, eta {config.sample.eta}. hmine {hmine.__version__}, "
         f"git <code>{html.escape(str(samples.attrs.get('hmine:git_sha', '?'))[:12])}</code>.</p>",
         "<table class='data'><tr><th>stage</th><th>config hash</th></tr>"
-        + "".join(f"<tr><td>{s}</td><td><code>{config.stage_hash(s)}</code></td></tr>" for s in REPORT_STAGES)
+        + "".join(f"<tr><td>{s}</td><td><code>{config.stage_hash(s)}</code></td></tr>" for s in stage_names() if s != "report")
         + "</table>",
     ]
     if len(log):
@@ -223,139 +233,180 @@ def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
         summary.insert(0, "seconds_when_computed", computed.reindex(summary.index))
         prov.append(_table(summary, "{:.2f}"))
     prov.append(f"<details><summary>config</summary><pre>{html.escape(config.model_dump_json(indent=2))}</pre></details>")
-    sections.append("<h2>Provenance</h2>" + "".join(prov))
+    return "<h2>Provenance</h2>" + "".join(prov)
 
-    # -- samples ---------------------------------------------------------------------
+
+
+def sample_section(config: RunConfig, run_dir: Path, img: Path) -> str:
+    import xarray as xr
+
+    samples = xr.open_zarr(run_dir / "samples.zarr", consolidated=False)
     n_grid = min(64, samples.sizes["sample"])
-    write_image_grid(samples["x0"][:n_grid].values, out / "img" / "samples.png", columns=16, upscale=3)
-    sections.append("<h2>Sample stage</h2><p>The first samples of the run (seed order).</p>" + _img("img/samples.png", "sample grid"))
+    write_image_grid(samples["x0"][:n_grid].values, img / "samples.png", columns=16, upscale=3)
+    return "<h2>Sample stage</h2><p>The first samples of the run (seed order).</p>" + _img("img/samples.png", "sample grid")
 
-    # -- label -----------------------------------------------------------------------
-    labels_file = run_dir / "labels.parquet"
-    attributes = list(config.label.attributes)
-    if table_meta(labels_file) is not None:
-        labels = pd.read_parquet(labels_file)
-        attributes = [a for a in attributes if a in labels.columns]  # as labelled, if the config changed since
-        frac = labels[attributes].gt(config.directions.threshold).mean().to_frame("fraction positive")
-        corr = labels[attributes].gt(config.directions.threshold).astype(float).corr()
-        sections.append(
-            f"<h2>Label stage</h2><p>Labeller <code>{config.label.labeller}</code>; {len(labels)} samples.</p>"
-            + _table(frac) + "<h3>Correlation of the binary decisions</h3>" + _table(corr)
-        )
-    else:
-        sections.append(f"<h2>Label stage</h2><p>{NOT_DONE}</p>")
 
-    # -- directions ------------------------------------------------------------------
+
+def label_section(config: RunConfig, run_dir: Path, img: Path) -> str:
+    labels = pd.read_parquet(run_dir / "labels.parquet")
+    attributes = reported_attributes(config, labels)
+    frac = labels[attributes].gt(config.directions.threshold).mean().to_frame("fraction positive")
+    corr = labels[attributes].gt(config.directions.threshold).astype(float).corr()
+    return (
+        f"<h2>Label stage</h2><p>Labeller <code>{config.label.labeller}</code>; {len(labels)} samples.</p>"
+        + _table(frac) + "<h3>Correlation of the binary decisions</h3>" + _table(corr)
+    )
+
+
+def reported_attributes(config: RunConfig, labels: pd.DataFrame | None = None) -> list[str]:
+    """The configured attributes the labels hold (as labelled, if the config changed since)."""
+    if labels is None:
+        meta = table_meta(config.run_dir / "labels.parquet")
+        labels = pd.read_parquet(config.run_dir / "labels.parquet") if meta is not None else None
+    if labels is None:
+        return list(config.label.attributes)
+    return [a for a in config.label.attributes if a in labels.columns]
+
+
+def directions_section(config: RunConfig, run_dir: Path, img: Path) -> str:
+    plt = _plt()
     directions_file = run_dir / "directions.zarr"
-    if store_state(directions_file) == "complete":
-        from hmine.directions import open_directions
+    from hmine.directions import open_directions
 
-        directions = open_directions(directions_file)
-        methods = directions["method"].values.astype(str)
-        steps = directions["step"].values
-        parts = []
-        pca = directions.isel(direction=methods == "pca")
-        if pca.sizes["direction"]:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            evr = pca["explained_variance_ratio"].values
-            for c in range(evr.shape[0]):
-                ax.plot(steps, evr[c], marker="o", label=f"PC {c}")
-            ax.set_xlabel("timestep"); ax.set_ylabel("explained variance ratio"); ax.invert_xaxis()
-            ax.legend(fontsize=7, ncol=2); fig.tight_layout(); fig.savefig(out / "img" / "pca_evr.png", dpi=110); plt.close(fig)
-            parts.append("<h3>PCA: explained variance per timestep</h3>" + _img("img/pca_evr.png", "PCA explained variance"))
-        probe = directions.isel(direction=methods == "probe")
-        if probe.sizes["direction"]:
-            fig, ax = plt.subplots(figsize=(6, 3.2))
-            for i, name in enumerate(probe["attribute"].values.astype(str)):
-                ax.plot(steps, probe["probe_accuracy"].values[i], marker="o", label=name)
-            ax.set_xlabel("timestep"); ax.set_ylabel("held-out probe accuracy"); ax.invert_xaxis(); ax.set_ylim(0.4, 1.01)
-            ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(out / "img" / "probe_acc.png", dpi=110); plt.close(fig)
-            parts.append("<h3>Linear probes: held-out accuracy per timestep</h3>" + _img("img/probe_acc.png", "probe accuracy"))
-        sections.append("<h2>Direction stage</h2>" + "".join(parts))
-    else:
-        sections.append(f"<h2>Direction stage</h2><p>{NOT_DONE}</p>")
+    directions = open_directions(directions_file)
+    methods = directions["method"].values.astype(str)
+    steps = directions["step"].values
+    parts = []
+    pca = directions.isel(direction=methods == "pca")
+    if pca.sizes["direction"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        evr = pca["explained_variance_ratio"].values
+        for c in range(evr.shape[0]):
+            ax.plot(steps, evr[c], marker="o", label=f"PC {c}")
+        ax.set_xlabel("timestep")
+        ax.set_ylabel("explained variance ratio")
+        ax.invert_xaxis()
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(img / "pca_evr.png", dpi=110)
+        plt.close(fig)
+        parts.append("<h3>PCA: explained variance per timestep</h3>" + _img("img/pca_evr.png", "PCA explained variance"))
+    probe = directions.isel(direction=methods == "probe")
+    if probe.sizes["direction"]:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for i, name in enumerate(probe["attribute"].values.astype(str)):
+            ax.plot(steps, probe["probe_accuracy"].values[i], marker="o", label=name)
+        ax.set_xlabel("timestep")
+        ax.set_ylabel("held-out probe accuracy")
+        ax.invert_xaxis()
+        ax.set_ylim(0.4, 1.01)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(img / "probe_acc.png", dpi=110)
+        plt.close(fig)
+        parts.append("<h3>Linear probes: held-out accuracy per timestep</h3>" + _img("img/probe_acc.png", "probe accuracy"))
+    return "<h2>Directions stage</h2>" + "".join(parts)
 
-    # -- edits -----------------------------------------------------------------------
+
+def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
+    plt = _plt()
+    attributes = reported_attributes(config)
     effects_file = run_dir / "edit_effects.parquet"
     strips_dir = run_dir / "edit_strips"
-    if table_meta(effects_file) is not None:
-        effects = pd.read_parquet(effects_file)
-        parts = []
-        matrix = attribute_change_matrix(effects, attributes)
-        if len(matrix):
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * matrix.shape[1], 0.9 + 0.4 * matrix.shape[0]))
-            im = ax.imshow(matrix.values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-            ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right", fontsize=8)
-            ax.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
-            for (r, c), v in np.ndenumerate(matrix.values):
-                ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=6)
-            fig.colorbar(im, ax=ax, fraction=0.04); fig.tight_layout()
-            fig.savefig(out / "img" / "attribute_change.png", dpi=110); plt.close(fig)
-            scale = float(effects.loc[effects["scale"] > 0, "scale"].max())
-            parts.append(
-                f"<h3>Attribute-change matrix (scale {scale:+g})</h3><p>Mean change of each attribute score "
-                "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
-                + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
-            )
-        flips = best_flip_rates(effects)
-        if len(flips):
-            step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"
-            parts.append(
-                "<h3>Decision flips</h3><p>For each supervised direction, the share of edited samples on the "
-                "far side of its own attribute whose decision (score &gt; threshold) flips: at negative scales "
-                f"positive samples turning negative, at positive scales the reverse. Edits use {step_rule}.</p>"
-                + _table(flips, "{:.2f}")
-            )
-        for attribute in attributes:
-            shown = []
-            for name in sorted(effects["direction"].unique()):
-                if attribute not in name.split("/")[-1].split("|")[0:1]:
-                    continue
-                from hmine.stages.edit import strip_filename
-
-                src = strips_dir / strip_filename(name)
-                if src.exists():
-                    shutil.copy(src, out / "img" / src.name)
-                    shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
-            if shown:
-                parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
-        from hmine.stages.edit import strip_filename
-        from hmine.stages.jacobian import JACOBIAN_PREFIX
-
+    effects = pd.read_parquet(effects_file)
+    parts = []
+    matrix = attribute_change_matrix(effects, attributes)
+    if len(matrix):
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * matrix.shape[1], 0.9 + 0.4 * matrix.shape[0]))
+        im = ax.imshow(matrix.values, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(matrix.shape[0]), matrix.index, fontsize=7)
+        for (r, c), v in np.ndenumerate(matrix.values):
+            ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        fig.tight_layout()
+        fig.savefig(img / "attribute_change.png", dpi=110)
+        plt.close(fig)
+        scale = float(effects.loc[effects["scale"] > 0, "scale"].max())
+        parts.append(
+            f"<h3>Attribute-change matrix (scale {scale:+g})</h3><p>Mean change of each attribute score "
+            "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
+            + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
+        )
+    flips = best_flip_rates(effects)
+    if len(flips):
+        step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"
+        parts.append(
+            "<h3>Decision flips</h3><p>For each supervised direction, the share of edited samples on the "
+            "far side of its own attribute whose decision (score &gt; threshold) flips: at negative scales "
+            f"positive samples turning negative, at positive scales the reverse. Edits use {step_rule}.</p>"
+            + _table(flips, "{:.2f}")
+        )
+    for attribute in attributes:
         shown = []
-        for name in sorted(n for n in effects["direction"].unique() if n.startswith(JACOBIAN_PREFIX)):
+        for name in sorted(effects["direction"].unique()):
+            if attribute not in name.split("/")[-1].split("|")[0:1]:
+                continue
+            from hmine.stages.edit import strip_filename
+
             src = strips_dir / strip_filename(name)
             if src.exists():
-                shutil.copy(src, out / "img" / src.name)
+                shutil.copy(src, img / src.name)
                 shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
         if shown:
-            parts.append(
-                "<h3>Edits along per-image Jacobian directions (columns: scales low to high)</h3><p>Each "
-                "analysed sample along its own direction; <code>@t</code>: that step's vector at every step, "
-                "otherwise each analysed step's vector at its step.</p><div class='row'>" + "".join(shown) + "</div>"
-            )
-        sections.append("<h2>Edit stage</h2>" + "".join(parts))
-    else:
-        sections.append(f"<h2>Edit stage</h2><p>{NOT_DONE}</p>")
+            parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
+    from hmine.stages.edit import strip_filename
+    from hmine.per_image import JACOBIAN_PREFIX
 
-    # -- jacobian --------------------------------------------------------------------
-    jac_dir = run_dir / "jacobian_strips"
-    if store_state(run_dir / "jacobian.zarr") == "complete" and config.jacobian.n_samples == 0:
-        sections.append("<h2>Jacobian stage</h2><p>Switched off: <code>jacobian.n_samples</code> is 0.</p>")
-    elif store_state(run_dir / "jacobian.zarr") == "complete":
-        shown = []
-        for src in jacobian_strip_paths(run_dir):
-            shutil.copy(src, out / "img" / ("jac-" + src.name))
-            shown.append(f"<figure>{_img('img/jac-' + src.name, src.stem, 260)}<figcaption>{html.escape(src.stem)}</figcaption></figure>")
-        sections.append(
-            f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>; edits applied at "
-            f"<code>{config.jacobian.edit_window}</code>. Each strip: mask, then the edit at the configured "
-            "scales along the masked Jacobian's top direction and, in a second row where computed, along the "
-            "top localised direction.</p><div class='row'>" + "".join(shown) + "</div>"
-            + jacobian_summary_table(run_dir)
+    shown = []
+    for name in sorted(n for n in effects["direction"].unique() if n.startswith(JACOBIAN_PREFIX)):
+        src = strips_dir / strip_filename(name)
+        if src.exists():
+            shutil.copy(src, img / src.name)
+            shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
+    if shown:
+        parts.append(
+            "<h3>Edits along per-image Jacobian directions (columns: scales low to high)</h3><p>Each "
+            "analysed sample along its own direction; <code>@t</code>: that step's vector at every step, "
+            "otherwise each analysed step's vector at its step.</p><div class='row'>" + "".join(shown) + "</div>"
         )
-    else:
-        sections.append(f"<h2>Jacobian stage</h2><p>{NOT_DONE}</p>")
+    return "<h2>Edit stage</h2>" + "".join(parts)
+
+
+def jacobian_section(config: RunConfig, run_dir: Path, img: Path) -> str:
+    if config.jacobian.n_samples == 0:
+        return "<h2>Jacobian stage</h2><p>Switched off: <code>jacobian.n_samples</code> is 0.</p>"
+    shown = []
+    for src in jacobian_strip_paths(run_dir):
+        shutil.copy(src, img / ("jac-" + src.name))
+        shown.append(f"<figure>{_img('img/jac-' + src.name, src.stem, 260)}<figcaption>{html.escape(src.stem)}</figcaption></figure>")
+    return (
+        f"<h2>Jacobian stage</h2><p>Mask: <code>{config.jacobian.mask}</code>; edits applied at "
+        f"<code>{config.jacobian.edit_window}</code>. Each strip: mask, then the edit at the configured "
+        "scales along the masked Jacobian's top direction and, in a second row where computed, along the "
+        "top localised direction.</p><div class='row'>" + "".join(shown) + "</div>"
+        + jacobian_summary_table(run_dir)
+    )
+
+def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
+    import importlib
+
+    from hmine.stages import is_complete, stages
+
+    if store_state(run_dir / "samples.zarr") != "complete":
+        raise FileNotFoundError(f"{run_dir / 'samples.zarr'} is not complete; run the sample stage first")
+    sections = [provenance_section(config, run_dir)]
+    for stage in stages():
+        if stage.output is None:
+            continue
+        if not is_complete(config, stage.name):
+            sections.append(f"<h2>{stage_heading(stage.name)}</h2><p>{NOT_DONE}</p>")
+        elif stage.report_section is None:
+            sections.append(f"<h2>{stage_heading(stage.name)}</h2><p>{html.escape(stage.summary)}: "
+                            f"<code>{html.escape(stage.output)}</code>.</p>")
+        else:
+            module, function = stage.report_section.split(":")
+            sections.append(getattr(importlib.import_module(module), function)(config, run_dir, out / "img"))
 
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>hmine report: {html.escape(config.name)}</title>

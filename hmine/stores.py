@@ -131,6 +131,7 @@ def provenance_attrs(stage_config: dict, config_hash: str, extra: dict | None = 
 
     attrs = {
         CONFIG_HASH: config_hash,
+        "hmine:input_identity": config_hash,
         STAGE_HASH: hash_of(stage_config),
         "hmine:version": hmine.__version__,
         "hmine:git_sha": _git_sha(),

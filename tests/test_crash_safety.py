@@ -16,6 +16,8 @@ import pytest
 
 from hmine.stores import open_group
 
+pytestmark = pytest.mark.slow  # starts hmine processes or whole runs
+
 CONFIG = """
 name: {name}
 output_root: {root}
@@ -95,7 +97,7 @@ def test_report_references_only_existing_images_and_names_every_stage(reference)
     assert len(sources) >= 5
     for src in sources:
         assert (page.parent / src).is_file(), src
-    for stage in ("Sample stage", "Label stage", "Direction stage", "Edit stage", "Jacobian stage", "Provenance"):
+    for stage in ("Sample stage", "Label stage", "Directions stage", "Edit stage", "Jacobian stage", "Provenance"):
         assert stage in text
     assert "Not run" not in text
 

@@ -1,9 +1,12 @@
 """Results do not depend on the runner: a run sampled on Dask equals the same run sampled locally."""
 
 import numpy as np
+import pytest
 import torch
 
 from hmine.config import load_config
+
+pytestmark = pytest.mark.slow  # starts hmine processes or whole runs
 
 
 def test_the_sampler_gives_the_same_bits_at_any_caller_thread_count():
@@ -51,7 +54,7 @@ def test_a_local_cluster_run_equals_a_local_run_bit_for_bit(tmp_path):
         torch.set_num_threads(threads)
     config = load_config(None, [*base, "name=dask", "runner.kind=dask", "runner.n_workers=2",
                                 "runner.shards_per_worker=1"])
-    on_dask = sample_flow(config.model_dump_json())
+    on_dask = sample_flow(config)
     assert on_dask["shards"] == 2 and on_dask["computed"] == 2
     a, b = open_group(local.path), open_group(on_dask["path"])
     for name in ("h", "x0"):

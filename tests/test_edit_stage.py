@@ -87,38 +87,40 @@ def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_a_damaged_edit_chunk_is_detected_and_redone(run, damage):
-    from hmine.stages.edit import edits_intact
+    from hmine.stages import damaged_count
 
     config, labeller = run
     path = config.run_dir / "edits.zarr"
     reference = open_group(path)["images"][...]
     effects_before = pd.read_parquet(config.run_dir / "edit_effects.parquet")
     chunk = path / "images" / "c" / "1" / "2" / "0" / "0" / "0" / "0"  # direction 1, scale +4
-    assert chunk.exists() and edits_intact(config)
+    assert chunk.exists() and damaged_count(config, "edit") == 0
     if damage == "delete":
         chunk.unlink()
     else:
         chunk.write_bytes(chunk.read_bytes()[:20])
-    assert not edits_intact(config)
+    assert not damaged_count(config, "edit") == 0
     # the complete mark is not trusted: the damaged direction is redone, to the same images
     result = run_edit_stage(config, labeller=labeller, show_progress=False)
     assert result.repaired == 1 and result.computed == 1 and result.skipped == 1
-    assert edits_intact(config)
+    assert damaged_count(config, "edit") == 0
     np.testing.assert_array_equal(open_group(path)["images"][...], reference)
     pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), effects_before)
 
 
 def test_the_flow_cache_key_of_a_damaged_edit_store_matches_nothing(run):
-    from flows.stages import _stage_key
+    from flows.caching import stage_key
 
     config, labeller = run
-    parameters = {"config_json": config.model_dump_json(), "stage": "edit"}
-    key = _stage_key(None, parameters)
-    assert _stage_key(None, parameters) == key  # an intact store: a stable key, a cache hit
+    parameters = ("edit", config)
+    key = stage_key(*parameters)
+    assert stage_key(*parameters) == key  # an intact store: a stable key, a cache hit
     (config.run_dir / "edits.zarr" / "images" / "c" / "0" / "0" / "0" / "0" / "0" / "0").unlink()
-    assert _stage_key(None, parameters) not in (key, _stage_key(None, parameters))
+    assert stage_key(*parameters) not in (key, stage_key(*parameters))
     assert run_edit_stage(config, labeller=labeller, show_progress=False).repaired == 1
-    assert _stage_key(None, parameters).startswith(f"hmine-edit-{config.stage_hash('edit')}-")
+    from hmine.stages import input_identity
+
+    assert stage_key(*parameters).startswith(f"hmine-edit-{input_identity(config, 'edit')}-")
 
 
 def test_a_changed_edit_config_recomputes_the_edits(run):
@@ -134,22 +136,22 @@ def test_a_changed_edit_config_recomputes_the_edits(run):
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_a_damaged_directions_chunk_makes_the_stage_write_the_store_again(run, damage):
     from hmine.pipeline import stage_status
-    from hmine.stages.directions import directions_intact
+    from hmine.stages import damaged_count
 
     config, _ = run
     path = directions_path(config)
     reference = xr.open_zarr(path, consolidated=False)["direction"].values
-    assert directions_intact(config) and run_directions_stage(config).computed == 0
+    assert damaged_count(config, "directions") == 0 and run_directions_stage(config).computed == 0
     chunk = path / "direction" / "c" / "1" / "0" / "0" / "0" / "0"
     if damage == "delete":
         chunk.unlink()
     else:
         chunk.write_bytes(chunk.read_bytes()[:20])
-    assert not directions_intact(config)
+    assert not damaged_count(config, "directions") == 0
     assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["directions"] == "damaged"
     result = run_directions_stage(config)
     assert result.computed == 1 and result.repaired == 1
-    assert directions_intact(config)
+    assert damaged_count(config, "directions") == 0
     np.testing.assert_array_equal(xr.open_zarr(path, consolidated=False)["direction"].values, reference)
 
 

@@ -16,11 +16,11 @@ def test_sample_flow_runs_then_is_served_from_cache(tiny_pixel_model_dir, tmp_pa
         [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=flow",
          "sample.n_samples=6", "sample.batch_size=3", "sample.num_inference_steps=2"],
     )
-    first = sample_flow(config.model_dump_json())
+    first = sample_flow(config)
     assert first["computed"] == 2 and not first["cache_hit"]
-    second = sample_flow(config.model_dump_json())
+    second = sample_flow(config)
     assert second["computed"] == 0
-    third = sample_flow(config.model_dump_json())
+    third = sample_flow(config)
     assert third["cache_hit"]
     ds = xr.open_zarr(first["path"], consolidated=False)
     assert ds.attrs["hmine:complete"] and ds["h"].shape[0] == 6
@@ -28,7 +28,7 @@ def test_sample_flow_runs_then_is_served_from_cache(tiny_pixel_model_dir, tmp_pa
 
     # a chunk lost after a cached run is not served from the cache: the stage redoes it
     (Path(first["path"]) / "h" / "c" / "1" / "0" / "0" / "0" / "0").unlink()
-    fourth = sample_flow(config.model_dump_json())
+    fourth = sample_flow(config)
     assert not fourth["cache_hit"] and fourth["computed"] == 1
     after = xr.open_zarr(first["path"], consolidated=False)["h"].values
     assert (after == before).all()
@@ -55,9 +55,9 @@ def test_sample_flow_on_a_dask_cluster_equals_the_serial_store(tiny_pixel_model_
                                     f'runner.address="{cluster.scheduler_address}"'])
         prepare_sample_stage(config)
         sample_batches(config, [3])  # a partial store: the flow resumes it
-        first = sample_flow(config.model_dump_json())
+        first = sample_flow(config)
         shard_runs = dict(cluster.scheduler.task_prefixes["sample_shard_task"].state_counts)
-        again = sample_flow(config.model_dump_json())
+        again = sample_flow(config)
     assert (first["computed"], first["skipped"], first["shards"]) == (4, 1, 2)
     assert shard_runs.get("memory") == 2  # both shards ran on the cluster's worker
     assert (again["computed"], again["shards"]) == (0, 0)

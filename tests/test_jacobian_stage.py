@@ -59,7 +59,7 @@ def test_store_layout_and_resume(tiny_pixel_model_dir, tmp_path):
 
 
 def test_a_damaged_jacobian_chunk_is_detected_and_redone(tiny_pixel_model_dir, tmp_path):
-    from hmine.stages.jacobian import jacobian_intact
+    from hmine.stages import damaged_count
 
     config = _config(tiny_pixel_model_dir, tmp_path)
     run_sample_stage(config, show_progress=False)
@@ -67,10 +67,10 @@ def test_a_damaged_jacobian_chunk_is_detected_and_redone(tiny_pixel_model_dir, t
     path = config.run_dir / "jacobian.zarr"
     reference = open_group(path)["vectors"][...]
     (path / "vectors" / "c" / "0" / "0" / "0" / "0" / "0" / "0").unlink()
-    assert not jacobian_intact(config)
+    assert not damaged_count(config, "jacobian") == 0
     again = run_jacobian_stage(config, show_progress=False)
     assert again.repaired == 1 and again.computed == 1 and again.skipped == 1
-    assert jacobian_intact(config)
+    assert damaged_count(config, "jacobian") == 0
     np.testing.assert_allclose(open_group(path)["vectors"][...], reference, atol=1e-6)
 
 
@@ -78,7 +78,7 @@ def test_an_empty_mask_gives_a_complete_intact_store(tiny_pixel_model_dir, tmp_p
     """J is zero under an empty mask, so are its singular values: zarr writes no chunk
     equal to the fill value, and the loss check must not read that as damage."""
     from hmine.pipeline import stage_status
-    from hmine.stages.jacobian import jacobian_intact
+    from hmine.stages import damaged_count
 
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -88,7 +88,7 @@ def test_an_empty_mask_gives_a_complete_intact_store(tiny_pixel_model_dir, tmp_p
     run_sample_stage(config, show_progress=False)
     assert run_jacobian_stage(config, show_progress=False).computed == 2
     assert (open_group(config.run_dir / "jacobian.zarr")["singular_values"][0] == 0).all()
-    assert jacobian_intact(config)
+    assert damaged_count(config, "jacobian") == 0
     assert run_jacobian_stage(config, show_progress=False).computed == 0
     status = {s.stage: s.state for s in stage_status(config.run_dir, config)}
     assert status["jacobian"] == "complete"
@@ -150,25 +150,25 @@ def test_a_partial_samples_store_or_too_few_samples_is_refused_before_anything_i
 
 
 def test_the_flow_cache_key_follows_the_mask_files_and_the_samples_store(tiny_pixel_model_dir, tmp_path):
-    from flows.stages import _stage_key
+    from flows.caching import stage_key
 
     masks, left = _left_half_masks(tmp_path)
     config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=files", f"jacobian.mask_dir={masks}")
     run_sample_stage(config, show_progress=False)
     run_jacobian_stage(config, show_progress=False)
-    parameters = {"config_json": config.model_dump_json(), "stage": "jacobian"}
-    key = _stage_key(None, parameters)
-    assert _stage_key(None, parameters) == key  # nothing changed: a cache hit
+    parameters = ("jacobian", config)
+    key = stage_key(*parameters)
+    assert stage_key(*parameters) == key  # nothing changed: a cache hit
     np.save(masks / "1.npy", 1 - left)  # same config, another mask: the stage would recompute
-    assert _stage_key(None, parameters) != key
+    assert stage_key(*parameters) != key
     assert run_jacobian_stage(config, show_progress=False).computed == 2
-    key = _stage_key(None, parameters)
+    key = stage_key(*parameters)
     # a samples store written again (a new uuid) is another input for every stage reading it
-    label = {"config_json": config.model_dump_json(), "stage": "label"}
-    label_key = _stage_key(None, label)
+    label = ("label", config)
+    label_key = stage_key(*label)
     group = open_group(config.run_dir / "samples.zarr", mode="r+")
     group.attrs["hmine:store_uuid"] = "another-samples-store"
-    assert _stage_key(None, parameters) != key and _stage_key(None, label) != label_key
+    assert stage_key(*parameters) != key and stage_key(*label) != label_key
 
 
 def test_jacobian_edits_use_the_scale_convention_of_every_direction(tiny_pixel_model_dir, tmp_path, monkeypatch):
@@ -252,7 +252,7 @@ def test_lost_localised_vectors_are_detected_and_redone(tiny_pixel_model_dir, tm
     import shutil
 
     from hmine.pipeline import stage_status
-    from hmine.stages.jacobian import jacobian_intact
+    from hmine.stages import damaged_count
 
     config = _config(tiny_pixel_model_dir, tmp_path, "jacobian.mask=shape")
     run_sample_stage(config, show_progress=False)
@@ -263,11 +263,11 @@ def test_lost_localised_vectors_are_detected_and_redone(tiny_pixel_model_dir, tm
         (path / "localised_vectors" / "c" / "1" / "0" / "0" / "0" / "0" / "0").unlink()
     else:
         shutil.rmtree(path / "localised_vectors")
-    assert not jacobian_intact(config)
+    assert not damaged_count(config, "jacobian") == 0
     assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["jacobian"] == "damaged"
     again = run_jacobian_stage(config, show_progress=False)
     lost = 1 if loss == "chunk" else 2
-    assert again.repaired == lost and again.computed == lost and jacobian_intact(config)
+    assert again.repaired == lost and again.computed == lost and damaged_count(config, "jacobian") == 0
     np.testing.assert_allclose(open_group(path)["localised_vectors"][...], reference, atol=1e-5)
 
 

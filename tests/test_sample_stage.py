@@ -102,19 +102,19 @@ def test_a_lost_array_folder_is_damage_and_every_batch_is_redone(tiny_pixel_mode
     import shutil
 
     from hmine.pipeline import stage_status
-    from hmine.stages.sample import samples_intact
+    from hmine.stages import damaged_count
 
     config = _config(tiny_pixel_model_dir, tmp_path)
     run_sample_stage(config, show_progress=False)
     path = config.run_dir / "samples.zarr"
     reference = open_group(path)["x0"][...]
     shutil.rmtree(path / "x0")
-    assert not samples_intact(config)
+    assert not damaged_count(config, "sample") == 0
     assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["sample"] == "damaged"
     result = run_sample_stage(config, show_progress=False)
     assert result.repaired == result.computed == result.total
     np.testing.assert_array_equal(open_group(path)["x0"][...], reference)  # bit for bit
-    assert samples_intact(config)
+    assert damaged_count(config, "sample") == 0
 
 
 KILLED_RUN = textwrap.dedent(

@@ -3,20 +3,22 @@
 Read it with ``xr.open_zarr(run_dir / "directions.zarr", consolidated=False)``: unit
 vectors ``direction`` with dims (direction, step, channel, y, x), ``scale_unit``
 (direction, step) and per-direction statistics; the coords ``name``, ``method``,
-``attribute`` and ``component`` say what each direction is. The store is keyed by the
-stage's config hash and the identity of the labels and samples it was fitted on.
+``attribute`` and ``component`` say what each direction is. The store records the
+stage's input identity: its config hash, the identities of the labels and samples it was
+fitted on and the PCA solver (:mod:`hmine.stages`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from hmine.config import RunConfig
-from hmine.stages.label import labels_path, read_labels
+from hmine.stages.label import read_labels
 from hmine.stages.sample import StageResult, samples_path
-from hmine.stores import CHUNK_CHECKED_ARRAYS, STORE_UUID, all_chunks_intact, open_group, store_state, table_meta
+from hmine.stores import STORE_UUID, store_state
 
 logger = logging.getLogger(__name__)
 
@@ -27,47 +29,22 @@ def directions_path(config: RunConfig) -> Path:
     return config.run_dir / DIRECTIONS_STORE
 
 
-def directions_intact(config: RunConfig) -> bool:
-    """Whether a complete ``directions.zarr`` still has every chunk file, whole (read-only)."""
-    path = directions_path(config)
-    if store_state(path) != "complete":
-        return True
-    return all_chunks_intact(path, CHUNK_CHECKED_ARRAYS[DIRECTIONS_STORE])
-
-
-def directions_identity(config: RunConfig) -> dict:
-    """What the directions depend on: the stage config, the upstream stores' identities
-    and the PCA solver (a store fitted by another solver, e.g. the randomized one hmine
-    used before, is fitted again)."""
-    from hmine.directions import PCA_SOLVER
-
-    labels = table_meta(labels_path(config)) or {}
-    return {
-        "hmine:config_hash": config.stage_hash("directions"),
-        "hmine:samples_uuid": open_group(samples_path(config)).attrs[STORE_UUID],
-        "hmine:labels_samples_uuid": labels.get("hmine:samples_uuid", ""),
-        "hmine:pca_solver": PCA_SOLVER,
-    }
-
-
 def run_directions_stage(config: RunConfig) -> StageResult:
     """Fit every configured direction on the run's h and labels and write them atomically."""
     import xarray as xr
 
     from hmine.directions import fit_directions, write_directions
 
+    from hmine.stages import damaged_count, identity_record, up_to_date
+
     started = time.perf_counter()
     path = directions_path(config)
-    identity = directions_identity(config)
-    repaired = 0
-    if store_state(path) == "complete":
-        attrs = open_group(path).attrs
-        if all(attrs.get(k) == v for k, v in identity.items()):
-            if directions_intact(config):
-                logger.info("directions stage: %s is up to date", path)
-                return StageResult(path, 1, 0, 1, 0, time.perf_counter() - started)
-            logger.warning("directions stage: %s lost chunk files; writing it again", path)
-            repaired = 1
+    if up_to_date(config, "directions"):
+        logger.info("directions stage: %s is up to date", path)
+        return StageResult(path, 1, 0, 1, 0, time.perf_counter() - started)
+    repaired = int(store_state(path) == "complete" and damaged_count(config, "directions") > 0)
+    if repaired:
+        logger.warning("directions stage: %s lost chunk files; writing it again", path)
     labels = read_labels(config)
     attributes = list(config.label.attributes)
     missing = [a for a in attributes if a not in labels.columns]
@@ -95,7 +72,11 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         threshold=config.directions.threshold,
         probe_test_fraction=config.directions.probe_test_fraction,
     )
-    directions.attrs.update({**identity, STORE_UUID: __import__("uuid").uuid4().hex})
+    directions.attrs.update({
+        "hmine:config_hash": config.stage_hash("directions"),
+        **identity_record(config, "directions"),
+        STORE_UUID: uuid.uuid4().hex,
+    })
     write_directions(directions, path)
     seconds = time.perf_counter() - started
     logger.info("directions stage: %d directions in %.1f s", directions.sizes["direction"], seconds)

@@ -3,8 +3,8 @@
 One row per sample, indexed by the sample's seed (index name ``seed``), one float column
 per attribute score; read it with ``pd.read_parquet(run_dir / "labels.parquet")``.
 
-The table is keyed by the label stage's config hash and the identity (uuid) of the
-samples store it was computed from; a rerun with both unchanged does nothing. Work in
+The table records the stage's input identity (its config hash and the uuid of the samples
+store it was computed from, :mod:`hmine.stages`); a rerun with it unchanged does nothing. Work in
 progress is kept per batch in ``labels.parts/`` (one parquet file per batch, each
 written atomically), so a killed run resumes; the final table is written atomically
 last, so a half-written table never looks complete.
@@ -24,7 +24,6 @@ import pandas as pd
 from hmine.config import RunConfig
 from hmine.stages.sample import StageResult, progress, samples_path
 from hmine.stores import (
-    STORE_UUID,
     UnreadableFile,
     open_group,
     read_json,
@@ -43,18 +42,12 @@ def labels_path(config: RunConfig) -> Path:
     return config.run_dir / LABELS_TABLE
 
 
-def label_identity(config: RunConfig) -> dict:
-    """What the labels depend on: the stage config and the samples store they read."""
-    return {
-        "hmine:config_hash": config.stage_hash("label"),
-        "hmine:samples_uuid": open_group(samples_path(config)).attrs[STORE_UUID],
-    }
-
-
 def label_parts_identity(config: RunConfig) -> dict:
-    """What a run's work in progress (``labels.parts/``) depends on: the labels' identity and
-    the batch size, since part b holds rows [b * batch_size, (b + 1) * batch_size)."""
-    return {**label_identity(config), "label.batch_size": config.label.batch_size}
+    """What a run's work in progress (``labels.parts/``) depends on: the stage's input
+    identity and the batch size, since part b holds rows [b * batch_size, (b + 1) * batch_size)."""
+    from hmine.stages import input_identity
+
+    return {"input": input_identity(config, "label"), "label.batch_size": config.label.batch_size}
 
 
 def read_labels(config: RunConfig) -> pd.DataFrame:
@@ -90,14 +83,14 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
     """
     from hmine.labelling import make_labeller
 
+    from hmine.stages import identity_record, up_to_date
+
     started = time.perf_counter()
     out_path = labels_path(config)
     source = samples_path(config)
     if store_state(source) != "complete":
         raise FileNotFoundError(f"{source} is not complete; run the sample stage first")
-    identity = label_identity(config)
-    meta = table_meta(out_path)
-    if meta is not None and all(meta.get(k) == v for k, v in identity.items()):
+    if up_to_date(config, "label"):
         logger.info("label stage: %s is up to date", out_path)
         return StageResult(out_path, 1, 0, 1, 0, time.perf_counter() - started)
 
@@ -140,7 +133,12 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
     write_table(
         table,
         out_path,
-        {**identity, "hmine:labeller": labeller.name, "hmine:stage_config": json.dumps(config.stage_inputs("label"), sort_keys=True)},
+        {
+            "hmine:config_hash": config.stage_hash("label"),
+            **identity_record(config, "label"),
+            "hmine:labeller": labeller.name,
+            "hmine:stage_config": json.dumps(config.stage_inputs("label"), sort_keys=True),
+        },
     )
     shutil.rmtree(parts)
     seconds = time.perf_counter() - started

@@ -64,17 +64,13 @@ def samples_path(config: RunConfig) -> Path:
     return config.run_dir / SAMPLES_STORE
 
 
-def samples_intact(config: RunConfig) -> bool:
-    """Whether every batch marked done in ``samples.zarr`` still has all its chunk files, whole.
-
-    Read-only and cheap (a stat and a 16-byte read per chunk): the Prefect cache key of
-    the sample stage uses it, so that a store with a deleted or truncated chunk is never
-    served from the cache but rerun, and repaired, by the stage.
-    """
-    path = samples_path(config)
+def damaged_sample_batches(path: Path) -> list[int]:
+    """Batches marked done in a complete ``samples.zarr`` whose chunks are missing, cut short
+    or fail their checksum (read-only; the batch size is the store's own chunk length)."""
     if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
-        return True
-    return not damaged_batches(open_group(path), path, _WRITTEN_ARRAYS, config.sample.batch_size)
+        return []
+    group = open_group(path)
+    return damaged_batches(group, path, _WRITTEN_ARRAYS, group["done"].chunks[0])
 
 
 def make_sampler(config: RunConfig, model=None):

@@ -1,0 +1,201 @@
+"""The registry entries of hmine's own stages, in run order.
+
+Each entry names the stage's run function, its output, what it reads, its own part of
+the config hash, its other inputs, its chunk check, its preflight checks and its report
+section (see :mod:`hmine.stages`). Heavy modules are imported only when a hook runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hmine.stages import Stage, register
+
+if TYPE_CHECKING:
+    from hmine.config import RunConfig
+
+
+# -- config-hash settings: what each stage adds to the hash of the stages it reads -------
+
+
+def sample_settings(config: "RunConfig") -> dict:
+    from hmine.config import model_identity
+
+    model = config.model.model_dump(mode="json", exclude={"device"})  # where it runs is not what it gives
+    model["weights"] = model_identity(config.model.id, config.model.revision)
+    return {"model": model, "sample": config.sample.model_dump(mode="json")}
+
+
+def label_settings(config: "RunConfig") -> dict:
+    from hmine.config import labeller_identity
+
+    return {
+        "label": config.label.model_dump(mode="json", exclude={"batch_size"}),
+        "labeller": labeller_identity(config.label),
+    }
+
+
+def directions_settings(config: "RunConfig") -> dict:
+    return {"directions": config.directions.model_dump(mode="json")}
+
+
+def jacobian_settings(config: "RunConfig") -> dict:
+    return {"jacobian": config.jacobian.model_dump(mode="json")}
+
+
+def edit_settings(config: "RunConfig") -> dict:
+    return {"edit": config.edit.model_dump(mode="json", exclude={"batch_size", "strip_samples"})}
+
+
+# -- other inputs ----------------------------------------------------------------------
+
+
+def directions_extra_inputs(config: "RunConfig") -> dict:
+    from hmine.directions import PCA_SOLVER
+
+    return {"pca_solver": PCA_SOLVER}  # a store fitted by another solver is fitted again
+
+
+def jacobian_extra_inputs(config: "RunConfig") -> dict:
+    from hmine.masks import mask_hash
+
+    return {"masks": mask_hash(config)}  # mask files can change under the same config
+
+
+def edit_optional_reads(config: "RunConfig") -> tuple[str, ...]:
+    from hmine.per_image import JACOBIAN_PREFIX
+
+    return ("jacobian",) if any(n.startswith(JACOBIAN_PREFIX) for n in config.edit.directions) else ()
+
+
+# -- chunk checks ------------------------------------------------------------------------
+
+
+def samples_damaged(config: "RunConfig") -> int:
+    from hmine.stages.sample import damaged_sample_batches
+
+    return len(damaged_sample_batches(config.run_dir / "samples.zarr"))
+
+
+def directions_damaged(config: "RunConfig") -> int:
+    from hmine.stores import CHUNK_CHECKED_ARRAYS, all_chunks_intact, store_state
+
+    path = config.run_dir / "directions.zarr"
+    if store_state(path) != "complete":
+        return 0
+    return 0 if all_chunks_intact(path, CHUNK_CHECKED_ARRAYS["directions.zarr"]) else 1
+
+
+def jacobian_damaged(config: "RunConfig") -> int:
+    from hmine.stages.jacobian import damaged_jacobian_entries
+
+    return len(damaged_jacobian_entries(config.run_dir / "jacobian.zarr"))
+
+
+def edits_damaged(config: "RunConfig") -> int:
+    from hmine.stores import CHUNK_CHECKED_ARRAYS, damaged_entries, open_group, store_state
+
+    path = config.run_dir / "edits.zarr"
+    if store_state(path) != "complete":  # a partial store is resumed by the stage anyway
+        return 0
+    return len(damaged_entries(open_group(path), path, CHUNK_CHECKED_ARRAYS["edits.zarr"]))
+
+
+def edits_complete(config: "RunConfig") -> bool:
+    from hmine.stages.edit import effects_measured_from
+    from hmine.stores import store_state
+
+    path = config.run_dir / "edits.zarr"
+    return store_state(path) == "complete" and effects_measured_from(path)
+
+
+# -- preflight -----------------------------------------------------------------------------
+
+
+def check_model(config: "RunConfig") -> None:
+    from hmine.models import check_model_source
+
+    check_model_source(config.model.id)
+
+
+def check_labeller(config: "RunConfig") -> None:
+    from hmine.labelling import labeller_attributes
+
+    scored = labeller_attributes(config.label)
+    missing = [a for a in config.label.required_attributes if a not in scored]
+    if missing:
+        raise ValueError(
+            f"label.attributes names {missing}, which the {config.label.labeller} labeller does not "
+            f"score; it scores {list(scored)}"
+        )
+
+
+def check_masks(config: "RunConfig") -> None:
+    from hmine.masks import check_mask_files
+
+    check_mask_files(config)
+
+
+SAMPLE = register(Stage(
+    name="sample",
+    summary="stage 1: sample images and store per-step h",
+    run="hmine.stages.sample:run_sample_stage",
+    output="samples.zarr",
+    settings=sample_settings,
+    intact=samples_damaged,
+    preflight=(check_model,),
+    report_section="hmine.report:sample_section",
+))
+LABEL = register(Stage(
+    name="label",
+    summary="stage 2: score every sample's image with the labeller",
+    run="hmine.stages.label:run_label_stage",
+    output="labels.parquet",
+    settings=label_settings,
+    reads=("sample",),
+    preflight=(check_labeller,),
+    report_section="hmine.report:label_section",
+))
+DIRECTIONS = register(Stage(
+    name="directions",
+    summary="stage 3: PCA, mean-difference, probe and conditional directions",
+    run="hmine.stages.directions:run_directions_stage",
+    output="directions.zarr",
+    settings=directions_settings,
+    reads=("sample", "label"),
+    extra_inputs=directions_extra_inputs,
+    intact=directions_damaged,
+    preflight=(check_labeller,),
+    report_section="hmine.report:directions_section",
+))
+JACOBIAN = register(Stage(  # before the edit stage, which can apply per-image Jacobian directions
+    name="jacobian",
+    summary="stage 4: per-image Jacobian directions by block Krylov iteration",
+    run="hmine.stages.jacobian:run_jacobian_stage",
+    output="jacobian.zarr",
+    settings=jacobian_settings,
+    reads=("sample",),
+    extra_inputs=jacobian_extra_inputs,
+    intact=jacobian_damaged,
+    preflight=(check_model, check_masks),
+    report_section="hmine.report:jacobian_section",
+))
+EDIT = register(Stage(
+    name="edit",
+    summary="stage 5: apply directions (also per-image Jacobian ones) at several scales and measure the effect",
+    run="hmine.stages.edit:run_edit_stage",
+    output="edits.zarr",
+    settings=edit_settings,
+    reads=("sample", "directions"),
+    optional_reads=edit_optional_reads,
+    intact=edits_damaged,
+    complete=edits_complete,
+    preflight=(check_model, check_labeller),
+    report_section="hmine.report:edit_section",
+))
+REPORT = register(Stage(
+    name="report",
+    summary="write the HTML report of a run",
+    run="hmine.report:run_report_stage",
+    output=None,
+))
