@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hmine run configs/demo.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean-demo:

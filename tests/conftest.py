@@ -15,8 +15,8 @@ from hmine.runtime import configure_environment  # noqa: E402
 
 configure_environment()
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the environment: Prefect and torch read it at import)
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 

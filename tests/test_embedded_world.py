@@ -10,6 +10,8 @@ from hmine.config import load_config
 from hmine.models import load_model
 from hmine.sampling import Sampler
 
+pytestmark = pytest.mark.slow  # starts hmine processes or whole runs
+
 
 def test_embedded_ddpm_loads_through_the_public_loader_and_samples():
     model = load_model("embedded:shapes-ddpm")

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts hmine processes or whole runs
+
 
 def _children_servers(home: str) -> list[int]:
     """PIDs of Prefect servers whose environment points at this test's HMINE_HOME."""
