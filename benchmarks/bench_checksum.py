@@ -35,7 +35,9 @@ def write_store(path: Path, h: np.ndarray, batch: int, checksum: bool) -> float:
         "h", shape=h.shape, chunks=(batch, 1, *h.shape[2:]), dtype="float16", compressors=codecs,
         dimension_names=("sample", "step", "channel", "y", "x"),
     )
-    group.create_array("done", shape=(h.shape[0],), chunks=(batch,), dtype="bool", fill_value=False)
+    group.create_array(
+        "done", shape=(h.shape[0],), chunks=(batch,), dtype="bool", fill_value=False, dimension_names=("sample",)
+    )
     started = time.perf_counter()
     for start in range(0, h.shape[0], batch):  # one batch at a time, as the sample stage writes
         array[start : start + batch] = h[start : start + batch]
