@@ -35,15 +35,12 @@ import hmine
 
 COMPLETE = "hmine:complete"
 INITIALISED = "hmine:initialised"
+# What a store is made for, compared when it is reopened: the stage's input identity
+# (hmine.stages.input_identity), which for the sample stage is its config hash.
 CONFIG_HASH = "hmine:config_hash"
-# The hash of the stage's settings (and its upstream stages'): equal to CONFIG_HASH for
-# most stores; a store keyed also on other inputs (the edit store on its directions'
-# uuid, the Jacobian store on its masks' content) records it here, for `hmine status`.
+# The hash of the stage's settings (and its upstream stages') alone, for `hmine status`.
 STAGE_HASH = "hmine:stage_hash"
 STORE_UUID = "hmine:store_uuid"
-# The uuid of the directions store an edit store was made from (`hmine status` compares it).
-DIRECTIONS_UUID = "hmine:directions_uuid"
-JACOBIAN_UUID = "hmine:jacobian_uuid"
 
 
 class StoreConfigMismatch(RuntimeError):

@@ -204,9 +204,16 @@ def input_identity(config: "RunConfig", name: str) -> str:
     A stage that reads nothing and has no other inputs (the sample stage) has its config
     hash as identity.
     """
+    return _identity(config, name, _read_identities(config, name))
+
+
+def _read_identities(config: "RunConfig", name: str) -> dict:
+    return {r: output_identity(config, r) for r in reads_of(config, name)}
+
+
+def _identity(config: "RunConfig", name: str, reads: dict) -> str:
     stage = get(name)
     config_hash = stage_hash(config, name)
-    reads = {r: output_identity(config, r) for r in reads_of(config, name)}
     extra = stage.extra_inputs(config) if stage.extra_inputs else {}
     if not reads and not extra:
         return config_hash
@@ -217,8 +224,8 @@ def identity_record(config: "RunConfig", name: str) -> dict:
     """What a stage records in its output's attributes (or table metadata): its input
     identity, and the identities of the outputs it read, so that ``hmine status`` can name
     the input that changed."""
-    reads = {r: output_identity(config, r) for r in reads_of(config, name)}
-    return {INPUT_IDENTITY: input_identity(config, name), INPUT_READS: json.dumps(reads, sort_keys=True)}
+    reads = _read_identities(config, name)
+    return {INPUT_IDENTITY: _identity(config, name, reads), INPUT_READS: json.dumps(reads, sort_keys=True)}
 
 
 def changed_reads(config: "RunConfig", name: str) -> list[str]:
