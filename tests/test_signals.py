@@ -33,13 +33,14 @@ def _children_servers(home: str) -> list[int]:
     return found
 
 
-def _start(config_file, home, tmp_path):
+def _start(config_file, home, tmp_path, new_session=False):
     env = {**os.environ, "HMINE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     env.pop("PREFECT_HOME", None)
     return subprocess.Popen(
         [sys.executable, "-m", "hmine.cli", "sample", str(config_file)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=new_session,  # its own process group, as a terminal's foreground job
     )
 
 
@@ -79,5 +80,31 @@ def test_no_prefect_server_outlives_a_signalled_run(slow_config, tmp_path, sig):
         time.sleep(0.2)
     leftover = _children_servers(str(home))
     for pid in leftover:  # do not leak into the rest of the session if this fails
+        os.kill(pid, signal.SIGKILL)
+    assert leftover == []
+
+
+def test_ctrl_c_in_a_terminal_stops_the_run_in_one_line_and_its_server_with_it(slow_config, tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group, the server too if it
+    shares the group: then hmine retried the dead API for over a minute, in tracebacks."""
+    home = tmp_path / "home-ctrl-c"
+    proc = _start(slow_config, home, tmp_path, new_session=True)
+    assert _wait_for_server(proc, home), "the run never started its Prefect server"
+    samples = tmp_path / "stores" / "sig" / "samples.zarr" / "x0" / "c"
+    deadline = time.time() + 120
+    while not (samples.exists() and any(samples.iterdir())) and time.time() < deadline:
+        time.sleep(0.2)  # Ctrl-C while batches are being sampled
+    started = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.time() - started < 30
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted by SIGINT")
+    deadline = time.time() + 30
+    while _children_servers(str(home)) and time.time() < deadline:
+        time.sleep(0.2)
+    leftover = _children_servers(str(home))
+    for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert leftover == []
