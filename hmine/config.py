@@ -130,7 +130,18 @@ class DirectionsConfig(_Frozen):
         16, ge=1, le=MAX_BATCH, description="probes are fitted in this many principal components per step; null = raw h"
     )
     probe_test_fraction: float = Field(0.25, gt=0, lt=1)
-    threshold: float = Field(0.5, gt=0, lt=1, description="binarises attribute scores")
+    threshold: float | Literal["median"] = Field(
+        0.5,
+        description="binarises attribute scores (score > threshold); 'median': each attribute at the median of "
+        "its scores over the run's samples, for uncalibrated scores such as CLIP's prompt pairs",
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_inside_scores(cls, value):
+        if value != "median" and not 0 < value < 1:
+            raise ValueError("threshold must lie strictly between 0 and 1, or be 'median'")
+        return value
     conditional: dict[str, list[str]] = Field(
         default_factory=dict, description="attribute -> attributes whose directions are projected away"
     )

@@ -12,13 +12,15 @@ import numpy as np
 import pandas as pd
 
 
-def measure_effects(group, names, scales, labeller, threshold: float, binary_attributes: list[str]) -> pd.DataFrame:
+def measure_effects(group, names, scales, labeller, thresholds: dict[str, float]) -> pd.DataFrame:
     """Per (direction, scale, attribute): mean score, mean change and decision flips.
 
     Changes are measured against the scale-0 images of the same direction (the unedited
     regeneration), sample by sample. For the binary attributes, ``flip_to_positive`` is
     the fraction of samples scored negative (score <= threshold) before the edit that
     are positive after it, among those that were negative; ``flip_to_negative`` the reverse.
+    ``thresholds`` maps each binary attribute to its decision threshold
+    (:func:`hmine.labelling.decision_thresholds`).
     """
     zero = scales.index(0.0)
     rows = []
@@ -43,7 +45,8 @@ def measure_effects(group, names, scales, labeller, threshold: float, binary_att
                     "flip_to_positive": float("nan"),
                     "flip_to_negative": float("nan"),
                 }
-                if attribute in binary_attributes:
+                if attribute in thresholds:
+                    threshold = thresholds[attribute]
                     negative, positive = before <= threshold, before > threshold
                     if negative.any():
                         row["flip_to_positive"] = float((after[negative] > threshold).mean())

@@ -83,3 +83,15 @@ def labeller_attributes(config) -> tuple[str, ...]:
     if config.labeller == "world":
         return WorldLabeller(config.classifier_path).attributes
     return tuple(config.clip_prompts)
+
+
+def decision_thresholds(labels: pd.DataFrame, attributes, threshold: float | str) -> dict[str, float]:
+    """Per attribute, the score above which a sample counts as positive.
+
+    ``threshold`` is ``directions.threshold``: one number for every attribute, or
+    ``"median"``: each attribute's median over the run's labels (``labels``), which splits
+    the samples in halves whatever the scores' calibration.
+    """
+    if threshold == "median":
+        return {a: float(np.median(labels[a].to_numpy())) for a in attributes}
+    return {a: float(threshold) for a in attributes}

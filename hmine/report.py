@@ -250,8 +250,12 @@ def sample_section(config: RunConfig, run_dir: Path, img: Path) -> str:
 def label_section(config: RunConfig, run_dir: Path, img: Path) -> str:
     labels = pd.read_parquet(run_dir / "labels.parquet")
     attributes = reported_attributes(config, labels)
-    frac = labels[attributes].gt(config.directions.threshold).mean().to_frame("fraction positive")
-    corr = labels[attributes].gt(config.directions.threshold).astype(float).corr()
+    from hmine.labelling import decision_thresholds
+
+    thresholds = pd.Series(decision_thresholds(labels, attributes, config.directions.threshold))
+    decisions = labels[attributes].gt(thresholds)
+    frac = decisions.mean().to_frame("fraction positive").assign(threshold=thresholds)
+    corr = decisions.astype(float).corr()
     return (
         f"<h2>Label stage</h2><p>Labeller <code>{config.label.labeller}</code>; {len(labels)} samples.</p>"
         + _table(frac) + "<h3>Correlation of the binary decisions</h3>" + _table(corr)

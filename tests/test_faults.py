@@ -137,6 +137,7 @@ def test_bad_input_is_refused_in_one_line_with_nothing_written(case, tmp_path, m
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["offline hub id", "help"])
 def test_refusals_after_the_lock_and_help_leave_nothing_behind(what, tmp_path):
     env = {"HF_HUB_OFFLINE": "1"}
@@ -155,6 +156,7 @@ def test_refusals_after_the_lock_and_help_leave_nothing_behind(what, tmp_path):
 # -- signals ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_a_run_with_one_line_and_the_rerun_resumes(sig, tmp_path):
     config = _write_config(tmp_path, "sig")
@@ -184,6 +186,7 @@ STAGE_MARKS = {  # a path that appears once the stage has started writing
 }
 
 
+@pytest.mark.slow
 def test_a_kill_in_every_stage_then_rerun_equals_an_uninterrupted_run(reference, tmp_path):
     expected, _ = reference
     config = _write_config(tmp_path, "killed")
@@ -213,6 +216,7 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     return result.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_when_space_is_back(reference, tmp_path):
     expected, _ = reference
     disk = tmp_path / "disk"
@@ -274,6 +278,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_flip_bit, _truncate], ids=["flipped bit", "truncated"])
 def test_damaged_bytes_in_every_store_are_found_and_repaired(reference, tmp_path, damage):
     expected, ref_dir = reference
@@ -306,6 +311,7 @@ def test_damaged_bytes_in_every_store_are_found_and_repaired(reference, tmp_path
     _assert_equal_outputs(_outputs(run_dir), expected)
 
 
+@pytest.mark.slow
 def test_damaged_small_files_are_named_and_redone(reference, tmp_path):
     """A cut-short labels.parts/identity.json and run_log.jsonl line, a truncated config.json."""
     _, ref_dir = reference
@@ -329,3 +335,36 @@ def test_damaged_small_files_are_named_and_redone(reference, tmp_path):
     out = _hmine(["status", run_dir], tmp_path)
     assert out.returncode == 0 and "Traceback" not in out.stderr
     assert "config.json" in out.stderr
+
+
+# -- the README's own configs ---------------------------------------------------------------
+
+
+def _readme_yaml(heading: str) -> dict:
+    import yaml
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split(f"## {heading}", 1)[1]
+    return yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])
+
+
+@pytest.mark.slow
+def test_the_readmes_real_model_config_runs_to_a_report(tmp_path, tiny_pixel_model_dir, tiny_clip_dir):
+    """README "On a real model", with the hub ids replaced by local folders and fewer samples."""
+    import yaml
+
+    config = _readme_yaml("On a real model")
+    assert config["model"]["id"] == "google/ddpm-ema-celebahq-256" and config["jacobian"] == {"n_samples": 0}
+    config["model"].update(id=str(tiny_pixel_model_dir), device="cpu")
+    config["label"]["clip_model_id"] = str(tiny_clip_dir)
+    config["sample"].update(n_samples=12, batch_size=4, num_inference_steps=2)
+    config.update(output_root=str(tmp_path / "stores"), report_root=str(tmp_path / "reports"))
+    config["directions"].update(top_k=3, pca_components=2, probe_components=4)
+    config["edit"] = {"n_samples": 4, "scales": [-1.0, 1.0]}
+    path = tmp_path / "celebahq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = _hmine(["run", path, "--no-prefect"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "reports" / config["name"] / "index.html").read_text()
+    assert "Switched off: <code>jacobian.n_samples</code> is 0" in page
+    assert "conditional/smiling" in page or "smiling|glasses" in page  # the conditional direction made it

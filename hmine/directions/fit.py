@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -32,7 +34,7 @@ def fit_directions(
     conditional: Mapping[str, Sequence[str]] | None = None,
     memory_budget_bytes: int = 2**30,
     random_state: int = 0,
-    threshold: float = 0.5,
+    threshold: float | Mapping[str, float] = 0.5,
     probe_test_fraction: float = 0.25,
 ) -> xr.Dataset:
     """Fit every configured direction of h into one dataset (layout in :mod:`hmine.directions`' docs).
@@ -62,8 +64,11 @@ def fit_directions(
     top_k : int
         Samples per side of the mean difference; clipped (with a warning) to
         n_samples // 2. The value used is in the ``hmine:top_k`` attribute.
-    probe_C, threshold, probe_test_fraction : float
+    probe_C, probe_test_fraction : float
         :class:`LinearProbe` settings.
+    threshold : float or mapping of str to float
+        The probes' decision threshold: one for every attribute, or one per attribute
+        (:func:`hmine.labelling.decision_thresholds`).
     probe_components : int or None
         :class:`LinearProbe`'s ``n_components``: probes are fitted in the top principal
         components of each step (None: in raw h coordinates).
@@ -162,7 +167,10 @@ def _supervised_directions(
     mean_differences, probes = {}, {}
     for attribute in attributes:
         mean_differences[attribute] = mean_difference_direction(h, scores[attribute], top_k_used)
-        probes[attribute] = LinearProbe(**probe_settings).fit(h, scores[attribute])
+        settings = dict(probe_settings)
+        if isinstance(settings["threshold"], Mapping):  # one per attribute
+            settings["threshold"] = float(settings["threshold"][attribute])
+        probes[attribute] = LinearProbe(**settings).fit(h, scores[attribute])
     return top_k_used, mean_differences, probes
 
 
@@ -208,7 +216,7 @@ def _dataset_attrs(
     attrs = {
         "hmine:n_samples": int(n),
         "hmine:top_k": int(top_k_used),
-        "hmine:threshold": float(threshold),
+        "hmine:threshold": json.dumps(dict(threshold)) if isinstance(threshold, Mapping) else float(threshold),
         "hmine:probe_components": "raw h" if probe_components is None else int(probe_components),
         "hmine:pca_solvers": ", ".join(f"{k}: {v}" for k, v in solvers.items()),
         # the eigensolver's settings; its measured accuracy is in pca_angle_bound,

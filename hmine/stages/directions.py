@@ -29,6 +29,14 @@ def directions_path(config: RunConfig) -> Path:
     return config.run_dir / DIRECTIONS_STORE
 
 
+def _thresholds(config: RunConfig, labels, attributes) -> float | dict[str, float]:
+    """``directions.threshold`` as the probes take it: the number, or each attribute's median."""
+    from hmine.labelling import decision_thresholds
+
+    threshold = config.directions.threshold
+    return threshold if threshold != "median" else decision_thresholds(labels, attributes, threshold)
+
+
 def run_directions_stage(config: RunConfig) -> StageResult:
     """Fit every configured direction on the run's h and labels and write them atomically."""
     import xarray as xr
@@ -69,7 +77,7 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         conditional={k: list(v) for k, v in config.directions.conditional.items()},
         memory_budget_bytes=int(config.directions.memory_budget_gb * 2**30),
         random_state=config.directions.random_state,
-        threshold=config.directions.threshold,
+        threshold=_thresholds(config, labels, attributes),
         probe_test_fraction=config.directions.probe_test_fraction,
     )
     directions.attrs.update({

@@ -121,7 +121,8 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
     from hmine.directions import open_directions
     from hmine.editing import edit_steps_from
-    from hmine.labelling import make_labeller
+    from hmine.labelling import decision_thresholds, make_labeller
+    from hmine.stages.label import read_labels
     from hmine.stages import INPUT_IDENTITY, identity_record, up_to_date
     from hmine.stages.directions import directions_path
 
@@ -159,9 +160,10 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
     _edit(config, group, sampler, directions, jacobian_group, names, scales, progress(todo, "edit", "direction", show_progress))
     mark_complete(group)
-    effects = measure_effects(
-        group, names, scales, labeller or make_labeller(config.label), config.directions.threshold, config.label.attributes
-    )
+    threshold = config.directions.threshold
+    labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
+    thresholds = decision_thresholds(labels, config.label.attributes, threshold)
+    effects = measure_effects(group, names, scales, labeller or make_labeller(config.label), thresholds)
     meta = {CONFIG_HASH: group.attrs[CONFIG_HASH], "hmine:edits_uuid": group.attrs[STORE_UUID]}
     write_table(effects, config.run_dir / EFFECTS_TABLE, meta)
     seconds = time.perf_counter() - started
