@@ -368,3 +368,17 @@ def test_the_readmes_real_model_config_runs_to_a_report(tmp_path, tiny_pixel_mod
     page = (tmp_path / "reports" / config["name"] / "index.html").read_text()
     assert "Switched off: <code>jacobian.n_samples</code> is 0" in page
     assert "conditional/smiling" in page or "smiling|glasses" in page  # the conditional direction made it
+
+
+def test_the_side_folder_of_a_killed_report_build_is_removed_by_the_next_build(reference, tmp_path):
+    from hmine.pipeline import read_run_config
+    from hmine.report import build_report
+
+    _, ref_dir = reference
+    config = read_run_config(ref_dir / "config.json").model_copy(update={"report_root": tmp_path / "reports"})
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / "reports" / f".{config.name}.building-{int(gone.stdout)}"  # its builder is dead
+    (abandoned / "img").mkdir(parents=True)
+    page = build_report(config)
+    assert page.exists() and not abandoned.exists()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [config.name]
