@@ -120,7 +120,7 @@ class LabelConfig(_Frozen):
 
 
 class DirectionsConfig(_Frozen):
-    """The direction stage: PCA, mean difference, linear probes, conditional projections."""
+    """The direction stage: PCA, mean difference, linear probes, conditional projections, joint regression."""
 
     pca_components: int = Field(8, ge=1, le=MAX_BATCH)
     pca_modes: list[Literal["per_step", "all_steps"]] = ["per_step"]
@@ -142,8 +142,16 @@ class DirectionsConfig(_Frozen):
         if value != "median" and not 0 < value < 1:
             raise ValueError("threshold must lie strictly between 0 and 1, or be 'median'")
         return value
-    conditional: dict[str, list[str]] = Field(
-        default_factory=dict, description="attribute -> attributes whose directions are projected away"
+    conditional: dict[str, list[str]] | Literal["all"] = Field(
+        default_factory=dict,
+        description="attribute -> attributes whose directions are projected away; 'all': every attribute "
+        "conditioned on all the other label.attributes",
+    )
+    regression: bool = Field(
+        True, description="also fit regression/<attribute>: the joint ridge regression of h on all attribute scores"
+    )
+    regression_alpha: float = Field(
+        1e-3, gt=0, le=1e12, description="ridge penalty of the regression directions (units: squared scores)"
     )
     memory_budget_gb: float = Field(4.0, gt=0, description="above this PCA runs out of core with dask")
     random_state: int = 0

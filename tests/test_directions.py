@@ -399,16 +399,19 @@ def test_fit_directions_names_and_layout(budget, tmp_path):
         memory_budget_bytes=budget,
         random_state=0,
     )
+    # the joint regression directions (on by default) come last: the others keep their places
     assert ds["name"].values.tolist() == [
         "pca/0", "pca/1", "pca/2", "pca_all/0", "pca_all/1", "pca_all/2",
         "mean_difference/is_circle", "mean_difference/is_red", "probe/is_circle", "probe/is_red",
         "conditional/mean_difference/is_circle|is_red", "conditional/probe/is_circle|is_red",
+        "regression/is_circle", "regression/is_red",
     ]  # fmt: skip
     assert ds["method"].values.tolist() == ["pca"] * 3 + ["pca_all"] * 3 + ["mean_difference"] * 2 + [
         "probe"
-    ] * 2 + ["conditional"] * 2
-    assert ds["component"].values.tolist() == [0, 1, 2, 0, 1, 2] + [-1] * 6
-    assert ds["attribute"].values.tolist()[6:] == ["is_circle", "is_red"] * 2 + ["is_circle"] * 2
+    ] * 2 + ["conditional"] * 2 + ["regression"] * 2
+    assert ds["component"].values.tolist() == [0, 1, 2, 0, 1, 2] + [-1] * 8
+    assert ds["attribute"].values.tolist()[6:] == ["is_circle", "is_red"] * 2 + ["is_circle"] * 2 + ["is_circle", "is_red"]
+    assert ds.attrs["hmine:regression_alpha"] == 1e-3
     assert ds["direction"].dims == ("direction", "step", "channel", "y", "x")
     assert ds["step"].values.tolist() == [900, 500, 0]
     expected_solver = "memory" if budget > 1 else "dask"
@@ -472,3 +475,4 @@ def test_probe_refuses_zero_components():
     h, scores, _ = separable()
     with pytest.raises(ValueError, match="n_components must be >= 1"):
         LinearProbe(n_components=0).fit(h, scores)
+

@@ -17,7 +17,11 @@ Methods
 * :class:`LinearProbe` — the normal vector of a logistic-regression boundary for a
   binarised attribute, in h coordinates, with held-out accuracy.
 * :func:`conditional_direction` — InterFaceGAN/Haas conditioning: v0 with the span of
-  other directions projected away, v = v0 - Nᵀ(NNᵀ)⁻¹N v0, per step.
+  other directions projected away, v = v0 - Nᵀ(NNᵀ)⁻¹N v0, per step; ``conditional="all"``
+  conditions every attribute on all the others (:func:`all_others`).
+* :func:`regression_directions` — the joint ridge regression of h on every attribute's
+  score at once, per step: an attribute's coefficient vector is its change of h with the
+  other attributes held fixed.
 * :func:`fit_directions` — all of the above into one :class:`xarray.Dataset`, the
   direction stage's output; :func:`write_directions` / :func:`open_directions` store it.
 
@@ -62,7 +66,7 @@ The root attributes ``hmine:pca_solver``, ``hmine:pca_tol_degrees``,
 (:func:`top_eigenpairs`); ``hmine:pca_solvers`` the path per method.
 
 Coords on ``direction``: ``name`` (e.g. ``"pca/3"``, ``"probe/is_circle"``,
-``"conditional/probe/is_circle|is_red"``), ``method`` (one of :data:`METHODS`),
+``"conditional/probe/is_circle|is_red"``, ``"regression/is_red"``), ``method`` (one of :data:`METHODS`),
 ``attribute`` (``""`` for PCA) and ``component`` (-1 unless PCA).
 
 xarray makes a variable named like a dimension a coordinate, so ``direction`` is a
@@ -78,6 +82,7 @@ Modules
 :mod:`~hmine.directions.pca`           :class:`StepwisePCA`
 :mod:`~hmine.directions.supervised`    :func:`mean_difference_direction`, :class:`LinearProbe`
 :mod:`~hmine.directions.conditional`   :func:`conditional_direction`
+:mod:`~hmine.directions.regression`    :func:`regression_directions`
 :mod:`~hmine.directions.scale`         the scale convention: :func:`projection_std`,
                                        :func:`normalise_direction`, :func:`normalise_directions`
 :mod:`~hmine.directions.store`         :class:`Direction`, the dataset and its zarr store
@@ -99,9 +104,10 @@ from hmine.directions.eigen import (
     Eigenpairs,
     top_eigenpairs,
 )
-from hmine.directions.fit import fit_directions
+from hmine.directions.fit import all_others, fit_directions
 from hmine.directions.pca import MEMORY_SAFETY_FACTOR, StepwisePCA
 from hmine.directions.plumbing import H_DIMS, VECTOR_DIMS, align_labels
+from hmine.directions.regression import regression_directions
 from hmine.directions.scale import normalise_direction, normalise_directions, projection_std
 from hmine.directions.store import (
     METHODS,
@@ -137,6 +143,7 @@ __all__ = [
     "LinearProbe",
     "StepwisePCA",
     "align_labels",
+    "all_others",
     "build_direction_dataset",
     "conditional_direction",
     "direction_by_name",
@@ -146,6 +153,7 @@ __all__ = [
     "normalise_directions",
     "open_directions",
     "projection_std",
+    "regression_directions",
     "top_eigenpairs",
     "write_directions",
 ]

@@ -14,6 +14,7 @@ from hmine.directions.conditional import conditional_direction
 from hmine.directions.eigen import PCA_DEGENERATE_GAP, PCA_MAX_ITER, PCA_OVERSAMPLES, PCA_SOLVER, PCA_TOL_DEGREES
 from hmine.directions.pca import StepwisePCA
 from hmine.directions.plumbing import _check_h, _is_dask, _n_features, align_labels
+from hmine.directions.regression import regression_directions
 from hmine.directions.scale import normalise_directions
 from hmine.directions.store import Direction, build_direction_dataset
 from hmine.directions.supervised import LinearProbe, mean_difference_direction
@@ -31,11 +32,13 @@ def fit_directions(
     top_k: int = 100,
     probe_C: float = 1.0,
     probe_components: int | None = 16,
-    conditional: Mapping[str, Sequence[str]] | None = None,
+    conditional: Mapping[str, Sequence[str]] | str | None = None,
     memory_budget_bytes: int = 2**30,
     random_state: int = 0,
     threshold: float | Mapping[str, float] = 0.5,
     probe_test_fraction: float = 0.25,
+    regression: bool = True,
+    regression_alpha: float = 1e-3,
 ) -> xr.Dataset:
     """Fit every configured direction of h into one dataset (layout in :mod:`hmine.directions`' docs).
 
@@ -43,13 +46,13 @@ def fit_directions(
 
     * ``pca/<k>`` for mode ``per_step`` and ``pca_all/<k>`` for ``all_steps``;
     * ``mean_difference/<attribute>`` and ``probe/<attribute>`` for every attribute;
-    * for every ``attribute -> others`` in ``conditional``,
-      ``conditional/mean_difference/<attribute>|<o1,o2>`` and
-      ``conditional/probe/<attribute>|<o1,o2>``: the attribute's raw mean difference and
-      probe normal with the span of the ``others``' mean differences (respectively probe
-      normals) removed per step.
-      Probe normals are the boundaries the other attributes' decisions depend on, so an
-      edit orthogonal to them leaves those (linear) decisions unchanged.
+    * for every ``attribute -> others`` in ``conditional``, ``conditional/<base>/<attribute>|<o1,o2>``
+      for base ``mean_difference`` and ``probe``: the attribute's raw direction with the span
+      of the ``others``' directions of the same base removed per step. Probe normals are the
+      boundaries the other attributes' decisions depend on, so an edit orthogonal to them
+      leaves those (linear) decisions unchanged;
+    * with ``regression``, ``regression/<attribute>`` for every attribute: its column of the
+      joint ridge regression of h on all attributes' scores, per step (:mod:`~hmine.directions.regression`).
 
     Parameters
     ----------
@@ -57,8 +60,7 @@ def fit_directions(
     labels : pandas.DataFrame
         Indexed by seed, one score column per attribute.
     pca_components : int
-        Clipped to min(n_samples - 1, n_features): centred data has no more directions.
-    pca_modes : sequence of {"per_step", "all_steps"}
+        Clipped to min(n_samples - 1, n_features); ``pca_modes``: "per_step", "all_steps".
     attributes : sequence of str, optional
         Label columns to fit supervised directions for; all columns by default.
     top_k : int
@@ -67,46 +69,52 @@ def fit_directions(
     probe_C, probe_test_fraction : float
         :class:`LinearProbe` settings.
     threshold : float or mapping of str to float
-        The probes' decision threshold: one for every attribute, or one per attribute
-        (:func:`hmine.labelling.decision_thresholds`).
+        The probes' decision threshold, one for all or one per attribute.
     probe_components : int or None
         :class:`LinearProbe`'s ``n_components``: probes are fitted in the top principal
         components of each step (None: in raw h coordinates).
-    conditional : mapping of str to sequence of str, optional
+    conditional : mapping of str to sequence of str, or "all", optional
+        "all": every attribute conditioned on all the others (:func:`all_others`).
+    regression, regression_alpha : bool, float
+        Whether to fit the joint regression directions, and their ridge penalty.
     memory_budget_bytes : int
-        The PCA's path choice; also, when h is lazy and no larger than a quarter of it,
-        a loaded copy of h is used so that the PCA, probes and normalisation do not each
-        re-read the store (the other three quarters stay for the float64 work matrices).
+        The PCA's path choice; also, when h is lazy and no larger than a quarter of it, a
+        loaded copy of h is used so that the fits do not each re-read the store.
     random_state : int
         Seeds the PCA solver's start block and the probes' splits.
-
-    Returns
-    -------
-    xarray.Dataset
     """
     h = _check_h(h)
     attributes, conditional, modes = _checked_arguments(labels, attributes, conditional, pca_modes)
     scores = align_labels(labels[attributes], h)
-    n = h.sizes["sample"]
     if _is_dask(h) and h.nbytes <= memory_budget_bytes // 4:
         h = h.compute()  # a loaded copy; the caller's lazy h is left as it is
 
     # (metadata, raw direction) in output order; normalised together in one pass.
     raw, solvers = _pca_directions(h, modes, pca_components, memory_budget_bytes, random_state)
-    probe_settings = {
-        "C": probe_C, "test_fraction": probe_test_fraction, "threshold": threshold, "random_state": random_state,
-        "n_components": probe_components,
-    }  # fmt: skip
+    probe_settings = {"C": probe_C, "test_fraction": probe_test_fraction, "threshold": threshold,
+                      "random_state": random_state, "n_components": probe_components}  # fmt: skip
     top_k_used, mean_differences, probes = _supervised_directions(h, scores, attributes, top_k, probe_settings)
     raw += _supervised_raws(attributes, conditional, mean_differences, probes)
+    raw += _regression_raws(h, scores, regression_alpha) if regression and attributes else []
     ds = build_direction_dataset(_normalised(raw, h))
-    ds.attrs.update(_dataset_attrs(n, top_k_used, threshold, probe_components, solvers, random_state, probes))
+    ds.attrs.update(_dataset_attrs(h.sizes["sample"], top_k_used, threshold, probe_components, solvers, random_state, probes))
+    ds.attrs["hmine:regression_alpha"] = float(regression_alpha) if regression and attributes else "off"
     return ds
+
+
+def all_others(attributes: Sequence[str]) -> dict[str, list[str]]:
+    """``conditional: all``: each attribute conditioned on every other one (nothing for a single attribute)."""
+    attributes = list(attributes)
+    return {a: [o for o in attributes if o != a] for a in attributes} if len(attributes) > 1 else {}
 
 
 def _checked_arguments(labels: pd.DataFrame, attributes, conditional, pca_modes):
     """:func:`fit_directions`' attributes, conditional mapping and PCA modes, checked."""
     attributes = list(labels.columns) if attributes is None else list(attributes)
+    if isinstance(conditional, str):
+        if conditional != "all":
+            raise ValueError(f"conditional must be a mapping or 'all', got {conditional!r}")
+        conditional = all_others(attributes)
     conditional = {str(k): list(v) for k, v in (conditional or {}).items()}
     absent = [a for a in attributes if a not in labels.columns]
     if absent:
@@ -201,6 +209,14 @@ def _supervised_raws(
             meta = {"name": name, "method": "conditional", "attribute": attribute}
             raw.append((meta, conditional_direction(v0, span)))
     return raw
+
+
+def _regression_raws(h: xr.DataArray, scores: pd.DataFrame, alpha: float) -> list[tuple[dict, xr.DataArray]]:
+    """(metadata, raw direction) of every attribute's joint regression direction."""
+    return [
+        ({"name": f"regression/{a}", "method": "regression", "attribute": a}, coefficients)
+        for a, coefficients in regression_directions(h, scores, alpha=alpha).items()
+    ]
 
 
 def _normalised(raw: list[tuple[dict, xr.DataArray]], h: xr.DataArray) -> list[Direction]:

@@ -158,7 +158,7 @@ LABEL = register(Stage(
 ))
 DIRECTIONS = register(Stage(
     name="directions",
-    summary="stage 3: PCA, mean-difference, probe and conditional directions",
+    summary="stage 3: PCA, mean-difference, probe, conditional and regression directions",
     run="hmine.stages.directions:run_directions_stage",
     output="directions.zarr",
     settings=directions_settings,

@@ -1,4 +1,4 @@
-"""Direction stage: PCA, mean-difference, probe and conditional directions into ``directions.zarr``.
+"""Direction stage: PCA, mean-difference, probe, conditional and regression directions into ``directions.zarr``.
 
 Read it with ``xr.open_zarr(run_dir / "directions.zarr", consolidated=False)``: unit
 vectors ``direction`` with dims (direction, step, channel, y, x), ``scale_unit``
@@ -58,7 +58,8 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     missing = [a for a in attributes if a not in labels.columns]
     if missing:
         raise ValueError(f"labels.parquet has no column {missing}; check label.attributes")
-    for attribute, others in config.directions.conditional.items():
+    conditional = config.directions.conditional
+    for attribute, others in ({} if conditional == "all" else conditional).items():
         unknown = [a for a in [attribute, *others] if a not in attributes]
         if unknown:
             raise ValueError(
@@ -74,11 +75,13 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         top_k=config.directions.top_k,
         probe_C=config.directions.probe_C,
         probe_components=config.directions.probe_components,
-        conditional={k: list(v) for k, v in config.directions.conditional.items()},
+        conditional=conditional if conditional == "all" else {k: list(v) for k, v in conditional.items()},
         memory_budget_bytes=int(config.directions.memory_budget_gb * 2**30),
         random_state=config.directions.random_state,
         threshold=_thresholds(config, labels, attributes),
         probe_test_fraction=config.directions.probe_test_fraction,
+        regression=config.directions.regression,
+        regression_alpha=config.directions.regression_alpha,
     )
     directions.attrs.update({
         "hmine:config_hash": config.stage_hash("directions"),

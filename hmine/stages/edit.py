@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 EDITS_STORE = "edits.zarr"
 EFFECTS_TABLE = "edit_effects.parquet"
 STRIPS_DIR = "edit_strips"
-SUPERVISED_METHODS = ("mean_difference", "probe", "conditional")
+SUPERVISED_METHODS = ("mean_difference", "probe", "conditional", "regression")
 
 
 _CHECKED_ARRAYS = CHUNK_CHECKED_ARRAYS[EDITS_STORE]
