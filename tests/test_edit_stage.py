@@ -24,7 +24,9 @@ def run(tiny_pixel_model_dir, tmp_path_factory):
         [f"model.id={tiny_pixel_model_dir}", f"output_root={root}", "name=e", "sample.n_samples=24",
          "sample.batch_size=4", "sample.num_inference_steps=3", "sample.eta=1.0", "label.attributes=[is_left_bright]",
          "directions.pca_components=2", "directions.top_k=6", "edit.n_samples=8", "edit.scales=[-4,4]",
-         "edit.strip_samples=3"],
+         # two supervised directions edited by default (the regression one, also edited by
+         # default, goes through the same code: tests/test_effects.py checks its selection)
+         "edit.strip_samples=3", "directions.regression=false"],
     )
     labeller = LeftBrightLabeller()
     run_sample_stage(config, show_progress=False)
