@@ -56,7 +56,8 @@ def read_store(path: Path) -> float:
 
 
 def check_store(path: Path, batch: int) -> float:
-    from hmine.stores import damaged_batches, open_group
+    from hmine.chunk_checks import damaged_batches
+    from hmine.stores import open_group
 
     group = open_group(path)
     started = time.perf_counter()

@@ -146,7 +146,11 @@ def sample_dask_flow(config_json: str) -> dict:
     """
     from prefect.futures import wait
 
-    from hmine.stages.sample import finish_sample_stage, prepare_sample_stage, shard_batches
+    from hmine.stages.sample import (
+        finish_sample_stage,
+        prepare_sample_stage,
+        shard_batches,
+    )
 
     config = RunConfig.model_validate_json(config_json)
     # workers may run elsewhere: give them an absolute output path (not in any hash)

@@ -107,7 +107,9 @@ def _run_stages(args, stages) -> int:
             if args.no_prefect:
                 results = run_stages(config, stages)
             else:
-                from flows.stages import pipeline_flow  # the library never imports flows
+                from flows.stages import (
+                    pipeline_flow,  # the library never imports flows
+                )
 
                 results = pipeline_flow(config, list(stages))
     except BaseException:

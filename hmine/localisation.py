@@ -25,9 +25,9 @@ def edit_along_top_directions(config, group, sampler, model, seeds, steps, step_
     import xarray as xr
 
     from hmine.directions import projection_std
-    from hmine.stages.sample import samples_path
     from hmine.editing import delta_for, regenerate_with_delta, write_strip
     from hmine.jacobian import eps_of_h, jacobian_subspace
+    from hmine.stages.sample import samples_path
 
     jac = config.jacobian
     h = xr.open_zarr(samples_path(config), consolidated=False)["h"]

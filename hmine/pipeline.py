@@ -52,7 +52,13 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
 
 
 def _status(config: RunConfig, name: str, known: bool) -> StageStatus:
-    from hmine.stages import damaged_count, get, input_identity, is_complete, recorded_identity
+    from hmine.stages import (
+        damaged_count,
+        get,
+        input_identity,
+        is_complete,
+        recorded_identity,
+    )
 
     path = get(name).output_path(config)
     missing = _missing_or_partial(name, path)

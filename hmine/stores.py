@@ -11,7 +11,7 @@ The life of a store (pangeo-forge's pattern):
    (temp file + rename), so a kill at any moment loses at most the batch in flight.
 3. ``hmine:complete`` is set last, after every batch is done.
 
-:func:`verify_done_chunks` checks on every rerun that the chunk files of batches marked
+:func:`hmine.chunk_checks.verify_done_chunks` checks on every rerun that the chunk files of batches marked
 done exist and decode; a batch whose chunk was deleted or truncated is un-marked (and the
 store gets a new uuid, so cached downstream results keyed on it are invalidated), then
 redone instead of being read as fill values.
@@ -20,7 +20,6 @@ redone instead of being read as fill values.
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 import json
 import os
 import shutil
@@ -144,7 +143,7 @@ def chunk_codecs(compressed: bool = True) -> list:
 
     The checksum (zarr v3's ``crc32c`` codec, 4 bytes per chunk) makes any damage to a
     chunk's bytes fail on read instead of decoding to other values, and lets
-    :func:`damaged_entries` find it without decoding.
+    the chunk checks (:mod:`hmine.chunk_checks`) find it without decoding.
     """
     from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
@@ -182,16 +181,23 @@ def store_state(path: Path) -> str:
 def store_damage(path: Path) -> str | None:
     """What makes a store unusable as a whole, or None: a metadata file (``zarr.json``)
     that does not parse, or a chunk of a small array (``done``, coordinates, statistics:
-    any array not in :data:`CHUNK_CHECKED_ARRAYS`) that fails its checksum.
+    any array not in :data:`hmine.chunk_checks.CHUNK_CHECKED_ARRAYS`) that fails its checksum.
 
-    The large arrays' chunks are checked per batch or entry by :func:`damaged_batches`
-    and :func:`damaged_entries`, which redo only what was lost. Damage here has no such
+    The large arrays' chunks are checked per batch or entry by
+    :func:`hmine.chunk_checks.damaged_batches` and :func:`~hmine.chunk_checks.damaged_entries`, which redo only what was lost. Damage here has no such
     unit of work, so the whole store is written again; the small arrays are a tiny share
     of a store's bytes, so random damage lands here rarely. zarr writes every metadata
     and chunk file atomically, so none of this is ever left by a crash: it is damage
     from outside (a disk, a copy, a hand).
     """
     import zarr
+
+    from hmine.chunk_checks import (
+        CHUNK_CHECKED_ARRAYS,
+        CHUNK_CHECKED_PER_ENTRY,
+        chunk_format,
+        chunk_intact,
+    )
 
     path = Path(path)
     for meta in sorted(path.glob("*/zarr.json")) + [path / "zarr.json"]:
@@ -207,11 +213,11 @@ def store_damage(path: Path) -> str | None:
         if name in skip:
             continue
         array = group[name]
-        chunk_format = _chunk_format(array)
-        if chunk_format != "crc32c":
+        kind = chunk_format(array)
+        if kind != "crc32c":
             continue  # stores from before the checksum: their small arrays go unchecked
         for file in sorted((path / name / "c").rglob("*")) if (path / name / "c").exists() else []:
-            if file.is_file() and not _chunk_intact(file, chunk_format):
+            if file.is_file() and not chunk_intact(file, kind):
                 return f"{file} fails its checksum (damaged)"
     return None
 
@@ -291,195 +297,6 @@ def batch_region(batch: int, batch_size: int, n: int) -> slice:
     if start >= n:
         raise IndexError(f"batch {batch} starts at {start}, past the {n} samples")
     return slice(start, min(n, start + batch_size))
-
-
-def verify_done_chunks(group, path: Path, arrays: list[str], batch_size: int) -> list[int]:
-    """Find batches marked done whose chunk files are missing or truncated; un-mark them.
-
-    A chunk is damaged when its file is missing or shorter than its Blosc header says.
-    Returns the list of damaged batch indices. When any is found the store's uuid is
-    renewed and the complete mark removed, so nothing downstream trusts the old content.
-    """
-    damaged = damaged_batches(group, path, arrays, batch_size)
-    n = group["done"].shape[0]
-    if damaged:
-        for batch in damaged:
-            group["done"][batch_region(batch, batch_size, n)] = False
-        group.attrs[STORE_UUID] = uuid.uuid4().hex
-        if COMPLETE in group.attrs:
-            del group.attrs[COMPLETE]
-    return damaged
-
-
-def damaged_batches(group, path: Path, arrays: list[str], batch_size: int) -> list[int]:
-    """Batches marked done whose chunk files (of ``arrays``) are missing or truncated; read-only."""
-    path = Path(path)
-    n = group["done"].shape[0]
-    if any(name not in group for name in arrays):  # an array's folder lost: every done batch with it
-        return [batch for batch, is_done in enumerate(done_batches(group, batch_size)) if is_done]
-    damaged: list[int] = []
-    for batch, is_done in enumerate(done_batches(group, batch_size)):
-        if not is_done:
-            continue
-        region = batch_region(batch, batch_size, n)
-        for name in arrays:
-            array = group[name]
-            expected = _chunk_files_under(path / name, array, (region.start // array.chunks[0],))
-            if not all(_chunk_intact(f, _chunk_format(array)) for f in expected):
-                damaged.append(batch)
-                break
-    return damaged
-
-
-# Per store, the arrays whose chunk files are checked for loss on rerun. Only arrays whose
-# written chunks never equal their fill value belong here: zarr does not write such chunks
-# (write_empty_chunks=False), so they would read as lost. Hence the Jacobian's unit vectors
-# and iteration counts (>= 1), not its singular values, which are 0 for an empty mask.
-CHUNK_CHECKED_ARRAYS = {
-    "samples.zarr": ["h", "x0"],
-    "edits.zarr": ["images"],
-    "jacobian.zarr": ["vectors", "iterations"],  # plus localised_vectors: hmine.stages.jacobian.checked_arrays
-    "directions.zarr": ["direction"],  # written whole, with empty chunks too
-}
-# Arrays that some stores check per entry beside those above (the Jacobian store's
-# localised vectors, present only with a mask): left to the entry checks by store_damage.
-CHUNK_CHECKED_PER_ENTRY = {"localised_vectors"}
-
-
-def damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
-    """Entries of ``done`` marked True whose chunk files (of ``arrays``) are missing or truncated.
-
-    For stores whose unit of work is an entry of an n-d ``done`` array (a direction of the
-    edit store, a (sample, step) pair of the Jacobian store): each array in ``arrays``
-    has ``done``'s dims first, so an entry's data lies in the chunk row at its index
-    (several entries share a chunk when the chunks are larger than one). Read-only.
-    Only arrays whose chunks never equal their fill value belong in ``arrays``: zarr
-    does not write such chunks, and they would read as missing. An array of ``arrays``
-    that the store does not hold at all (its folder lost) damages every done entry: pass
-    only the arrays the store must have (e.g. :func:`hmine.stages.jacobian.checked_arrays`).
-    """
-    path = Path(path)
-    done_array = group["done"]
-    done = np.asarray(done_array[...], dtype=bool)
-    if any(name not in group for name in arrays):
-        return [tuple(int(i) for i in entry) for entry in zip(*np.nonzero(done))]
-    looked_up = {name: group[name] for name in arrays}
-    done_dims = tuple(done_array.metadata.dimension_names or ())
-    for name, array in looked_up.items():
-        leading = tuple(array.metadata.dimension_names or ())[: done.ndim]
-        if done_dims and leading != done_dims:
-            raise ValueError(f"{path / name} has leading dims {leading}, not done's {done_dims}")
-    damaged: list[tuple[int, ...]] = []
-    verdicts: dict[tuple[str, tuple[int, ...]], bool] = {}
-    for entry in zip(*np.nonzero(done)):
-        entry = tuple(int(i) for i in entry)
-        for name, array in looked_up.items():
-            lead = tuple(i // c for i, c in zip(entry, array.chunks))
-            key = (name, lead)
-            if key not in verdicts:
-                files = _chunk_files_under(path / name, array, lead)
-                verdicts[key] = all(_chunk_intact(f, _chunk_format(array)) for f in files)
-            if not verdicts[key]:
-                damaged.append(entry)
-                break
-    return damaged
-
-
-def all_chunks_intact(path: Path, arrays: list[str]) -> bool:
-    """Whether every chunk file of ``arrays`` in the store at ``path`` exists and is whole.
-
-    For stores written in one go (no ``done`` array), e.g. the direction store: any lost
-    chunk means the store must be written again. Read-only.
-    """
-    import zarr
-
-    path = Path(path)
-    group = zarr.open_group(str(path), mode="r")
-    for name in arrays:
-        array = group[name]
-        grid_first = -(-array.shape[0] // array.chunks[0]) if array.ndim else 1
-        for first in range(grid_first):
-            lead = (first,) if array.ndim else ()
-            files = _chunk_files_under(path / name, array, lead)
-            if not all(_chunk_intact(f, _chunk_format(array)) for f in files):
-                return False
-    return True
-
-
-def repair_damaged_entries(group, path: Path, arrays: list[str]) -> list[tuple[int, ...]]:
-    """:func:`damaged_entries`, un-marked so the stage redoes them; the store's uuid is renewed.
-
-    The damaged chunk files are removed: a stage that rewrites a chunk in parts (e.g. in
-    sampling batches smaller than the chunk) makes zarr read the chunk first, and a
-    truncated one would fail to decode.
-    """
-    path = Path(path)
-    damaged = damaged_entries(group, path, arrays)
-    if damaged:
-        done = group["done"]
-        for entry in damaged:
-            done[entry] = False
-            for name in (name for name in arrays if name in group):
-                array = group[name]
-                lead = tuple(i // c for i, c in zip(entry, array.chunks))
-                for file in _chunk_files_under(path / name, array, lead):
-                    if file.exists() and not _chunk_intact(file, _chunk_format(array)):
-                        file.unlink()
-        group.attrs[STORE_UUID] = uuid.uuid4().hex
-        if COMPLETE in group.attrs:
-            del group.attrs[COMPLETE]
-    return damaged
-
-
-def _chunk_format(array) -> str:
-    """How a chunk file of ``array`` can be checked without decoding it.
-
-    ``"crc32c"``: it ends with the CRC32C of the bytes before (every array hmine writes);
-    ``"blosc"``: a single Blosc frame, whose header gives its size (stores written before
-    the checksum); ``"plain"``: only its existence and a non-zero size can be checked.
-    """
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    codecs = tuple(array.compressors)
-    if codecs and isinstance(codecs[-1], Crc32cCodec):
-        return "crc32c"
-    if len(codecs) == 1 and isinstance(codecs[0], BloscCodec):
-        return "blosc"
-    return "plain"
-
-
-def _chunk_intact(file: Path, chunk_format: str) -> bool:
-    """A chunk file exists and is whole: its checksum matches (``crc32c``), it is as long as
-    its Blosc header says (``blosc``: a stat and a 16-byte read), or it is not empty.
-
-    Checking the CRC reads the whole file (about 1 GB/s with google-crc32c's C code),
-    which catches what the size cannot: flipped bytes in a chunk of the right length.
-    """
-    try:
-        if chunk_format == "crc32c":
-            data = file.read_bytes()
-        else:
-            size = file.stat().st_size
-            if chunk_format == "plain":
-                return size > 0
-            with open(file, "rb") as handle:
-                header = handle.read(16)
-    except OSError:
-        return False
-    if chunk_format == "crc32c":
-        import google_crc32c
-
-        return len(data) >= 4 and google_crc32c.value(data[:-4]).to_bytes(4, "little") == data[-4:]
-    return len(header) == 16 and int.from_bytes(header[12:16], "little") == size
-
-
-def _chunk_files_under(array_dir: Path, array, lead: tuple[int, ...]) -> list[Path]:
-    """Chunk files whose leading chunk indices are ``lead`` (all chunks of the other dims)."""
-    grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
-    return [
-        array_dir / "c" / "/".join(str(i) for i in (*lead, *rest))
-        for rest in itertools.product(*[range(g) for g in grid[len(lead) :]])
-    ]
 
 
 def mark_complete(group) -> None:

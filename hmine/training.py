@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_TEXT_TOKENS
 
 from hmine.clip_labeller import CLIP_MEAN, CLIP_STD, ClipLabeller, ImagePreprocessing

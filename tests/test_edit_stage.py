@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from test_label_stage import LeftBrightLabeller
 
 from hmine.config import load_config
 from hmine.stages.directions import directions_path, run_directions_stage
@@ -13,7 +14,6 @@ from hmine.stages.edit import run_edit_stage
 from hmine.stages.label import run_label_stage
 from hmine.stages.sample import run_sample_stage
 from hmine.stores import open_group
-from test_label_stage import LeftBrightLabeller
 
 
 @pytest.fixture(scope="module")

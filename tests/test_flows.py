@@ -44,7 +44,11 @@ def test_sample_flow_on_a_dask_cluster_equals_the_serial_store(tiny_pixel_model_
     from distributed import LocalCluster
 
     from flows.stages import sample_flow
-    from hmine.stages.sample import prepare_sample_stage, run_sample_stage, sample_batches
+    from hmine.stages.sample import (
+        prepare_sample_stage,
+        run_sample_stage,
+        sample_batches,
+    )
     from hmine.stores import open_group
 
     base = [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}",

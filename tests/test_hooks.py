@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_tiny_unet
+
 from hmine.hooks import HSpaceHook, h_shape
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_unet
+
 from hmine.jacobian import (
     JacobianResult,
     _random_orthonormal,

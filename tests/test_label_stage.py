@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from hmine.config import load_config
-from hmine.stages.label import label_parts_identity, labels_path, read_labels, run_label_stage
+from hmine.stages.label import (
+    label_parts_identity,
+    labels_path,
+    read_labels,
+    run_label_stage,
+)
 from hmine.stages.sample import run_sample_stage
 from hmine.stores import table_meta
 

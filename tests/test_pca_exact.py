@@ -17,7 +17,14 @@ import xarray as xr
 from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA
 
-from hmine.directions import H_DIMS, LinearProbe, StepwisePCA, _split, fit_directions, top_eigenpairs
+from hmine.directions import (
+    H_DIMS,
+    LinearProbe,
+    StepwisePCA,
+    _split,
+    fit_directions,
+    top_eigenpairs,
+)
 
 TOLERANCE_DEGREES = 0.01
 SPATIAL = (32, 8, 8)  # 2,048 features

@@ -162,7 +162,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny_pixel_model_dir, tmp_p
 
 
 def test_three_steps_in_separate_shards_equal_run_sample_stage(tiny_pixel_model_dir, tmp_path):
-    from hmine.stages.sample import finish_sample_stage, prepare_sample_stage, sample_batches, shard_batches
+    from hmine.stages.sample import (
+        finish_sample_stage,
+        prepare_sample_stage,
+        sample_batches,
+        shard_batches,
+    )
 
     reference = run_sample_stage(_config(tiny_pixel_model_dir, tmp_path, name="serial"), show_progress=False)
     config = _config(tiny_pixel_model_dir, tmp_path, name="sharded")

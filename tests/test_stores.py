@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hmine.chunk_checks import damaged_batches, verify_done_chunks
 from hmine.stores import (
     CONFIG_HASH,
     ArraySpec,
     StoreConfigMismatch,
     UnreadableFile,
-    damaged_batches,
     mark_complete,
     open_group,
     prepare_store,
@@ -21,7 +21,6 @@ from hmine.stores import (
     store_damage,
     store_state,
     table_meta,
-    verify_done_chunks,
     write_json_atomic,
     write_table,
 )

@@ -57,7 +57,11 @@ Every name above is importable from :mod:`hmine.jacobian` itself.
 from hmine.jacobian.localised import LocalisedResult, localised_directions
 from hmine.jacobian.operators import HFunction as HFunction
 from hmine.jacobian.operators import eps_of_h, h_at, use_math_attention
-from hmine.jacobian.reference import exact_jacobian_svd, principal_angles_degrees, sequential_power_iteration
+from hmine.jacobian.reference import (
+    exact_jacobian_svd,
+    principal_angles_degrees,
+    sequential_power_iteration,
+)
 from hmine.jacobian.subspace import JacobianResult, jacobian_subspace
 
 # private helpers that tests import from here

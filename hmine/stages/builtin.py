@@ -78,7 +78,8 @@ def samples_damaged(config: "RunConfig") -> int:
 
 
 def directions_damaged(config: "RunConfig") -> int:
-    from hmine.stores import CHUNK_CHECKED_ARRAYS, all_chunks_intact, store_state
+    from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, all_chunks_intact
+    from hmine.stores import store_state
 
     path = config.run_dir / "directions.zarr"
     if store_state(path) != "complete":
@@ -93,7 +94,8 @@ def jacobian_damaged(config: "RunConfig") -> int:
 
 
 def edits_damaged(config: "RunConfig") -> int:
-    from hmine.stores import CHUNK_CHECKED_ARRAYS, damaged_entries, open_group, store_state
+    from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, damaged_entries
+    from hmine.stores import open_group, store_state
 
     path = config.run_dir / "edits.zarr"
     if store_state(path) != "complete":  # a partial store is resumed by the stage anyway

@@ -42,7 +42,6 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     import xarray as xr
 
     from hmine.directions import fit_directions, write_directions
-
     from hmine.stages import damaged_count, identity_record, up_to_date
 
     started = time.perf_counter()

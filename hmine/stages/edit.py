@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, repair_damaged_entries
 from hmine.config import RunConfig
 from hmine.effects import measure_effects
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
-    CHUNK_CHECKED_ARRAYS,
     CONFIG_HASH,
     STORE_UUID,
     ArraySpec,
@@ -39,7 +39,6 @@ from hmine.stores import (
     open_group,
     prepare_store,
     provenance_attrs,
-    repair_damaged_entries,
     store_state,
     table_meta,
     write_table,
@@ -122,9 +121,9 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     from hmine.directions import open_directions
     from hmine.editing import edit_steps_from
     from hmine.labelling import decision_thresholds, make_labeller
-    from hmine.stages.label import read_labels
     from hmine.stages import INPUT_IDENTITY, identity_record, up_to_date
     from hmine.stages.directions import directions_path
+    from hmine.stages.label import read_labels
 
     started = time.perf_counter()
     edit, path = config.edit, config.run_dir / EDITS_STORE

@@ -47,19 +47,21 @@ from pathlib import Path
 
 import numpy as np
 
+from hmine.chunk_checks import (
+    CHUNK_CHECKED_ARRAYS,
+    damaged_entries,
+    repair_damaged_entries,
+)
 from hmine.config import RunConfig
 from hmine.localisation import STRIPS_DIR, edit_along_top_directions
 from hmine.masks import load_masks, mask_for_eps
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
-    CHUNK_CHECKED_ARRAYS,
     ArraySpec,
-    damaged_entries,
     mark_complete,
     open_group,
     prepare_store,
     provenance_attrs,
-    repair_damaged_entries,
     store_state,
 )
 
@@ -187,7 +189,12 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
 
 def _analyse(config: RunConfig, group, sampler, seeds, steps, step_index, masks, todo) -> None:
     """Top-k (and localised) directions of each (sample, step) in ``todo``, written as they come."""
-    from hmine.jacobian import eps_of_h, jacobian_subspace, localised_directions, use_math_attention
+    from hmine.jacobian import (
+        eps_of_h,
+        jacobian_subspace,
+        localised_directions,
+        use_math_attention,
+    )
 
     jac, model = config.jacobian, sampler.model
     use_math_attention(model.unet)

@@ -82,7 +82,6 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         Built from ``config.label`` when not given.
     """
     from hmine.labelling import make_labeller
-
     from hmine.stages import identity_record, up_to_date
 
     started = time.perf_counter()

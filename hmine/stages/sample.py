@@ -24,22 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, damaged_batches, verify_done_chunks
 from hmine.config import RunConfig
 from hmine.stores import (
-    CHUNK_CHECKED_ARRAYS,
     COMPLETE,
     CONFIG_HASH,
     ArraySpec,
     StoreConfigMismatch,
     batch_region,
-    damaged_batches,
     done_batches,
     mark_complete,
     open_group,
     prepare_store,
     provenance_attrs,
     store_state,
-    verify_done_chunks,
 )
 
 logger = logging.getLogger(__name__)
