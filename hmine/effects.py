@@ -1,9 +1,11 @@
 """What an edit changes: attribute scores of edited images against the unedited ones.
 
 For each (direction, scale, attribute): the mean score of the edited images, its mean
-change against the scale-0 images (the unedited regeneration of the same seeds), and for
-binary attributes the share of samples whose decision (score > threshold) flipped — the
-analogue of Haas et al. Table I (diagonal: the intended effect; off-diagonal: leakage).
+change against the scale-0 images (the unedited regeneration of the same seeds), the
+change in units of the std of the unedited scores, and for binary attributes the share of
+samples whose decision (score > threshold) flipped, either way and in each direction —
+the analogue of Haas et al. Table I (diagonal: the intended effect; off-diagonal:
+leakage). :mod:`hmine.strength` reads these at a matched edit strength.
 """
 
 from __future__ import annotations
@@ -11,16 +13,28 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+#: The effects table's columns, in order.
+EFFECT_COLUMNS = (
+    "direction", "scale", "attribute", "mean_score", "mean_change", "mean_change_std",
+    "flip_to_positive", "flip_to_negative", "changed_decision",
+)  # fmt: skip
+
 
 def measure_effects(group, names, scales, labeller, thresholds: dict[str, float]) -> pd.DataFrame:
-    """Per (direction, scale, attribute): mean score, mean change and decision flips.
+    """Per (direction, scale, attribute): mean score, mean change and decision changes.
 
     Changes are measured against the scale-0 images of the same direction (the unedited
-    regeneration), sample by sample. For the binary attributes, ``flip_to_positive`` is
-    the fraction of samples scored negative (score <= threshold) before the edit that
-    are positive after it, among those that were negative; ``flip_to_negative`` the reverse.
-    ``thresholds`` maps each binary attribute to its decision threshold
-    (:func:`hmine.labelling.decision_thresholds`).
+    regeneration), sample by sample:
+
+    * ``mean_change``: mean of (edited - unedited) score; ``mean_change_std`` the same
+      divided by the std (ddof=1) of the unedited scores of these samples (NaN when that
+      std is 0 or there is one sample);
+    * for the binary attributes (those in ``thresholds``, each with its decision threshold,
+      :func:`hmine.labelling.decision_thresholds`): ``flip_to_positive``, the fraction of
+      samples scored negative (score <= threshold) before the edit that are positive after
+      it, among those that were negative; ``flip_to_negative`` the reverse; and
+      ``changed_decision``, the fraction of all edited samples whose decision differs from
+      the unedited one. NaN for the other attributes.
     """
     zero = scales.index(0.0)
     rows = []
@@ -33,24 +47,30 @@ def measure_effects(group, names, scales, labeller, thresholds: dict[str, float]
         ]
         base = per_scale[zero]
         for s, scale in enumerate(scales):
-            scores = per_scale[s]
-            for attribute in scores.columns:
-                before, after = base[attribute].to_numpy(), scores[attribute].to_numpy()
-                row = {
-                    "direction": name,
-                    "scale": scale,
-                    "attribute": attribute,
-                    "mean_score": float(after.mean()),
-                    "mean_change": float((after - before).mean()),
-                    "flip_to_positive": float("nan"),
-                    "flip_to_negative": float("nan"),
-                }
-                if attribute in thresholds:
-                    threshold = thresholds[attribute]
-                    negative, positive = before <= threshold, before > threshold
-                    if negative.any():
-                        row["flip_to_positive"] = float((after[negative] > threshold).mean())
-                    if positive.any():
-                        row["flip_to_negative"] = float((after[positive] <= threshold).mean())
-                rows.append(row)
-    return pd.DataFrame(rows)
+            for attribute in per_scale[s].columns:
+                before, after = base[attribute].to_numpy(), per_scale[s][attribute].to_numpy()
+                rows.append({"direction": name, "scale": scale, "attribute": attribute,
+                             **_changes(before, after, thresholds.get(attribute))})  # fmt: skip
+    return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
+
+
+def _changes(before: np.ndarray, after: np.ndarray, threshold: float | None) -> dict:
+    """One attribute's effect columns from its unedited and edited scores of the same samples."""
+    change = float((after - before).mean())
+    std = float(before.std(ddof=1)) if len(before) > 1 else float("nan")
+    row = {
+        "mean_score": float(after.mean()),
+        "mean_change": change,
+        "mean_change_std": change / std if std > 0 else float("nan"),
+        "flip_to_positive": float("nan"),
+        "flip_to_negative": float("nan"),
+        "changed_decision": float("nan"),
+    }
+    if threshold is not None:
+        negative, positive = before <= threshold, before > threshold
+        if negative.any():
+            row["flip_to_positive"] = float((after[negative] > threshold).mean())
+        if positive.any():
+            row["flip_to_negative"] = float((after[positive] <= threshold).mean())
+        row["changed_decision"] = float(((after > threshold) != positive).mean())
+    return row

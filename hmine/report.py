@@ -2,7 +2,8 @@
 
 ``reports/<run>/index.html`` reads only the run's stores and tables, so it can be rebuilt
 at any time with ``hmine report CONFIG``. Sections: provenance, sample grid, PCA,
-per-attribute probes and edit strips, the attribute-change matrix, Jacobian directions.
+per-attribute probes and edit strips, the attribute-change matrix and the effects at matched
+strength (:mod:`hmine.strength`), Jacobian directions.
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
             "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
             + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
         )
+    parts.append(matched_strength_html(effects, attributes))
     flips = best_flip_rates(effects)
     if len(flips):
         step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"
@@ -359,8 +361,8 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
                 shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
         if shown:
             parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
-    from hmine.stages.edit import strip_filename
     from hmine.per_image import JACOBIAN_PREFIX
+    from hmine.stages.edit import strip_filename
 
     shown = []
     for name in sorted(n for n in effects["direction"].unique() if n.startswith(JACOBIAN_PREFIX)):
@@ -375,6 +377,31 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
             "otherwise each analysed step's vector at its step.</p><div class='row'>" + "".join(shown) + "</div>"
         )
     return "<h2>Edit stage</h2>" + "".join(parts)
+
+
+def matched_strength_html(effects: pd.DataFrame, attributes: list[str]) -> str:
+    """The edit section's matched-strength table (:mod:`hmine.strength`), beside the fixed-scale matrix."""
+    from hmine.strength import (
+        LEVEL,
+        MAX_LEAKAGE,
+        matched_strength,
+        matched_strength_display,
+    )
+
+    table = matched_strength(effects, attributes)
+    if table.empty:
+        return ""
+    shown = matched_strength_display(table)
+    clean = int((shown["clean"] == "yes").sum())
+    return (
+        f"<h3>Effects at matched strength ({LEVEL:.0%} flips)</h3><p>For each supervised direction and side, the "
+        f"smallest |scale| at which its own decision flips in {LEVEL:.0%} of the edited samples on the far side "
+        "(linear interpolation between the edited scales, scale 0 counting as no flip; <i>not reached</i> when no "
+        "edited scale gets there), and the leakage at that scale: the share of edited samples whose other "
+        "decisions change (largest, then per attribute) and the largest mean change of another score in stds of "
+        f"its unedited scores. <i>Clean</i>: reached with at most {MAX_LEAKAGE:.0%} of any other decision "
+        f"changed; {clean} of {len(shown)} direction-sides are.</p>" + _table(shown, "{:.2f}")
+    )
 
 
 def jacobian_section(config: RunConfig, run_dir: Path, img: Path) -> str:

@@ -11,9 +11,11 @@ Outputs in the run directory:
     rows are samples, columns the scales from the most negative to the most positive.
 ``edit_effects.parquet``
     one row per (direction, scale, attribute): the mean attribute score of the edited
-    images, its mean change against the unedited images and, for binary attributes,
-    the fraction of samples whose decision (score > threshold) flipped — the analogue of
-    Haas et al. Table I (diagonal: intended effect; off-diagonal: leakage).
+    images, its mean change against the unedited images (also in stds of the unedited
+    scores, ``mean_change_std``) and, for binary attributes, the fraction of samples whose
+    decision (score > threshold) flipped each way and changed at all (``changed_decision``)
+    — the analogue of Haas et al. Table I (diagonal: intended effect; off-diagonal:
+    leakage); :mod:`hmine.effects`. :mod:`hmine.strength` reads it at matched strength.
 """
 
 from __future__ import annotations
