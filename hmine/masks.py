@@ -77,7 +77,8 @@ def mask_hash(config: RunConfig) -> str:
 
     Part of the stage's key beside its config hash: mask files can change under the same
     config. Reads the first ``jacobian.n_samples`` images of a complete samples store
-    (a shape mask is computed from them); "unknown" when the store is not complete.
+    (a shape mask is computed from them); "unknown" when the store is not complete or
+    its images do not read back (damaged chunks, which the sample stage redoes first).
     """
     from hmine.stages.sample import samples_path
     from hmine.stores import open_group, store_state
@@ -88,7 +89,10 @@ def mask_hash(config: RunConfig) -> str:
     seeds = samples["sample"][...][: config.jacobian.n_samples]
     if config.jacobian.mask == "none":
         return "none"
-    images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
+    try:
+        images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
+    except ValueError:  # a chunk failing its checksum: no identity until it is redone
+        return "unknown"
     return content_hash(load_masks(config, seeds, images))
 
 
