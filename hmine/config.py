@@ -52,6 +52,13 @@ class SampleConfig(_Frozen):
     batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="also the zarr chunk length along sample")
     num_inference_steps: int = Field(10, ge=1, le=MAX_STEPS)
     eta: float | list[float] = 0.0
+    torch_threads: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="torch threads of every model call; fixed because CPU kernels round differently at other "
+        "counts (part of what is sampled, the same on every runner)",
+    )
     h_dtype: Literal["float16", "float32"] = "float16"
     images_dtype: Literal["float16", "float32"] = "float32"
 

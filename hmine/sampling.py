@@ -20,10 +20,10 @@ google/ddpm-ema-celebahq-256 does), P_t is clipped to [-1, 1] exactly as diffuse
 DDIMScheduler does. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
 unless ``asymmetric=True``, where it is the original eps (one extra U-Net pass per step).
 
-Every sampling call runs with one torch thread (:func:`hmine.threads.model_threads`):
-torch's CPU kernels round differently at different thread counts, so this is what makes
-a sample the same bits in the calling process, on a Dask worker, and when the edit and
-Jacobian stages regenerate it.
+Every sampling call runs with one fixed torch thread count (``torch_threads``, the run's
+``sample.torch_threads``; :func:`hmine.threads.model_threads`): torch's CPU kernels round
+differently at different thread counts, so this is what makes a sample the same bits in
+the calling process, on a Dask worker, and when the edit and Jacobian stages regenerate it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 from hmine.hooks import HPosition, HSpaceHook
 from hmine.models import DiffusionModel
-from hmine.threads import model_threads
+from hmine.threads import MODEL_THREADS, model_threads
 
 
 @dataclass
@@ -91,6 +91,8 @@ class Sampler:
     eta : float or list of float, default=0.0
         0 is DDIM, 1 is DDPM-like; a list gives one eta per step.
     h_position : {"before", "middle", "after"}, default="after"
+    torch_threads : int, default=hmine.threads.MODEL_THREADS
+        torch intra-op threads of every model call (fixed: the results depend on it).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Sampler:
         num_inference_steps: int = 10,
         eta: float | Sequence[float] = 0.0,
         h_position: HPosition = "after",
+        torch_threads: int = MODEL_THREADS,
     ):
         from diffusers import DDIMScheduler
 
@@ -113,6 +116,7 @@ class Sampler:
             )
         self.model = model
         self.h_position = h_position
+        self.torch_threads = torch_threads
         self.etas = resolve_etas(eta, num_inference_steps)
         self.num_inference_steps = num_inference_steps
         # DDIM's timestep spacing and alpha bookkeeping, whatever scheduler the model ships.
@@ -164,8 +168,6 @@ class Sampler:
             x_prev = x_prev + sigma * z
         return x_prev
 
-    @torch.inference_mode()
-    @model_threads()
     def sample(
         self,
         seeds: Sequence[int],
@@ -176,7 +178,7 @@ class Sampler:
         record_h: bool = True,
         return_trajectory: bool = False,
     ) -> SampleOutput:
-        """Generate (or regenerate) one image per seed, with one torch thread (module docstring).
+        """Generate (or regenerate) one image per seed, at ``torch_threads`` threads (module docstring).
 
         Parameters
         ----------
@@ -190,6 +192,27 @@ class Sampler:
         record_h : bool, default=True
         return_trajectory : bool, default=False
         """
+        with model_threads(self.torch_threads):
+            return self._sample(
+                seeds,
+                delta_h=delta_h,
+                edit_steps=edit_steps,
+                asymmetric=asymmetric,
+                record_h=record_h,
+                return_trajectory=return_trajectory,
+            )
+
+    @torch.inference_mode()
+    def _sample(
+        self,
+        seeds: Sequence[int],
+        *,
+        delta_h: torch.Tensor | None = None,
+        edit_steps: Sequence[bool] | None = None,
+        asymmetric: bool = False,
+        record_h: bool = True,
+        return_trajectory: bool = False,
+    ) -> SampleOutput:
         unet = self.model.unet
         param = next(unet.parameters())
         device, dtype = param.device, param.dtype

@@ -13,13 +13,16 @@ torch's CPU kernels give different float32 results at different intra-op thread 
   embedded U-Net's 36 convolutions and 6 of its 17 linear layers change, and 95 % of the
   U-Net's output differs at batch 1, at 2 threads as at 8.
 
-So no thread count above 1 is safe for every shape, and Dask's nanny starts its workers
-with ``OMP_NUM_THREADS=1`` while a local process gets one thread per core: h differed in
-0.66 % of its float16 values and x0 in most of its values between the two. Every model
-call in hmine's sampler runs under :func:`model_threads` instead, with
-:data:`MODEL_THREADS` = 1 thread: local, on a Dask worker (whatever its nanny set), in
-the edit and Jacobian stages' regeneration. Parallelism comes from more processes
-(``--dask local`` with ``runner.n_workers``), not more threads per U-Net call.
+So results depend on the thread count, and Dask's nanny starts its workers with
+``OMP_NUM_THREADS=1`` while a local process gets one thread per core: h differed in 0.66 %
+of its float16 values and x0 in most of its values between the two. Every model call in
+hmine's sampler therefore runs under :func:`model_threads` with one fixed count, the
+run's ``sample.torch_threads`` (default :data:`MODEL_THREADS`): local, on a Dask worker
+(whatever its nanny set), in the edit and Jacobian stages' regeneration. The count is
+part of the sample stage's config hash, since it is part of what the samples are. More
+threads speed up one U-Net call on an idle machine (the demo's edit stage took 41 s per
+direction at 2 threads against 67 s at 1 on 2 cores); more processes (``--dask local``
+with ``runner.n_workers``) add parallelism across batches.
 
 Bit-identity holds on one kind of CPU with one torch build: oneDNN and MKL choose their
 kernels by instruction set (AVX-512, AVX2, ...), so workers on other CPU types can still
@@ -31,8 +34,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-MODEL_THREADS = 1
-"""torch intra-op threads for every model call in hmine's sampler (see the module docstring)."""
+MODEL_THREADS = 2
+"""The default torch intra-op threads of every model call in hmine's sampler (``sample.torch_threads``)."""
 
 
 @contextmanager

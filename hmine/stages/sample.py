@@ -87,6 +87,7 @@ def make_sampler(config: RunConfig, model=None):
         num_inference_steps=config.sample.num_inference_steps,
         eta=config.sample.eta,
         h_position=config.model.h_position,
+        torch_threads=config.sample.torch_threads,
     )
 
 
