@@ -175,11 +175,11 @@ def _train_embedded(args) -> int:
 
     settings = yaml.safe_load(args.config.read_text()) or {}
     if args.what == "ddpm":
-        from hmine.training import DDPMTrainConfig, train_ddpm
+        from hmine.world.ddpm import DDPMTrainConfig, train_ddpm
 
         train_ddpm(DDPMTrainConfig(**settings), args.work_dir, export_dir=args.export_dir, until_step=args.until_step)
     else:
-        from hmine.classifier import ClassifierTrainConfig, train_classifier
+        from hmine.world.classifier import ClassifierTrainConfig, train_classifier
 
         train_classifier(ClassifierTrainConfig(**settings), args.work_dir, export_dir=args.export_dir, until_step=args.until_step)
     return 0

@@ -38,7 +38,7 @@ class WorldLabeller:
     name = "world"
 
     def __init__(self, path: Path | None = None, *, batch_size: int = 256):
-        from hmine.classifier import load_classifier
+        from hmine.world.classifier import load_classifier
 
         self.path = Path(path) if path is not None else embedded_classifier_path()
         self.model = load_classifier(self.path)
@@ -47,7 +47,7 @@ class WorldLabeller:
         self.attributes = tuple(probe.columns)
 
     def score(self, images) -> pd.DataFrame:
-        from hmine.classifier import predict_attributes
+        from hmine.world.classifier import predict_attributes
 
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.asarray(images, dtype=np.float32))

@@ -6,7 +6,7 @@ with confidence >= 0.9 for shape and for colour, and the generated factor freque
 (including the deliberate circle/red correlation) against the training distribution.
 
 With ``--exact-denoiser N``, the same samplers also run with the exact denoiser of N
-world images (:mod:`hmine.world_denoiser`) in place of the U-Net: the frequencies any model
+world images (:mod:`hmine.world.denoiser`) in place of the U-Net: the frequencies any model
 would give under that sampler. The gap between those and the world is the sampler's own;
 the gap between the model and them is the model's.
 
@@ -19,7 +19,8 @@ the model's, not the sampler's.
     python scripts/evaluate_embedded.py [--n 512] [--json out.json] [--model PATH] [--etas 0 1]
                                         [--exact-denoiser 20000]
 
-``--model`` also takes a training checkpoint (``stores/train-*/checkpoint.pt``): its EMA
+``--model`` also takes a DDPM training work dir (``stores/train-*``, see
+:mod:`hmine.world.training`) or one of its ``checkpoints/step-*`` folders: its EMA
 weights in the shipped model's architecture and scheduler, so a run can be followed while
 it trains.
 """
@@ -42,12 +43,13 @@ def load_for_evaluation(source: str):
 
     from hmine.models import load_model
 
-    if not source.endswith(".pt"):
-        return load_model(source)
-    from hmine.training import initial_weights
+    from hmine.world.training import checkpoint_weights
 
+    weights = checkpoint_weights(Path(source), "ema") if Path(source).is_dir() else None
+    if weights is None:
+        return load_model(source)
     model = load_model("embedded:shapes-ddpm")
-    model.unet.load_state_dict(initial_weights(Path(source)))  # the checkpoint's EMA
+    model.unet.load_state_dict(weights)  # the checkpoint's EMA
     model.unet.eval()
     return model
 
@@ -117,7 +119,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder or id, or a training checkpoint.pt (its EMA)")
+    parser.add_argument("--model", default="embedded:shapes-ddpm", help="a model folder or id, or a training work dir or checkpoint folder (its EMA)")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--steps", type=int, default=10, help="sampler steps (the targets are stated for 10)")
     parser.add_argument("--exact-denoiser", type=int, default=None, metavar="N",
@@ -135,7 +137,7 @@ def main() -> None:
     report = {"load_seconds": round(load_seconds, 3), "steps": args.steps, "training_distribution": reference}
     exact = None
     if args.exact_denoiser:
-        from hmine.world_denoiser import ExactWorldDenoiser
+        from hmine.world.denoiser import ExactWorldDenoiser
 
         exact = ExactWorldDenoiser(model.scheduler.alphas_cumprod, n_images=args.exact_denoiser)
     for eta in args.etas:

@@ -1,4 +1,4 @@
-"""Export the EMA weights of a DDPM training checkpoint into the package (diffusers layout).
+"""Export the EMA weights of a DDPM training work dir's newest checkpoint into the package (diffusers layout).
 
     python scripts/export_embedded_ddpm.py WORK_DIR [--to hmine/embedded/shapes-ddpm]
 """
@@ -7,9 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+import json
 
-from hmine.training import DDPMTrainConfig, build_scheduler, build_unet, export_ddpm
+from hmine.world.ddpm import DDPMTrainConfig, build_scheduler, build_unet, export_ddpm
+from hmine.world.training import checkpoint_weights, latest_checkpoint
 
 
 def main() -> int:
@@ -18,11 +19,11 @@ def main() -> int:
     parser.add_argument("--to", type=Path, default=Path("hmine/embedded/shapes-ddpm"))
     args = parser.parse_args()
     config = DDPMTrainConfig.model_validate_json((args.work_dir / "config.json").read_text())
-    state = torch.load(args.work_dir / "checkpoint.pt", weights_only=True)
     unet = build_unet(config)
-    unet.load_state_dict(state["ema"])
+    unet.load_state_dict(checkpoint_weights(args.work_dir, "ema"))
+    step = json.loads((latest_checkpoint(args.work_dir) / "state.json").read_text())["step"]
     export_ddpm(unet.eval(), build_scheduler(config), args.to)
-    print(f"exported the EMA weights of step {int(state['step'])} to {args.to}")
+    print(f"exported the EMA weights of step {step} to {args.to}")
     return 0
 
 

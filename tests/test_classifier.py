@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from hmine import world
-from hmine.classifier import (
-    CHECKPOINT_FILE,
+from hmine.labelling import WorldLabeller, embedded_classifier_path
+from hmine.world.classifier import (
     EVALUATION_SEED,
-    LOG_FILE,
     THRESHOLDED_ATTRIBUTES,
     ClassifierTrainConfig,
     ShapesClassifier,
@@ -22,7 +21,7 @@ from hmine.classifier import (
     train_classifier,
     training_batch,
 )
-from hmine.labelling import WorldLabeller, embedded_classifier_path
+from hmine.world.training import LOG_FILE, latest_checkpoint
 
 # Above every training seed (< 10**9) and distinct from the evaluation/calibration seeds.
 FRESH_SEED = 2 * 10**9 + 17
@@ -158,10 +157,11 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path):
         steps=4, batch_size=8, warmup_steps=1, **TINY, checkpoint_every=2, log_every=1, calibration_images=64
     )
     train_classifier(config, tmp_path / "split", until_step=3)
-    state = torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)
-    assert int(state["step"]) == 3 and {"model", "optimizer"} <= set(state)
+    folder = latest_checkpoint(tmp_path / "split")
+    assert json.loads((folder / "state.json").read_text())["step"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]  # no EMA
     resumed = train_classifier(config, tmp_path / "split", export_dir=tmp_path / "export")
-    assert int(torch.load(tmp_path / "split" / CHECKPOINT_FILE, weights_only=True)["step"]) == 4
+    assert json.loads((latest_checkpoint(tmp_path / "split") / "state.json").read_text())["step"] == 4
     records = [json.loads(line) for line in (tmp_path / "split" / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # resumed at step 3, not from scratch
     assert all(np.isfinite(r["loss"]) for r in records)
@@ -172,7 +172,7 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path):
     exported = load_classifier(tmp_path / "export")
     assert exported.temperatures != ShapesClassifier().temperatures  # calibrated at export
 
-    with pytest.raises(ValueError, match="another classifier config"):
+    with pytest.raises(ValueError, match=r"another config \(differs in \['steps'\]\)"):
         train_classifier(config.model_copy(update={"steps": 5}), tmp_path / "split")
 
 

@@ -138,7 +138,7 @@ def test_every_caption_word_is_one_token_and_prompts_pad_with_endoftext(tokenize
 def _checkpoint_tensors(work_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from hmine.textworld.train import latest_checkpoint
+    from hmine.world.training import latest_checkpoint
 
     folder = latest_checkpoint(work_dir)
     out = {}
@@ -154,7 +154,8 @@ def _assert_same_tensors(a: dict, b: dict):
 
 
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    from hmine.textworld.train import latest_checkpoint, train
+    from hmine.textworld.train import train
+    from hmine.world.training import latest_checkpoint
 
     config = tiny_config()
     train(config, tmp_path / "whole")
@@ -241,7 +242,7 @@ def exported(tmp_path_factory):
     from hmine.textworld.train import train
 
     root = tmp_path_factory.mktemp("textworld")
-    ema = train(tiny_config(steps=2), root / "work", root / "export").ema
+    ema = train(tiny_config(steps=2), root / "work", root / "export").model
     return root / "export", ema
 
 

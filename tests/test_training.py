@@ -7,7 +7,8 @@ import torch
 
 from hmine.models import load_model
 from hmine.sampling import Sampler
-from hmine.training import DDPMTrainConfig, train_ddpm
+from hmine.world.ddpm import DDPMTrainConfig, train_ddpm
+from hmine.world.training import latest_checkpoint
 
 TINY = dict(
     steps=3, batch_size=4, block_out_channels=(8, 16, 16), checkpoint_every=2, sample_every=3,
@@ -18,8 +19,8 @@ TINY = dict(
 def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path):
     config = DDPMTrainConfig(**TINY)
     train_ddpm(config, tmp_path / "w0", export_dir=tmp_path / "export", until_step=2)  # stopped at 2 ...
-    state = torch.load(tmp_path / "w0" / "checkpoint.pt", weights_only=True)
-    assert int(state["step"]) == 2 and not (tmp_path / "export").exists()
+    state = json.loads((latest_checkpoint(tmp_path / "w0") / "state.json").read_text())
+    assert state["step"] == 2 and not (tmp_path / "export").exists()
 
     # ... resumed to step 3 equals an uninterrupted 3-step run (data and noise are seeded per step)
     resumed = train_ddpm(config, tmp_path / "w0", export_dir=tmp_path / "export")
@@ -35,10 +36,10 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path):
     assert Sampler(model, num_inference_steps=2).sample([0]).images.shape == (1, 3, 32, 32)
 
 
-def test_v_prediction_fine_tune_starts_from_a_checkpoint(tmp_path):
+def test_v_prediction_fine_tune_starts_from_a_training_work_dir(tmp_path):
     base = DDPMTrainConfig(**{**TINY, "steps": 1})
     train_ddpm(base, tmp_path / "base")
-    tuned = DDPMTrainConfig(**{**TINY, "steps": 1, "prediction_type": "v_prediction", "init_from": tmp_path / "base" / "checkpoint.pt"})
+    tuned = DDPMTrainConfig(**{**TINY, "steps": 1, "prediction_type": "v_prediction", "init_from": tmp_path / "base"})
     train_ddpm(tuned, tmp_path / "tuned", export_dir=tmp_path / "export")
     model = load_model(str(tmp_path / "export"))
     assert model.scheduler.config.prediction_type == "v_prediction"
@@ -46,7 +47,7 @@ def test_v_prediction_fine_tune_starts_from_a_checkpoint(tmp_path):
 
 
 def test_fine_tune_starts_from_an_exported_model_folder(tmp_path):
-    from hmine.training import initial_weights
+    from hmine.world.ddpm import initial_weights
 
     base = DDPMTrainConfig(**{**TINY, "steps": 1})
     exported = train_ddpm(base, tmp_path / "base", export_dir=tmp_path / "export")
@@ -66,7 +67,7 @@ def test_fine_tune_starts_from_an_exported_model_folder(tmp_path):
 def test_grid_timesteps_replace_the_chosen_fraction_and_leave_fraction_zero_runs_alone(tmp_path):
     from diffusers import DDIMScheduler
 
-    from hmine.training import _favour_grid_timesteps, sampler_grid_timesteps
+    from hmine.world.ddpm import _favour_grid_timesteps, sampler_grid_timesteps
 
     ddim = DDIMScheduler(num_train_timesteps=1000)
     ddim.set_timesteps(10)

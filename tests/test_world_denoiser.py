@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hmine.training import DDPMTrainConfig, build_scheduler
-from hmine.world_denoiser import ExactWorldDenoiser
+from hmine.world.ddpm import DDPMTrainConfig, build_scheduler
+from hmine.world.denoiser import ExactWorldDenoiser
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,10 @@ naming a random subset of their factors (:func:`hmine.textworld.captions.caption
 also seeded by the step; 10 % empty captions for classifier-free guidance), and trains the
 text encoder and the U-Net together on the v-prediction loss.
 
-Work directory
---------------
-``config.json``
-    The run's config; a work dir written by another config is refused.
-``checkpoints/step-NNNNNN/``
-    ``model.safetensors`` (the trained weights), ``ema.safetensors`` (their EMA),
-    ``optimizer.safetensors`` (AdamW's moment tensors and step counts) and ``state.json``
-    (the step and the optimizer's param groups). Safetensors and JSON only, never pickle.
-    The newest ``keep_checkpoints`` are kept.
-``latest.json``
-    Names the newest complete checkpoint; replaced atomically after its folder is fully
-    written (and fsynced), so a kill at any moment leaves a checkpoint to resume from.
-``log.jsonl``
-    One record per ``log_every`` steps: step, loss, learning rate, seconds.
-``grid-NNNNNN.png``
-    Every ``sample_every`` steps: 8 prompts (rows) x 8 seeds, EMA weights, CFG.
+The loop, its work directory (``config.json``, ``checkpoints/``, ``latest.json``,
+``log.jsonl``, ``ema/``, ``grid-NNNNNN.png``: 8 prompts x 8 seeds, EMA weights, CFG) and
+its checkpoints are those of :mod:`hmine.world.training`; this module adds the tokenizer
+(``tokenizer/``), the model pair, its loss and its export.
 
 SIGINT and SIGTERM end the run after the current step with a checkpoint (exit 130 / 143);
 the same command resumes. The data, the captions and the noise of step ``s`` depend on
@@ -40,14 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
@@ -55,6 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 from hmine import world  # noqa: E402
 from hmine.textworld import captions  # noqa: E402
 from hmine.textworld import model as tw  # noqa: E402
+from hmine.world.training import (  # noqa: E402
+    Schedule,
+    Trainee,
+    TrainResult,
+    check_work_dir_config,
+    latest_checkpoint,
+    train_loop,
+    warmup_cosine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +118,9 @@ class TextTrainConfig(BaseModel):
 
     def learning_rate_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak at ``steps``."""
-        if step < self.warmup_steps:
-            return self.learning_rate * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
-        floor = self.min_lr_fraction
-        return float(self.learning_rate * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
+        return warmup_cosine(
+            step, peak=self.learning_rate, warmup_steps=self.warmup_steps, steps=self.steps, floor=self.min_lr_fraction
+        )
 
 
 def load_config(path: Path) -> TextTrainConfig:
@@ -187,124 +177,14 @@ def training_loss(parts: Parts, tokenizer, scheduler, config: TextTrainConfig, s
     return F.mse_loss(parts(tw.tokenize(tokenizer, texts), x_t, t), target)
 
 
-# -- checkpoints: safetensors + JSON ------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(data, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state dict split into flat tensors (``state.<param>.<key>``) and JSON-able rest."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """The inverse of :func:`optimizer_tensors`."""
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in meta.get("scalars", {}).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(work_dir: Path, step: int, parts: Parts, ema: Parts, optimizer, keep: int) -> Path:
-    """Write ``checkpoints/step-<step>/`` and point ``latest.json`` at it; prune old ones."""
-    root = work_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_tensors(parts.state_dict(), tmp / "model.safetensors")
-    _save_tensors(ema.state_dict(), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    _write_json_atomic({"step": step, "optimizer": opt_meta}, tmp / "state.json")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_json_atomic({"checkpoint": final.name, "step": step}, work_dir / "latest.json")
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a work dir, or None."""
-    pointer = Path(work_dir) / "latest.json"
-    if not pointer.is_file():
-        return None
-    folder = Path(work_dir) / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
-    if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {folder}, which is missing or incomplete")
-    return folder
-
-
-def load_checkpoint(folder: Path, parts: Parts, ema: Parts, optimizer) -> int:
-    """Load a checkpoint into the modules and optimizer; return its step."""
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "state.json").read_text())
-    parts.load_state_dict(load_file(str(folder / "model.safetensors")))
-    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    optimizer.load_state_dict(optimizer_state_from(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
-    return int(state["step"])
+# -- work dir and export ---------------------------------------------------------------
 
 
 def ensure_run_files(config: TextTrainConfig, work_dir: Path):
     """Write (or check) ``config.json`` and ``tokenizer/`` of a work dir; return the tokenizer."""
     from transformers import CLIPTokenizer
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    config_path = work_dir / "config.json"
-    if config_path.exists():
-        stored = TextTrainConfig.model_validate_json(config_path.read_text())
-        if stored != config:
-            changed = sorted(k for k in type(config).model_fields if getattr(stored, k) != getattr(config, k))
-            raise ValueError(
-                f"work_dir {work_dir} was written by another config (differs in {changed}); "
-                "use a new work_dir or the config in its config.json"
-            )
-    else:
-        _write_json_atomic(json.loads(config.model_dump_json()), config_path)
+    check_work_dir_config(config, work_dir)
     folder = work_dir / "tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         tw.write_tokenizer(folder, config.max_tokens)
@@ -340,9 +220,6 @@ def load_work_dir(work_dir: Path, which: str = "ema", step: int | None = None):
     parts.load_state_dict(load_file(str(weights)))
     model = TextWorldModel(parts.unet, parts.text_encoder, tokenizer, tw.build_scheduler(config)).eval()
     return model, step
-
-
-# -- export -------------------------------------------------------------------------------
 
 
 MODEL_INDEX = {
@@ -392,25 +269,6 @@ def save_sample_grid(parts: Parts, tokenizer, config: TextTrainConfig, path: Pat
     write_image_grid(images, path, columns=8, upscale=2)
 
 
-class TrainResult(NamedTuple):
-    """What :func:`train` returns."""
-
-    ema: Parts
-    """The EMA text encoder and U-Net reached (eval mode)."""
-    step: int
-    """The step of the last checkpoint written."""
-    stopped_by: int | None
-    """The signal that stopped the run early, or None."""
-
-
-class _StopFlag:
-    def __init__(self):
-        self.signal: int | None = None
-
-    def __call__(self, signum, frame):
-        self.signal = signum
-
-
 def train(
     config: TextTrainConfig,
     work_dir: Path,
@@ -439,79 +297,30 @@ def train(
     work_dir = Path(work_dir)
     tokenizer = ensure_run_files(config, work_dir)
     parts = build_parts(config, tokenizer)
-    ema = build_parts(config, tokenizer)
-    ema.load_state_dict(parts.state_dict())
-    ema.requires_grad_(False)
-    ema.eval()
     scheduler = tw.build_scheduler(config)
-    optimizer = torch.optim.AdamW(parts.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    start = 0
-    folder = latest_checkpoint(work_dir)
-    if folder is not None:
-        start = load_checkpoint(folder, parts, ema, optimizer)
-        logger.info("resumed from %s (step %d)", folder, start)
-    stop = config.steps if until_step is None else min(config.steps, int(until_step))
-
-    flag = _StopFlag()
-    previous = {}
-    if handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, flag)
-    parts.train()
-    started = time.perf_counter()
-    last_saved = start
-    try:
-        with open(work_dir / "log.jsonl", "a") as log:
-            for step in range(start, stop):
-                lr = config.learning_rate_at(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = training_loss(parts, tokenizer, scheduler, config, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
-                optimizer.step()
-                with torch.no_grad():
-                    # EMA warm-up: a short horizon early keeps the EMA from lagging.
-                    decay = min(config.ema_decay, (1 + step) / (10 + step))
-                    for pe, p in zip(ema.parameters(), parts.parameters()):
-                        pe.lerp_(p, 1 - decay)
-                done = step + 1
-                if done % config.log_every == 0 or done == stop:
-                    elapsed = time.perf_counter() - started
-                    record = {
-                        "step": done,
-                        "loss": round(loss.item(), 6),
-                        "grad_norm": round(float(grad_norm), 4),
-                        "lr": lr,
-                        "seconds": round(elapsed, 2),
-                        "seconds_per_step": round(elapsed / (done - start), 3),
-                    }
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    logger.info("step %d loss %.4f (%.2f s/step)", done, record["loss"], record["seconds_per_step"])
-                if done % config.checkpoint_every == 0 or done == stop or flag.signal is not None:
-                    saved = save_checkpoint(work_dir, done, parts, ema, optimizer, config.keep_checkpoints)
-                    last_saved = done
-                    if config.ema_snapshot_every and done % config.ema_snapshot_every == 0:
-                        (work_dir / "ema").mkdir(exist_ok=True)
-                        shutil.copyfile(saved / "ema.safetensors", work_dir / "ema" / f"ema-{done:06d}.safetensors")
-                if done % config.sample_every == 0 or done == config.steps:
-                    save_sample_grid(ema, tokenizer, config, work_dir / f"grid-{done:06d}.png")
-                if flag.signal is not None:
-                    log.write(json.dumps({"step": done, "stopped_by": signal.Signals(flag.signal).name}) + "\n")
-                    break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    reached = last_saved if flag.signal is not None else max(start, stop)
-    if folder is None and start >= stop:
-        save_checkpoint(work_dir, start, parts, ema, optimizer, config.keep_checkpoints)
+    trainee = Trainee(
+        model=parts,
+        optimizer=torch.optim.AdamW(parts.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay),
+        loss=lambda step: (training_loss(parts, tokenizer, scheduler, config, step), {}),
+        learning_rate_at=config.learning_rate_at,
+        sample_grid=lambda ema, path: save_sample_grid(ema, tokenizer, config, path),
+    )
+    schedule = Schedule(
+        steps=config.steps,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        keep_checkpoints=config.keep_checkpoints,
+        ema_decay=config.ema_decay,
+        ema_snapshot_every=config.ema_snapshot_every,
+        sample_every=config.sample_every,
+        clip_grad_norm=1.0,
+    )
+    result = train_loop(trainee, schedule, work_dir, until_step=until_step, handle_signals=handle_signals)
     if export_dir is not None:
-        if reached < config.steps:
-            logger.warning("exporting the EMA weights of step %d of %d (the run is not finished)", reached, config.steps)
-        export_model(ema, tokenizer, config, Path(export_dir))
-    return TrainResult(ema, reached, flag.signal)
+        if result.step < config.steps:
+            logger.warning("exporting the EMA weights of step %d of %d (the run is not finished)", result.step, config.steps)
+        export_model(result.model, tokenizer, config, Path(export_dir))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,8 +101,8 @@ def sample_factors(n: int, seed: int) -> dict[str, np.ndarray]:
 def shape_coverage(factors: dict[str, np.ndarray], chunk: int = 1024) -> np.ndarray:
     """Fraction of each pixel covered by each image's shape, shape (n, 32, 32).
 
-    Computed ``chunk`` images at a time: the supersampled grids take about 0.5 MB per
-    image, so all of 50,000 images at once needed over 20 GB (measured: killed for memory).
+    Computed ``chunk`` images at a time, so memory stays bounded for any ``n`` (the
+    supersampled grids take about 0.5 MB per image).
     """
     n = len(factors["shape"])
     if n > chunk:

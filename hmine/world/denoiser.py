@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hmine import world
+from hmine.world import renderer
 
 __all__ = ["ExactWorldDenoiser"]
 
@@ -58,7 +58,7 @@ class ExactWorldDenoiser:
 
     def __init__(self, alphas_cumprod: torch.Tensor, n_images: int = 20000, seed: int = 4242, images=None):
         if images is None:
-            batch = world.generate(n_images, seed=seed)
+            batch = renderer.generate(n_images, seed=seed)
             images, self.factors_ = torch.from_numpy(batch.images), batch.factors
         else:
             images, self.factors_ = torch.as_tensor(images), None

@@ -1,29 +1,25 @@
-"""Training of the embedded default models: the shapes-world DDPM and its attribute classifier.
+"""The shapes world's unconditional DDPM: its U-Net, its noise schedule, its training and export.
 
-Training is built to span sessions on a CPU: every ``checkpoint_every`` steps the model,
-its EMA copy, the optimiser state and the step counter are written atomically to
-``<work_dir>/checkpoint.pt`` (tensors only, loaded with ``weights_only=True``), and a
-rerun with the same config continues from there. The data and the noise of step ``s``
-are drawn from generators seeded by ``(seed, s)``, so a resumed run sees exactly the
-batches an uninterrupted run would have seen.
+Training runs in the one loop of :mod:`hmine.world.training` (resumable checkpoints, EMA,
+learning-rate schedule, logging): this module supplies the U-Net and the loss of step
+``s``, whose world images, noise and timesteps are drawn from generators seeded by
+``(seed, s)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from hmine import world
 from hmine.imaging import write_image_grid
+from hmine.world import renderer as world
+from hmine.world.training import Schedule, Trainee, check_work_dir_config, checkpoint_weights, train_loop, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +58,9 @@ class DDPMTrainConfig(BaseModel):
     init_from: Path | None = Field(
         None,
         description=(
-            "start from these weights (fine-tuning): the EMA weights of a training checkpoint "
-            "(checkpoint.pt) or a U-Net in diffusers layout (a model folder, or its unet/ folder)"
+            "start from these weights (fine-tuning): the EMA weights of a training work dir's "
+            "newest checkpoint (or of one checkpoint folder) or a U-Net in diffusers layout "
+            "(a model folder, or its unet/ folder)"
         ),
     )
 
@@ -90,8 +87,8 @@ def build_scheduler(config: DDPMTrainConfig):
     """The standard DDPM noise schedule (linear betas 1e-4 .. 0.02, Ho et al. 2020).
 
     ``clip_sample=True`` (predicted x0 clipped to [-1, 1] while sampling), as in the
-    scheduler of google/ddpm-ema-celebahq-256: without it 10-step DDIM on this small
-    model drifted out of range and diverged (measured at 1,100 training steps).
+    scheduler of google/ddpm-ema-celebahq-256: without it few-step DDIM on this small
+    model drifts out of range (the model card has the measurement).
     """
     from diffusers import DDPMScheduler
 
@@ -105,16 +102,13 @@ def build_scheduler(config: DDPMTrainConfig):
     )
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def initial_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict a fine-tune starts from: a checkpoint's EMA, or a diffusers U-Net's weights."""
-    if path.is_file():
-        return torch.load(path, weights_only=True)["ema"]
+    """The state dict a fine-tune starts from: a training checkpoint's EMA, or a diffusers U-Net's weights."""
+    path = Path(path)
+    if path.is_dir():
+        weights = checkpoint_weights(path, "ema")
+        if weights is not None:
+            return weights
     for folder in (path / "unet", path):
         weights = folder / "diffusion_pytorch_model.safetensors"
         if weights.is_file():
@@ -123,7 +117,8 @@ def initial_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(weights)
     raise FileNotFoundError(
         f"init_from {path} is neither a training checkpoint nor a diffusers U-Net folder "
-        "(expected diffusion_pytorch_model.safetensors in it or in its unet/ folder)"
+        "(expected a training work dir, a checkpoints/step-* folder, or "
+        "diffusion_pytorch_model.safetensors in it or in its unet/ folder)"
     )
 
 
@@ -143,12 +138,22 @@ def _favour_grid_timesteps(t: torch.Tensor, config: DDPMTrainConfig, gen: torch.
     return torch.where(on_grid, picks, t)
 
 
-def _lr_at(step: int, config: DDPMTrainConfig) -> float:
-    # Linear warm-up, then cosine decay to 10 % of the peak by the last step.
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return float(config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))))
+def ddpm_loss(unet, config: DDPMTrainConfig, alphas_cumprod: torch.Tensor, step: int) -> torch.Tensor:
+    """The denoising MSE of 0-based step ``step`` (its world images, noise and timesteps)."""
+    seed = config.seed * 1_000_003 + step
+    x0 = torch.from_numpy(world.generate(config.batch_size, seed=seed).images)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
+    if config.grid_timestep_fraction > 0:
+        t = _favour_grid_timesteps(t, config, gen)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if config.prediction_type == "epsilon":
+        target = noise
+    else:  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(unet(xt, t).sample, target)
 
 
 def train_ddpm(
@@ -160,8 +165,8 @@ def train_ddpm(
     ----------
     config : DDPMTrainConfig
     work_dir : Path
-        Holds ``config.json``, ``checkpoint.pt``, ``log.jsonl`` and ``grid-<step>.png``.
-        A work dir written with a different config is refused.
+        A work dir of :mod:`hmine.world.training` (``config.json``, ``checkpoints/``,
+        ``log.jsonl``, ``grid-<step>.png``); one written with a different config is refused.
     export_dir : Path, optional
         Where to write the final EMA model in diffusers layout (``unet/``, ``scheduler/``).
     until_step : int, optional
@@ -169,97 +174,34 @@ def train_ddpm(
         later call with the same config continues to ``config.steps``.
     """
     torch.set_num_threads(config.torch_threads)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    config_path = work_dir / "config.json"
-    if config_path.exists():
-        stored = DDPMTrainConfig.model_validate_json(config_path.read_text())
-        if stored != config:
-            raise ValueError(
-                f"work_dir {work_dir} was written by a different training config; "
-                "use a new work_dir or delete it to start over"
-            )
-    else:
-        config_path.write_text(config.model_dump_json(indent=2))
-
+    check_work_dir_config(config, Path(work_dir))
     torch.manual_seed(config.seed)  # the initial weights are part of the seeded run
     unet = build_unet(config)
     if config.init_from is not None:
         unet.load_state_dict(initial_weights(Path(config.init_from)))
-    ema = build_unet(config)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
     scheduler = build_scheduler(config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    start_step = 0
-    ckpt_path = work_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
-        logger.info("resumed from step %d", start_step)
-
-    alphas_cumprod = scheduler.alphas_cumprod
-    log_file = open(work_dir / "log.jsonl", "a")
-    unet.train()
-    t0 = time.perf_counter()
-    last_step = config.steps if until_step is None else min(config.steps, until_step)
-    for step in range(start_step, last_step):
-        batch = world.generate(config.batch_size, seed=config.seed * 1_000_003 + step)
-        x0 = torch.from_numpy(batch.images)
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=gen)
-        if config.grid_timestep_fraction > 0:
-            t = _favour_grid_timesteps(t, config, gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        if config.prediction_type == "epsilon":
-            target = noise
-        else:  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        loss = F.mse_loss(unet(xt, t).sample, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            # EMA warm-up: a short effective horizon early keeps the EMA from lagging.
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        done = step + 1
-        if done % config.log_every == 0:
-            record = {
-                "step": done,
-                "loss": loss.item(),
-                "lr": _lr_at(step, config),
-                "seconds": round(time.perf_counter() - t0, 2),
-            }
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            logger.info("step %d loss %.4f", done, record["loss"])
-        if done % config.checkpoint_every == 0 or done in (config.steps, last_step):
-            _atomic_torch_save(
-                {
-                    "model": unet.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": torch.tensor(done),
-                },
-                ckpt_path,
-            )
-        if done % config.sample_every == 0 or done == config.steps:
-            save_sample_grid(ema, scheduler, work_dir / f"grid-{done:06d}.png")
-    log_file.close()
-    ema.eval()
-    if export_dir is not None and last_step == config.steps:
-        export_ddpm(ema, scheduler, Path(export_dir))
-    return ema
+    trainee = Trainee(
+        model=unet,
+        optimizer=torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0),
+        loss=lambda step: (ddpm_loss(unet, config, scheduler.alphas_cumprod, step), {}),
+        # Linear warm-up, then cosine decay to 10 % of the peak by the last step.
+        learning_rate_at=lambda step: warmup_cosine(
+            step, peak=config.learning_rate, warmup_steps=config.warmup_steps, steps=config.steps, floor=0.1
+        ),
+        sample_grid=lambda ema, path: save_sample_grid(ema, scheduler, path),
+    )
+    schedule = Schedule(
+        steps=config.steps,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        ema_decay=config.ema_decay,
+        sample_every=config.sample_every,
+        clip_grad_norm=1.0,
+    )
+    result = train_loop(trainee, schedule, Path(work_dir), until_step=until_step)
+    if export_dir is not None and result.step == config.steps:
+        export_ddpm(result.model, scheduler, Path(export_dir))
+    return result.model
 
 
 def export_ddpm(unet, scheduler, export_dir: Path) -> None:
