@@ -7,7 +7,7 @@ scored as probabilities in [0, 1] so that thresholds and score changes read the 
 for every labeller.
 
 * :class:`WorldLabeller` — the embedded shapes world's attribute classifier;
-* :class:`hmine.clip_labeller.ClipLabeller` — CLIP zero-shot prompt pairs.
+* :class:`hmine.clip.ClipLabeller` — CLIP zero-shot prompt pairs.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def make_labeller(config):
     """The labeller a :class:`hmine.config.LabelConfig` asks for."""
     if config.labeller == "world":
         return WorldLabeller(config.classifier_path, batch_size=config.batch_size)
-    from hmine.clip_labeller import ClipLabeller
+    from hmine.clip import ClipLabeller
 
     return ClipLabeller(
         {k: tuple(v) for k, v in config.clip_prompts.items()},

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_TEXT_TOKENS
 
-from hmine.clip_labeller import CLIP_MEAN, CLIP_STD, ClipLabeller, ImagePreprocessing
+from hmine.clip import CLIP_MEAN, CLIP_STD, ClipLabeller, ImagePreprocessing
 
 torch.set_num_threads(1)
 
@@ -192,7 +192,7 @@ def test_preprocessing_follows_the_checkpoints_image_processor(tiny_clip_dir, tm
 def test_a_checkpoint_without_a_processor_config_gets_clips_defaults_and_a_log_line(labeller, tiny_clip_dir, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="hmine.clip_labeller"):
+    with caplog.at_level(logging.WARNING, logger="hmine.clip"):
         ClipLabeller({"hat": PROMPTS["hat"]}, model_id=str(tiny_clip_dir))
     assert f"label.clip_model_id {str(tiny_clip_dir)!r}" in caplog.text
     assert "no preprocessor_config.json" in caplog.text and "CLIP's defaults" in caplog.text
@@ -278,7 +278,7 @@ def test_hub_ids_load_safetensors_and_fall_back_to_clips_defaults_with_a_log_lin
     monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(model_from_hub))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(lambda cls, model_id, **k: real_tokenizer(cls, tiny_clip_dir)))
     monkeypatch.setattr(CLIPImageProcessor, "from_pretrained", classmethod(no_processor_config))
-    with caplog.at_level(logging.WARNING, logger="hmine.clip_labeller"):
+    with caplog.at_level(logging.WARNING, logger="hmine.clip"):
         labeller = ClipLabeller(PROMPTS, model_id="owner/clip", revision="v2")
     assert calls == [("owner/clip", {"revision": "v2", "use_safetensors": True})]
     assert "label.clip_model_id 'owner/clip': no preprocessor_config.json could be loaded" in caplog.text

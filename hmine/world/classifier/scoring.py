@@ -85,7 +85,6 @@ def predict_attributes(model: ShapesClassifier, images, batch_size: int = 256) -
     return pd.DataFrame(table)
 
 
-
 def _metrics(table: pd.DataFrame, factors: dict[str, np.ndarray]) -> dict[str, float]:
     metrics = {
         "shape_accuracy": float((table["shape"].to_numpy() == factors["shape"]).mean()),
