@@ -11,7 +11,6 @@ if TYPE_CHECKING:  # imported lazily at run time: ``import hmine`` stays cheap
     from PIL import Image
 
 
-
 # --------------------------------------------------------------------------------------
 # images
 
@@ -78,9 +77,23 @@ def image_grid(
     >>> hmine.image_grid(run.samples["x0"][:16], columns=8, upscale=2)  # doctest: +SKIP
     >>> hmine.image_grid(run.edit(3, "probe/is_red", [-20, 0, 20]), upscale=3)  # doctest: +SKIP
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image
 
-    cells = _uint8(images)
+    cells = _grid_cells(_uint8(images), columns)
+    rows, cols = cells.shape[:2]
+    for labels, count, what in ((row_labels, rows, "row_labels"), (column_labels, cols, "column_labels")):
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"{what} has {len(labels)} entries for {count} {what.split('_')[0]}s")
+    image = Image.fromarray(_grid_canvas(cells, pad))
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    if row_labels is None and column_labels is None:
+        return image
+    return _labelled(image, cells.shape[3:], pad * upscale, upscale, row_labels, column_labels)
+
+
+def _grid_cells(cells: np.ndarray, columns: int | None) -> np.ndarray:
+    """uint8 images of shape (3, H, W), (n, 3, H, W) or (rows, columns, 3, H, W) as (rows, columns, 3, H, W)."""
     if cells.ndim == 3:
         cells = cells[None, None]
     elif cells.ndim == 4:
@@ -93,15 +106,13 @@ def image_grid(
         raise ValueError(f"images must have shape (3, H, W), (n, 3, H, W) or (rows, columns, 3, H, W), got {cells.shape}")
     if cells.shape[2] != 3:
         raise ValueError(f"images must have 3 color channels on the axis before (H, W), got shape {cells.shape}")
-    rows, cols = cells.shape[:2]
-    for labels, count, what in ((row_labels, rows, "row_labels"), (column_labels, cols, "column_labels")):
-        if labels is not None and len(labels) != count:
-            raise ValueError(f"{what} has {len(labels)} entries for {count} {what.split('_')[0]}s")
-    image = Image.fromarray(_grid_canvas(cells, pad))
-    if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    if row_labels is None and column_labels is None:
-        return image
+    return cells
+
+
+def _labelled(image: Image.Image, cell_size, pad: int, upscale: int, row_labels, column_labels) -> Image.Image:
+    """``image`` (a grid of ``cell_size`` cells, ``pad`` pixels apart once upscaled) with labels left and above."""
+    from PIL import Image, ImageDraw, ImageFont
+
     try:
         font = ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1: the bitmap font, one size
@@ -117,12 +128,12 @@ def image_grid(
     labelled = Image.new("RGB", (image.width + left, image.height + top), "white")
     labelled.paste(image, (left, top))
     draw = ImageDraw.Draw(labelled)
-    (cell_h, cell_w), (h, w) = ((cells.shape[3] + pad) * upscale, (cells.shape[4] + pad) * upscale), cells.shape[3:]
+    h, w = cell_size[0] * upscale, cell_size[1] * upscale
     for r, text in enumerate(row_labels or []):  # left of the row, centred on it
-        y = top + pad * upscale + r * cell_h + (h * upscale - size(str(text))[1]) // 2
+        y = top + pad + r * (h + pad) + (h - size(str(text))[1]) // 2
         draw.text((4, y), str(text), fill="black", font=font)
     for c, text in enumerate(column_labels or []):  # above the column, centred on it
-        x = left + pad * upscale + c * cell_w + (w * upscale - size(str(text))[0]) // 2
+        x = left + pad + c * (w + pad) + (w - size(str(text))[0]) // 2
         draw.text((x, 2), str(text), fill="black", font=font)
     return labelled
 
