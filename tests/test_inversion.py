@@ -1,0 +1,173 @@
+"""Inversion (DDIM, edit-friendly DDPM) and regeneration from it, on tiny local models and the embedded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmine.editing import edit_steps_from
+from hmine.inversion import Inversion, invert, regenerate_inverted, regenerate_inverted_with_delta
+from hmine.models import load_model
+from hmine.sampling import Sampler, noise_for_seed
+
+REPRODUCTION_TOL = 1e-4  # max abs, [-1, 1] pixel units, float32 (issue 14)
+
+
+@pytest.fixture(scope="module")
+def pixel(tiny_pixel_model_dir):
+    return load_model(str(tiny_pixel_model_dir))
+
+
+@pytest.fixture(scope="module")
+def latent(tiny_scaled_latent_model_dir):
+    return load_model(str(tiny_scaled_latent_model_dir))
+
+
+def _images(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # smooth images in [-1, 1]: upsampled noise, so they look like images, not like x_T
+    coarse = torch.rand((n, 3, size // 4, size // 4), generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _seed_inversion(sampler, seeds, etas):
+    draws = [noise_for_seed(s, sampler.model.sample_shape, sampler.num_inference_steps) for s in seeds]
+    return Inversion(
+        method="edit_friendly",
+        x_T=torch.stack([d[0] for d in draws]),
+        z=torch.stack([d[1] for d in draws]),
+        etas=etas,
+        timesteps=sampler.timesteps.clone(),
+    )
+
+
+@pytest.mark.parametrize("eta", [1.0, [1.0, 0.0, 0.5, 1.0]])
+def test_regeneration_from_a_seeds_noise_is_the_samplers_own_edit(pixel, eta):
+    """Fed a seed's x_T and z, the regeneration is the sampler, bit for bit: no edit, an edit,
+    the asymmetric step and a window."""
+    sampler = Sampler(pixel, num_inference_steps=4, eta=eta)
+    seeds = [3, 4]
+    inversion = _seed_inversion(sampler, seeds, sampler.etas)
+    base = sampler.sample(seeds)
+    again = regenerate_inverted(sampler, inversion)
+    assert torch.equal(again.images, base.images) and torch.equal(again.h, base.h)
+    delta = 2.0 * torch.randn(base.h.shape[1:], generator=torch.Generator().manual_seed(0))
+    window = edit_steps_from(sampler.timesteps.tolist(), 300, 800)
+    for kwargs in ({}, {"asymmetric": True}, {"edit_steps": window}, {"edit_steps": window, "asymmetric": True}):
+        ours = regenerate_inverted(sampler, inversion, delta_h=delta, **kwargs)
+        theirs = sampler.sample(seeds, delta_h=delta, **kwargs)
+        assert torch.equal(ours.images, theirs.images), kwargs
+        assert torch.equal(ours.h, theirs.h), kwargs
+        assert (ours.images - base.images).abs().max() > 1e-3, kwargs  # the edit did something
+    per_sample = torch.stack([delta, -delta])  # (batch, step, ...) deltas too
+    assert torch.equal(
+        regenerate_inverted(sampler, inversion, delta_h=per_sample).images,
+        sampler.sample(seeds, delta_h=per_sample).images,
+    )
+
+
+def test_edit_friendly_reproduces_pixel_images(pixel):
+    sampler = Sampler(pixel, num_inference_steps=5, eta=1.0)
+    images = _images(3, 16)
+    inversion = invert(sampler, images, "edit_friendly", seeds=[0, 1, 2])
+    assert inversion.z.shape == (3, 5, 3, 16, 16) and inversion.x_T.shape == (3, 3, 16, 16)
+    assert inversion.h.shape[:2] == (3, 5)
+    regenerated = regenerate_inverted(sampler, inversion)
+    assert (regenerated.images - images).abs().max() <= REPRODUCTION_TOL
+    assert torch.equal(regenerated.images, inversion.images)  # the inversion's trajectory is the regeneration's
+    assert torch.equal(regenerated.h, inversion.h)
+    assert float(inversion.reconstruction_error.max()) <= REPRODUCTION_TOL
+    # the last step is deterministic here (a_prev = 1); on a random U-Net its fixed point is
+    # found to rounding, so almost nothing is left for the residual
+    assert inversion.residual is not None and float(inversion.residual_max.max()) < 1e-5
+    # x_T and z are the image's: another seed gives other noise maps that also reproduce it
+    other = invert(sampler, images, "edit_friendly", seeds=[7, 8, 9])
+    assert (other.z - inversion.z).abs().max() > 0.1
+    assert float(other.reconstruction_error.max()) <= REPRODUCTION_TOL
+
+
+def test_edit_friendly_reproduces_latent_images_through_the_scaled_vqvae(latent):
+    sampler = Sampler(latent, num_inference_steps=5, eta=1.0)
+    images = _images(2, 16, seed=1)
+    inversion = invert(sampler, images, "edit_friendly", seeds=[0, 1])
+    # the target is the quantized latent times scaling_factor (0.5 here)
+    raw = latent.vqvae.encode(images).latents
+    assert torch.allclose(inversion.target, latent.vqvae.quantize(raw)[0] * 0.5, atol=1e-6)
+    regenerated = regenerate_inverted(sampler, inversion)
+    best = latent.decode(inversion.target)  # what the autoencoder can give back of the input
+    assert (regenerated.images - best).abs().max() <= REPRODUCTION_TOL
+    assert float(inversion.target_error.max()) <= REPRODUCTION_TOL
+    # the VQ autoencoder's own error is recorded, not hidden
+    assert torch.allclose(inversion.reconstruction_error, (best - images).abs().flatten(1).amax(1), atol=1e-4)
+
+
+def test_edit_friendly_reproduces_the_embedded_models_world_images():
+    from hmine import world
+
+    sampler = Sampler(load_model(), num_inference_steps=10, eta=1.0)
+    images = torch.from_numpy(world.generate(4, 123).images)
+    inversion = invert(sampler, images, "edit_friendly", seeds=[0, 1, 2, 3])
+    regenerated = regenerate_inverted(sampler, inversion)
+    assert (regenerated.images - images).abs().max() <= REPRODUCTION_TOL
+    # the trained last step removes detail it cannot put back: the residual carries it
+    assert 1e-4 < float(inversion.residual_max.max()) < 0.05
+
+
+def test_inverting_a_sample_regenerates_it_and_edits_it_in_the_same_space(pixel):
+    """A sampled image inverted edit-friendly regenerates exactly; its edit is the sampler's
+    edit of other noise maps, so only the scale-0 image is equal (the edits agree in distribution)."""
+    sampler = Sampler(pixel, num_inference_steps=4, eta=1.0)
+    sample = sampler.sample([11, 12])
+    inversion = invert(sampler, sample.images, "edit_friendly", seeds=[0, 1])
+    assert (regenerate_inverted(sampler, inversion).images - sample.images).abs().max() <= REPRODUCTION_TOL
+    delta = torch.zeros_like(sample.h[0])
+    zero = regenerate_inverted_with_delta(sampler, inversion, delta, asymmetric=True)
+    assert abs(zero - sample.images.numpy()).max() <= REPRODUCTION_TOL
+
+
+def test_ddim_inversion_regenerates_from_x_T_and_records_its_error(pixel):
+    sampler = Sampler(pixel, num_inference_steps=10, eta=0.0)
+    images = _images(2, 16, seed=2)
+    inversion = invert(sampler, images, "ddim")
+    assert inversion.z is None and inversion.residual is None and inversion.etas == [0.0] * 10
+    regenerated = regenerate_inverted(sampler, inversion)
+    assert torch.equal(regenerated.images, inversion.images)
+    error = (regenerated.images - images).abs().flatten(1).amax(1)
+    assert torch.equal(inversion.reconstruction_error, error)
+    assert torch.equal(invert(sampler, images, "ddim").x_T, inversion.x_T)  # deterministic
+
+
+def test_ddim_inversion_is_exact_when_eps_does_not_depend_on_x(pixel):
+    """The inverse step is the sampler's DDIM step solved for x_t: with an eps that depends on
+    t only (so eps at the less noisy x is eps at x_t) the round trip is exact to rounding."""
+    sampler = Sampler(pixel, num_inference_steps=10, eta=0.0)
+    table = {int(t): torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(int(t))) for t in sampler.timesteps}
+    sampler.eps = lambda output, t, x: table[int(t)].expand_as(x)
+    images = _images(2, 16, seed=4)
+    inversion = invert(sampler, images, "ddim")
+    assert float(inversion.reconstruction_error.max()) < 1e-4
+    assert (inversion.x_T - images).abs().max() > 0.5  # x_T is far from the image
+
+
+def test_ddim_refinement_changes_x_T(pixel):
+    sampler = Sampler(pixel, num_inference_steps=5, eta=0.0)
+    images = _images(1, 16, seed=3)
+    plain = invert(sampler, images, "ddim")
+    refined = invert(sampler, images, "ddim", refine=3)
+    assert not torch.equal(plain.x_T, refined.x_T)
+
+
+def test_bad_arguments_are_refused(pixel):
+    sampler = Sampler(pixel, num_inference_steps=4, eta=1.0)
+    images = _images(2, 16)
+    with pytest.raises(ValueError, match="eta > 0"):
+        invert(sampler, images, "edit_friendly", eta=0.0)
+    with pytest.raises(ValueError, match="one seed per image"):
+        invert(sampler, images, "edit_friendly", seeds=[0])
+    with pytest.raises(ValueError, match="method"):
+        invert(sampler, images, "null_text")
+    with pytest.raises(ValueError, match="shape"):
+        invert(sampler, _images(1, 32), "ddim")
+    inversion = invert(sampler, images, "ddim")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        regenerate_inverted(Sampler(pixel, num_inference_steps=5), inversion)
