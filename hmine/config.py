@@ -238,6 +238,44 @@ class JacobianConfig(_Frozen):
         return self
 
 
+class WorldImagesConfig(_Frozen):
+    """Rendered (not sampled) images of the embedded shapes world, with their true factors as labels."""
+
+    n: int = Field(256, ge=1, le=MAX_SAMPLES)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class ImagesConfig(_Frozen):
+    """Real images to invert (the invert stage runs only when this section is set); see hmine.image_sources."""
+
+    folder: Path | None = Field(None, description="PNG/JPEG files, recursively; ids are their paths relative to it")
+    labels: Path | None = Field(None, description="CSV or parquet: a 'file' column (the image id) and numeric labels")
+    resize: bool = Field(True, description="centre crop to the model's aspect ratio and resize; false refuses other sizes")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "fail", description="an unreadable image or one without a label row: refuse the run, or leave it out (recorded)"
+    )
+    world: WorldImagesConfig | None = Field(None, description="rendered shapes-world images instead of a folder")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.folder is None) == (self.world is None):
+            raise ValueError("images needs exactly one of images.folder and images.world")
+        if self.world is not None and self.labels is not None:
+            raise ValueError("images.labels is for images.folder; images.world brings its true factors")
+        return self
+
+
+class InvertConfig(_Frozen):
+    """The invert stage: how the images of ``images:`` are inverted (steps, h position and threads: the sample stage's)."""
+
+    method: Literal["edit_friendly", "ddim"] = "edit_friendly"
+    eta: float = Field(1.0, gt=0, le=1, description="edit_friendly: the sampler's eta at every step")
+    refine: int = Field(0, ge=0, le=100, description="ddim: fixed-point refinements of eps per inverse step")
+    seed_start: int = Field(0, ge=0, le=MAX_SEED, description="edit_friendly: image k draws its x_t with seed seed_start + k")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="also the zarr chunk length along sample")
+    h_dtype: Literal["float16", "float32"] = "float16"
+
+
 class RunnerConfig(_Frozen):
     """Where the sample stage's batches run; never part of any stage's config hash.
 
@@ -273,6 +311,8 @@ class RunConfig(_Frozen):
     directions: DirectionsConfig = DirectionsConfig()
     edit: EditConfig = EditConfig()
     jacobian: JacobianConfig = JacobianConfig()
+    images: ImagesConfig | None = None  # real images: the invert stage runs only when set
+    invert: InvertConfig = InvertConfig()
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @field_validator("name")
