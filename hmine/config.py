@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,7 +177,11 @@ class EditConfig(_Frozen):
         None, ge=0, le=MAX_STEPS * 100, description="edit only steps with timestep <= t_edit_max; with t_edit, the window [t_edit, t_edit_max]"
     )
     asymmetric: bool = False
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] = Field(
+        64,
+        description="images whose eps one U-Net call computes (fixed for a whole edit store); "
+        "'auto' measures the fastest on the model's device (hmine.batching)",
+    )
     strip_samples: int = Field(6, ge=1, le=1024, description="samples shown per PNG strip")
 
     @field_validator("scales")

@@ -15,7 +15,7 @@ the demo run):
 
 Nothing here samples or edits on its own: :meth:`Run.edit` and :meth:`Model.edit` build
 the delta with :func:`hmine.editing.delta_for` and regenerate with
-:func:`hmine.editing.regenerate_with_delta`, through the run's own sampler
+:func:`hmine.regeneration.regenerate`, through the run's own sampler
 (:func:`hmine.stages.sample.make_sampler`), exactly as the edit stage does; and
 :meth:`Model.sample` calls :meth:`hmine.sampling.Sampler.sample` as the sample stage does.
 So ``run.edit(seed, name, [0])`` is the stored ``x0`` bit for bit, and ``run.edit`` at a
@@ -28,11 +28,11 @@ the standard deviation of the run's data along it; an edit at scale ``s`` adds
 (:func:`hmine.directions.normalise_direction`), so a scale of 1 is one standard deviation
 of the data along it, as for every stored direction.
 
-**Bit identity.** torch's CPU kernels round differently at different batch sizes, so the
-edit stage regenerates the sample stage's whole batch of ``sample.batch_size`` seeds to
-edit one of them, and so does :meth:`Run.edit` (``exact=True``, the default): one
-regeneration of that batch per scale. ``exact=False`` regenerates only the seed, all scales
-in one batch: much faster on a big batch, the same images up to the last bits.
+**Bit identity.** torch's CPU kernels are chosen by the batch shape, so an image depends
+on the batch size of the U-Net calls that made it, not on the other images in them. The
+edit stage makes every call at one batch size (``edit.batch_size``, padding the last), and
+so does :meth:`Run.edit`: it regenerates only the seed, all its scales in one call, and
+gets the stage's bits. Scale 0 of a run's seed is its stored ``x0``.
 
 Importing :mod:`hmine` does not import this module (nor torch): the names are loaded on
 first use.

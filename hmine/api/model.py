@@ -117,7 +117,7 @@ class Model:
         scale_unit: float | Sequence[float] = 1.0,
         window: Window | None = None,
         asymmetric: bool = False,
-        batch: Sequence[int] | None = None,
+        batch_size: int = 64,
     ) -> xr.DataArray:
         """Regenerate ``seed`` with ``scale * scale_unit * direction`` added to h, per scale.
 
@@ -138,10 +138,9 @@ class Model:
             by default.
         asymmetric : bool, default=False
             Asyrp's step: the edited eps in the predicted-x0 term only.
-        batch : sequence of int, optional
-            Seeds regenerated together with ``seed`` (it must be among them), one batch
-            per scale: the images of ``model.sample(batch)`` bit for bit at scale 0. By
-            default ``seed`` alone.
+        batch_size : int, default=64
+            The U-Net batch size (the rows of every call are padded to it): the images
+            are a run's edit-stage images bit for bit when it is the run's ``edit.batch_size``.
 
         Returns
         -------
@@ -158,9 +157,6 @@ class Model:
         import xarray as xr
 
         seed = int(seed)
-        batch = [seed] if batch is None else [int(s) for s in batch]
-        if seed not in batch:
-            raise ValueError(f"batch {batch} does not hold seed {seed}")
         if isinstance(direction, xr.Dataset):
             term = _dataset_term(direction, 1.0, None)
         else:
@@ -169,7 +165,7 @@ class Model:
             term = _Term("vector", unit, units)
         scales = _scales(scales)
         window = _window(window, (None, None))
-        images = _edited_images(self.sampler, seed, batch, lambda seeds: None, [term], scales, window, asymmetric, True)
+        images = _edited_images(self.sampler, seed, lambda seeds: None, [term], scales, window, asymmetric, int(batch_size))
         return _images_array(images, scales, {"seed": seed, "direction": term.label, "window": str(window), "asymmetric": int(asymmetric)})
 
 

@@ -284,14 +284,18 @@ class Run:
         # the edit stage's very arrays: unit (step, ...) and scale_unit (step,)
         return _Term(name, selected["direction"].values, selected["scale_unit"].values, weight)
 
-    def _batch_of(self, seed: int) -> list[int]:
-        """The sample stage's batch holding ``seed`` (the seed alone if it is not the run's)."""
-        positions = np.flatnonzero(self.seeds == seed)
-        if not len(positions):
-            return [seed]
-        size = self.config.sample.batch_size
-        start = int(positions[0]) // size * size
-        return [int(s) for s in self.seeds[start : start + size]]
+    def _edit_batch_size(self) -> int:
+        """The edit stage's U-Net batch size: its store's, else the config's (64 for ``"auto"``)."""
+        from hmine.stages.edit import UNET_BATCH_SIZE
+
+        from hmine.stores import open_group
+
+        path = self.path / "edits.zarr"
+        recorded = open_group(path).attrs.get(UNET_BATCH_SIZE) if (path / "zarr.json").exists() else None
+        if recorded is not None:
+            return int(recorded)
+        setting = self.config.edit.batch_size
+        return 64 if setting == "auto" else int(setting)
 
     def _rows(self, terms: list[_Term], seed: int) -> Callable[[list[int]], list[int] | None]:
         per_image = [t for t in terms if t.has_direction is not None]
@@ -314,7 +318,6 @@ class Run:
         *,
         window: Window | None = None,
         asymmetric: bool | None = None,
-        exact: bool = True,
     ) -> xr.DataArray:
         """One sample regenerated with a direction added to h, at each scale.
 
@@ -346,11 +349,6 @@ class Run:
         asymmetric : bool, optional
             Asyrp's asymmetric step (the edited eps in the predicted-x0 term only).
             Default: the run's ``edit.asymmetric``.
-        exact : bool, default=True
-            Regenerate the seed's whole sample-stage batch once per scale, as the edit
-            stage does (bit-identical to the stores). ``False``: the seed alone, every
-            scale in one batch — ``sample.batch_size`` times fewer images, equal up to
-            the last bits.
 
         Returns
         -------
@@ -380,7 +378,11 @@ class Run:
         window = _window(window, (edit.t_edit, edit.t_edit_max))
         asymmetric = edit.asymmetric if asymmetric is None else bool(asymmetric)
         rows = self._rows(terms, seed)
-        images = _edited_images(self.model.sampler, seed, self._batch_of(seed), rows, terms, scales, window, asymmetric, exact)
+        positions = np.flatnonzero(self.seeds == seed)
+        original = self.samples["x0"].values[positions[0]] if len(positions) else None  # scale 0: the stored image
+        images = _edited_images(
+            self.model.sampler, seed, rows, terms, scales, window, asymmetric, self._edit_batch_size(), original
+        )
         attrs = {"seed": seed, "direction": _describe(terms), "window": str(window), "asymmetric": int(asymmetric)}
         return _images_array(images, scales, attrs)
 
@@ -393,7 +395,6 @@ class Run:
         labels: Sequence[str] | None = None,
         window: Window | None = None,
         asymmetric: bool | None = None,
-        exact: bool = True,
         upscale: int = 3,
     ) -> Image.Image:
         """The direction plotter: one seed edited along several directions at several scales.
@@ -409,7 +410,7 @@ class Run:
         scales : sequence of float
         labels : sequence of str, optional
             Row labels (default: the names; "vector" for vectors).
-        window, asymmetric, exact
+        window, asymmetric
             As for :meth:`edit`.
         upscale : int, default=3
             Nearest-neighbour enlargement of every image.
@@ -427,7 +428,7 @@ class Run:
         if isinstance(directions, (str, Mapping)):
             directions = [directions]
         scales = _scales(scales)
-        rows = [self.edit(seed, d, scales, window=window, asymmetric=asymmetric, exact=exact) for d in directions]
+        rows = [self.edit(seed, d, scales, window=window, asymmetric=asymmetric) for d in directions]
         row_labels = list(labels) if labels is not None else [r.attrs["direction"] for r in rows]
         grid = np.stack([r.values for r in rows])
         return image_grid(grid, upscale=upscale, row_labels=row_labels, column_labels=[_scale_label(s) for s in scales])

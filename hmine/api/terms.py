@@ -63,41 +63,36 @@ def _delta(terms: list[_Term], scale: float, rows: list[int] | None) -> torch.Te
 def _edited_images(
     sampler: Sampler,
     seed: int,
-    batch: list[int],
     rows: Callable[[list[int]], list[int] | None],
     terms: list[_Term],
     scales: list[float],
     window: Window,
     asymmetric: bool,
-    exact: bool,
+    batch_size: int,
+    original: np.ndarray | None = None,
 ) -> np.ndarray:
     """(scale, color, height, width): ``seed`` regenerated with each scale's delta.
 
-    ``exact``: ``batch`` (which holds ``seed``) is regenerated whole once per scale, as the
-    edit stage does; else ``seed`` alone, all scales in one batch. ``rows(seeds)`` maps
-    seeds to the rows of the per-image terms.
+    The edit stage's computation (:func:`hmine.regeneration.regenerate` at the same U-Net
+    ``batch_size``), so each image is the stage's bit for bit; scale 0 is ``original``
+    (the stored ``x0``) when given. ``rows(seeds)`` maps seeds to the rows of per-image terms.
     """
-    from hmine.editing import regenerate_with_delta
-
-    t_edit, t_edit_max = window
-    if exact:
-        position = batch.index(seed)
-        images = []
-        for scale in scales:
-            # the same call as the edit stage: the sample stage's whole batch, one delta
-            images.append(
-                regenerate_with_delta(
-                    sampler, batch, _delta(terms, scale, rows(batch)), t_edit=t_edit, t_edit_max=t_edit_max, asymmetric=asymmetric
-                )[position]
-            )
-        return np.stack(images)
     import torch
 
-    deltas = [_delta(terms, scale, rows([seed])) for scale in scales]
-    stacked = torch.stack([d.reshape(d.shape[-4:]) for d in deltas])  # (scale, step, channel, y, x)
-    return regenerate_with_delta(
-        sampler, [seed] * len(scales), stacked, t_edit=t_edit, t_edit_max=t_edit_max, asymmetric=asymmetric
-    )
+    from hmine.editing import edit_steps_from
+    from hmine.regeneration import regenerate
+
+    edit_steps = edit_steps_from(sampler.timesteps.tolist(), *window)
+    images: dict[int, np.ndarray] = {}
+    todo = [i for i, scale in enumerate(scales) if original is None or scale != 0.0]
+    if todo:
+        deltas = [_delta(terms, scales[i], rows([seed])) for i in todo]
+        deltas = torch.stack([d[0] if d.ndim == 5 else d for d in deltas])  # (scale, step, channel, y, x)
+        for done, edited in regenerate(
+            sampler, [seed] * len(todo), deltas, range(len(todo)), edit_steps=edit_steps, asymmetric=asymmetric, batch_size=batch_size
+        ):
+            images.update({todo[r]: image for r, image in zip(done, edited)})
+    return np.stack([images[i] if i in images else np.asarray(original, dtype=np.float32) for i in range(len(scales))])
 
 
 def _images_array(images: np.ndarray, scales: list[float], attrs: dict) -> xr.DataArray:

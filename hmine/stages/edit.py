@@ -5,8 +5,11 @@ Outputs in the run directory:
 ``edits.zarr``
     ``images`` with dims (direction, scale, sample, color, height, width): each of the
     first ``edit.n_samples`` samples regenerated from its seed with the direction added
-    to h at the given scale (scale 0 is the unedited regeneration); ``done`` (direction,)
-    marks directions whose images are all written — the stage resumes per direction.
+    to h at the given scale (scale 0 is the sample stage's ``x0``, which an unedited
+    regeneration reproduces bit for bit); ``done`` (direction,) marks directions whose
+    images are all written — the stage resumes per direction. The images are computed by
+    :mod:`hmine.regeneration` at a U-Net batch size fixed for the store (``edit.batch_size``,
+    recorded in ``hmine:unet_batch_size``).
 ``edit_strips/<direction>.png``
     rows are samples, columns the scales from the most negative to the most positive.
 ``edit_effects.parquet``
@@ -51,6 +54,7 @@ logger = logging.getLogger(__name__)
 EDITS_STORE = "edits.zarr"
 EFFECTS_TABLE = "edit_effects.parquet"
 STRIPS_DIR = "edit_strips"
+UNET_BATCH_SIZE = "hmine:unet_batch_size"
 SUPERVISED_METHODS = ("mean_difference", "probe", "conditional", "regression")
 
 
@@ -173,19 +177,30 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
 
 
 def _edit(config: RunConfig, group, sampler, directions, jacobian_group, names, scales, todo) -> None:
-    """Regenerate the edited samples of each direction in ``todo`` at every scale; write its strip."""
+    """Regenerate the edited samples of each direction in ``todo`` at every scale; write its strip.
+
+    Scale 0 is the sample stage's ``x0``, copied; so is every sample a per-image direction
+    does not have. The rest are rows of :func:`hmine.regeneration.regenerate`, which
+    shares the unedited steps before the edit window across directions and scales.
+    """
     import xarray as xr
 
     from hmine.directions import direction_by_name
-    from hmine.editing import delta_for, regenerate_with_delta, write_strip
+    from hmine.editing import edit_steps_from, write_strip
+    from hmine.regeneration import first_edited_step, unedited_states
 
     edit = config.edit
-    all_seeds = open_group(samples_path(config))["sample"][...]
+    samples = open_group(samples_path(config))
+    all_seeds = samples["sample"][...]
     seeds = group["sample"][...]
-    batch = config.sample.batch_size  # the sample stage's batches: scale 0 is bit-identical
+    originals = samples["x0"][: len(seeds)]
+    edit_steps = edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)
+    batch_size = unet_batch_size(group, sampler, edit.batch_size)
+    # x_t at the first edited step, once for every direction and scale
+    starts = dict(zip(seeds.tolist(), unedited_states(sampler, seeds.tolist(), first_edited_step(edit_steps), batch_size)))
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
-    run_steps = [int(t) for t in open_group(samples_path(config))["step"][...]]
+    run_steps = [int(t) for t in samples["step"][...]]
     h = xr.open_zarr(samples_path(config), consolidated=False)["h"] if jacobian_group is not None else None
     for d in todo:
         per_image = per_image_units(names[d], jacobian_group, run_steps, h, all_seeds)
@@ -194,29 +209,76 @@ def _edit(config: RunConfig, group, sampler, directions, jacobian_group, names, 
             unit, scale_unit = selected["direction"].values, selected["scale_unit"].values
             has_direction = np.ones(len(seeds), dtype=bool)
         else:
-            unit, scale_unit, has_direction = per_image[0], per_image[1], per_image[2][: len(seeds)]
-        for s, scale in enumerate(scales):
-            # (step, ...) for a direction shared by all samples; (sample, step, ...) per image
-            delta = delta_for(unit, scale_unit, scale)
-            for start in range(0, len(seeds), batch):
-                # the sample stage's whole batch, also past edit.n_samples: CPU kernels differ
-                # with the batch size, and a shorter batch would not give the stored images
-                # bit for bit at scale 0
-                chunk = all_seeds[start : start + batch]
-                kept = min(len(chunk), len(seeds) - start)
-                group["images"][d, s, start : start + kept] = regenerate_with_delta(
-                    sampler,
-                    chunk.tolist(),
-                    delta if per_image is None else delta[start : start + len(chunk)],
-                    t_edit=edit.t_edit,
-                    t_edit_max=edit.t_edit_max,
-                    asymmetric=edit.asymmetric,
-                )[:kept]
+            unit, scale_unit, has_direction = per_image[0][: len(seeds)], per_image[1][: len(seeds)], per_image[2][: len(seeds)]
+        _edit_direction(
+            group, d, sampler, unit, scale_unit, has_direction, scales, originals, starts, edit_steps, batch_size, edit.asymmetric
+        )
         group["edited"][d] = has_direction
         shown_samples = np.flatnonzero(has_direction)[: edit.strip_samples]
         shown = group["images"][d, :, :][:, shown_samples]  # (scale, sample, ...)
         write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
         group["done"][d] = True
+
+
+def _edit_direction(group, d, sampler, unit, scale_unit, has_direction, scales, originals, starts, edit_steps, batch_size, asymmetric) -> None:
+    """Write ``images[d]``: one row per (scale != 0, sample with the direction), packed across scales."""
+    import torch
+
+    from hmine.editing import delta_for
+    from hmine.regeneration import regenerate
+
+    analysed = np.flatnonzero(has_direction)
+    edited_scales = [s for s, scale in enumerate(scales) if scale != 0.0]
+    for s, scale in enumerate(scales):
+        if scale == 0.0 or not analysed.size:
+            group["images"][d, s] = originals
+    if not analysed.size:
+        return
+    seeds = group["sample"][...]
+    if unit.ndim == 4:  # one delta per scale, shared by every sample
+        deltas = torch.stack([delta_for(unit, scale_unit, scales[s]) for s in edited_scales])
+        delta_index = [k for k in range(len(edited_scales)) for _ in analysed]
+    else:  # per image: one delta per (scale, sample)
+        deltas = torch.cat([delta_for(unit[analysed], scale_unit[analysed], scales[s]) for s in edited_scales])
+        delta_index = list(range(len(edited_scales) * len(analysed)))
+    row_scale = np.repeat(np.arange(len(edited_scales)), len(analysed))
+    row_sample = np.tile(analysed, len(edited_scales))
+    slabs: dict[int, np.ndarray] = {}
+    remaining = {k: len(analysed) for k in range(len(edited_scales))}
+    rows = regenerate(
+        sampler,
+        seeds[row_sample].tolist(),
+        deltas,
+        delta_index,
+        edit_steps=edit_steps,
+        asymmetric=asymmetric,
+        batch_size=batch_size,
+        start_states=starts,
+    )
+    for done, images in rows:
+        for r, image in zip(done, images):
+            k = int(row_scale[r])
+            slab = slabs.setdefault(k, originals.copy())  # samples without the direction stay unedited
+            slab[row_sample[r]] = image
+            remaining[k] -= 1
+            if remaining[k] == 0:  # a scale is whole: write it and free it
+                group["images"][d, edited_scales[k]] = slabs.pop(k)
+
+
+def unet_batch_size(group, sampler, setting: int | str) -> int:
+    """The U-Net batch size of this edit store: recorded at its creation, measured for ``"auto"``.
+
+    Kept for the store's life, so a resumed stage computes its rows with the same kernels.
+    """
+    from hmine.batching import choose_batch_size
+
+    recorded = group.attrs.get(UNET_BATCH_SIZE)
+    if recorded is not None:
+        return int(recorded)
+    batch_size = choose_batch_size(sampler) if setting == "auto" else int(setting)
+    group.attrs[UNET_BATCH_SIZE] = batch_size
+    logger.info("edit stage: U-Net batch size %d%s", batch_size, " (measured)" if setting == "auto" else "")
+    return batch_size
 
 
 def open_jacobian_for_edits(config: RunConfig):
