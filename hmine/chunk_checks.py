@@ -67,6 +67,7 @@ CHUNK_CHECKED_ARRAYS = {
     "edits.zarr": ["images"],
     "jacobian.zarr": ["vectors", "iterations"],  # plus localised_vectors: hmine.stages.jacobian.checked_arrays
     "directions.zarr": ["direction"],  # written whole, with empty chunks too
+    "inversions.zarr": ["h", "x0", "x_T"],  # the invert stage's batches (z and residual may be all zeros)
 }
 # Arrays that some stores check per entry beside those above (the Jacobian store's
 # localised vectors, present only with a mask): left to the entry checks by store_damage.

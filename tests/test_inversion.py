@@ -171,3 +171,112 @@ def test_bad_arguments_are_refused(pixel):
     inversion = invert(sampler, images, "ddim")
     with pytest.raises(ValueError, match="num_inference_steps"):
         regenerate_inverted(Sampler(pixel, num_inference_steps=5), inversion)
+
+
+# -- the invert stage -------------------------------------------------------------------------
+
+
+def _image_folder(root, n=5, size=16):
+    import pandas as pd
+    from PIL import Image
+
+    folder = root / "images"
+    images = _images(n, size, seed=5)
+    names = [f"{'sub/' if k % 2 else ''}im{k}.png" for k in range(n)]
+    for name, image in zip(names, images):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((image.numpy().transpose(1, 2, 0) + 1) * 127.5).round().astype("uint8")).save(path)
+    pd.DataFrame({"file": names, "smiling": [k % 2 for k in range(n)]}).to_csv(root / "labels.csv", index=False)
+    return folder
+
+
+def _stage_config(model_dir, root, *extra):
+    from hmine.config import load_config
+
+    folder = _image_folder(root)
+    return load_config(None, [
+        f"model.id={model_dir}", f"output_root={root / 'stores'}", f"report_root={root / 'reports'}",
+        "sample.num_inference_steps=3", f"images.folder={folder}", f"images.labels={root / 'labels.csv'}",
+        "invert.batch_size=2", *extra,
+    ])
+
+
+@pytest.mark.parametrize("method", ["edit_friendly", "ddim"])
+def test_invert_stage_writes_the_sample_schema_and_regenerates(tiny_pixel_model_dir, tmp_path, method):
+    import numpy as np
+    import xarray as xr
+
+    from hmine.stages import up_to_date
+    from hmine.stages.invert import make_inversion_sampler, run_invert_stage
+
+    config = _stage_config(tiny_pixel_model_dir, tmp_path, f"invert.method={method}")
+    result = run_invert_stage(config, show_progress=False)
+    assert (result.total, result.computed) == (3, 3) and up_to_date(config, "invert")
+    ds = xr.open_zarr(result.path, consolidated=False)
+    assert ds["h"].dims == ("sample", "step", "channel", "y", "x") and ds["h"].shape == (5, 3, 16, 8, 8)
+    assert list(ds["sample"].values) == ["im0.png", "im2.png", "im4.png", "sub/im1.png", "sub/im3.png"]
+    assert list(ds["step"].values) == [666, 333, 0]
+    assert ds["labels"].sel(attribute="smiling").values.tolist() == [0, 0, 0, 1, 1]
+    assert ds.attrs["hmine:method"] == method and ("z" in ds) == (method == "edit_friendly")
+    # what is stored regenerates the stored image through the library
+    sampler = make_inversion_sampler(config)
+    inversion = Inversion(
+        method=method,
+        x_T=torch.from_numpy(ds["x_T"].values),
+        z=torch.from_numpy(ds["z"].values) if "z" in ds else None,
+        etas=__import__("json").loads(ds.attrs["hmine:etas"]),
+        timesteps=torch.tensor(ds["step"].values),
+        residual=torch.from_numpy(ds["residual"].values) if "residual" in ds else None,
+    )
+    regenerated = regenerate_inverted(sampler, inversion).images.numpy()
+    np.testing.assert_allclose(regenerated, ds["x0"].values, rtol=1e-4, atol=1e-4)  # other batches: rounding
+    errors = np.abs(ds["x0"].values - ds["input"].values).reshape(5, -1).max(1)
+    np.testing.assert_allclose(ds["reconstruction_error"].values, errors, atol=1e-6)
+    if method == "edit_friendly":
+        assert errors.max() <= REPRODUCTION_TOL
+    # a rerun does nothing
+    again = run_invert_stage(config, show_progress=False)
+    assert again.computed == 0 and again.skipped == 3
+
+
+def test_invert_stage_redoes_a_damaged_batch_and_follows_the_images(tiny_pixel_model_dir, tmp_path):
+    import numpy as np
+    import xarray as xr
+
+    from hmine.pipeline import stage_status
+    from hmine.stages.invert import run_invert_stage
+
+    config = _stage_config(tiny_pixel_model_dir, tmp_path)
+    path = run_invert_stage(config, show_progress=False).path
+    before = xr.open_zarr(path, consolidated=False)["h"].values
+    chunk = path / "h" / "c" / "1" / "2" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3] + b"xyz")  # a damaged chunk of batch 1
+    status = {s.stage: s for s in stage_status(config.run_dir, config)}
+    assert status["invert"].state == "damaged"
+    redone = run_invert_stage(config, show_progress=False)
+    assert redone.computed == 1 and redone.repaired == 1
+    np.testing.assert_array_equal(xr.open_zarr(path, consolidated=False)["h"].values, before)
+    # a new image makes a new store with it
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "red").save(config.images.folder / "new.png")
+    import pandas as pd
+
+    labels = pd.read_csv(config.images.labels)
+    pd.concat([labels, pd.DataFrame({"file": ["new.png"], "smiling": [1]})]).to_csv(config.images.labels, index=False)
+    grown = run_invert_stage(config, show_progress=False)
+    assert grown.computed == 3 and "new.png" in xr.open_zarr(path, consolidated=False)["sample"].values
+
+
+def test_invert_stage_without_images_writes_nothing_and_is_a_cli_command(tiny_pixel_model_dir, tmp_path):
+    from hmine.cli import build_parser
+    from hmine.config import load_config
+    from hmine.stages import stage_names
+    from hmine.stages.invert import run_invert_stage
+
+    config = load_config(None, [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}"])
+    result = run_invert_stage(config, show_progress=False)
+    assert result.total == 0 and not result.path.exists()
+    assert stage_names().index("invert") == stage_names().index("sample") + 1
+    assert build_parser().parse_args(["invert", "c.yaml"]).command == "invert"

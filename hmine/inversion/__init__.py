@@ -26,6 +26,7 @@ from hmine.inversion.regenerate import (
     METHODS,
     Inversion,
     invert,
+    psnr,
     regenerate_inverted,
     regenerate_inverted_with_delta,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "invert",
     "invert_ddim",
     "invert_edit_friendly",
+    "psnr",
     "regenerate_inverted",
     "regenerate_inverted_with_delta",
 ]

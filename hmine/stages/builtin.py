@@ -43,6 +43,19 @@ def jacobian_settings(config: "RunConfig") -> dict:
     return {"jacobian": config.jacobian.model_dump(mode="json")}
 
 
+def invert_settings(config: "RunConfig") -> dict:
+    if config.images is None:
+        return {"invert": None}
+    model = sample_settings(config)["model"]
+    sampling = config.sample.model_dump(mode="json", include={"num_inference_steps", "torch_threads"})
+    return {"invert": {
+        "images": config.images.model_dump(mode="json"),
+        "invert": config.invert.model_dump(mode="json"),
+        "model": model,
+        "sampling": sampling,
+    }}
+
+
 def edit_settings(config: "RunConfig") -> dict:
     return {"edit": config.edit.model_dump(mode="json", exclude={"batch_size", "strip_samples"})}
 
@@ -60,6 +73,12 @@ def jacobian_extra_inputs(config: "RunConfig") -> dict:
     from hmine.masks import mask_hash
 
     return {"masks": mask_hash(config)}  # mask files can change under the same config
+
+
+def invert_extra_inputs(config: "RunConfig") -> dict:
+    from hmine.image_sources import source_fingerprint
+
+    return {} if config.images is None else {"images": source_fingerprint(config.images)}  # files can change
 
 
 def edit_optional_reads(config: "RunConfig") -> tuple[str, ...]:
@@ -91,6 +110,12 @@ def jacobian_damaged(config: "RunConfig") -> int:
     from hmine.stages.jacobian import damaged_jacobian_entries
 
     return len(damaged_jacobian_entries(config.run_dir / "jacobian.zarr"))
+
+
+def inversions_damaged(config: "RunConfig") -> int:
+    from hmine.stages.invert import damaged_inversion_batches
+
+    return len(damaged_inversion_batches(config.run_dir / "inversions.zarr"))
 
 
 def edits_damaged(config: "RunConfig") -> int:
@@ -132,6 +157,20 @@ def check_labeller(config: "RunConfig") -> None:
         )
 
 
+def check_images(config: "RunConfig") -> None:
+    """The image folder and label file exist and the label file reads (no image is decoded here)."""
+    from hmine.image_sources import list_image_files, read_labels
+
+    if config.images is None or config.images.world is not None:
+        return
+    if not list_image_files(config.images.folder):
+        raise FileNotFoundError(
+            f"images.folder {config.images.folder} holds no .png/.jpg/.jpeg files; point it at a folder of images"
+        )
+    if config.images.labels is not None:
+        read_labels(config.images.labels)
+
+
 def check_masks(config: "RunConfig") -> None:
     from hmine.masks import check_mask_files
 
@@ -147,6 +186,16 @@ SAMPLE = register(Stage(
     intact=samples_damaged,
     preflight=(check_model,),
     report_section="hmine.report:sample_section",
+))
+INVERT = register(Stage(  # reads nothing: only the model and the images of the images: section
+    name="invert",
+    summary="invert the images of the images: section (DDIM or edit-friendly) and store their per-step h",
+    run="hmine.stages.invert:run_invert_stage",
+    output="inversions.zarr",
+    settings=invert_settings,
+    extra_inputs=invert_extra_inputs,
+    intact=inversions_damaged,
+    preflight=(check_model, check_images),
 ))
 LABEL = register(Stage(
     name="label",
