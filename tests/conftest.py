@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random-weight models saved to disk and loaded back by path."""
+"""Shared fixtures: tiny random-weight models saved to disk and loaded back by path.
+
+No test may change what a module- or session-scoped fixture holds: the hooks of
+:mod:`shared_fixtures` fail a test at teardown that did.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ configure_environment()
 
 import pytest  # noqa: E402  (after the environment: Prefect and torch read it at import)
 import torch  # noqa: E402
+from shared_fixtures import pytest_fixture_setup, pytest_runtest_teardown  # noqa: E402, F401  (no test changes a shared fixture)
 
 torch.set_num_threads(1)
 

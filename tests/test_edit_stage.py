@@ -1,6 +1,7 @@
 """Direction and edit stages on a tiny model, with a simple deterministic labeller."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,14 @@ def run(tiny_pixel_model_dir, tmp_path_factory):
     run_directions_stage(config)
     run_edit_stage(config, labeller=labeller, show_progress=False)
     return config, labeller
+
+
+@pytest.fixture
+def own_run(run, tmp_path):
+    """A copy of the shared run in ``tmp_path`` with its own labeller, for a test that changes the run."""
+    base, _ = run
+    shutil.copytree(base.run_dir, tmp_path / "stores" / base.name)
+    return base.model_copy(update={"output_root": tmp_path / "stores"}), LeftBrightLabeller()
 
 
 def test_directions_store_has_every_method(run):
@@ -88,10 +97,10 @@ def test_rerun_skips_and_an_edit_change_keeps_the_directions(run):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
-def test_a_damaged_edit_chunk_is_detected_and_redone(run, damage):
+def test_a_damaged_edit_chunk_is_detected_and_redone(own_run, damage):
     from hmine.stages import damaged_count
 
-    config, labeller = run
+    config, labeller = own_run
     path = config.run_dir / "edits.zarr"
     reference = open_group(path)["images"][...]
     effects_before = pd.read_parquet(config.run_dir / "edit_effects.parquet")
@@ -110,10 +119,10 @@ def test_a_damaged_edit_chunk_is_detected_and_redone(run, damage):
     pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), effects_before)
 
 
-def test_the_flow_cache_key_of_a_damaged_edit_store_matches_nothing(run):
+def test_the_flow_cache_key_of_a_damaged_edit_store_matches_nothing(own_run):
     from flows.caching import stage_key
 
-    config, labeller = run
+    config, labeller = own_run
     parameters = ("edit", config)
     key = stage_key(*parameters)
     assert stage_key(*parameters) == key  # an intact store: a stable key, a cache hit
@@ -125,8 +134,8 @@ def test_the_flow_cache_key_of_a_damaged_edit_store_matches_nothing(run):
     assert stage_key(*parameters).startswith(f"hmine-edit-{input_identity(config, 'edit')}-")
 
 
-def test_a_changed_edit_config_recomputes_the_edits(run):
-    config, labeller = run
+def test_a_changed_edit_config_recomputes_the_edits(own_run):
+    config, labeller = own_run
     changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-2.0, 2.0]})})
     result = run_edit_stage(changed, labeller=labeller, show_progress=False)
     assert result.computed == 2
@@ -136,11 +145,11 @@ def test_a_changed_edit_config_recomputes_the_edits(run):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
-def test_a_damaged_directions_chunk_makes_the_stage_write_the_store_again(run, damage):
+def test_a_damaged_directions_chunk_makes_the_stage_write_the_store_again(own_run, damage):
     from hmine.pipeline import stage_status
     from hmine.stages import damaged_count
 
-    config, _ = run
+    config, _ = own_run
     path = directions_path(config)
     reference = xr.open_zarr(path, consolidated=False)["direction"].values
     assert damaged_count(config, "directions") == 0 and run_directions_stage(config).computed == 0
@@ -176,12 +185,12 @@ def test_a_reversed_edit_window_is_refused_by_the_config():
         load_config(None, ["edit.t_edit=600", "edit.t_edit_max=300"])
 
 
-def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(run):
+def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(own_run):
     from hmine.directions import direction_by_name, open_directions
     from hmine.editing import delta_for
     from hmine.stages.sample import make_sampler
 
-    config, labeller = run
+    config, labeller = own_run
     sampler = make_sampler(config, None)
     timesteps = sampler.timesteps.tolist()
     # the window [t_1, t_1] edits the middle step only
@@ -209,10 +218,10 @@ def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(
     assert open_group(config.run_dir / "edits.zarr").attrs["hmine:store_uuid"] == uuid
 
 
-def test_a_run_killed_between_the_edits_and_their_effects_table_measures_them_on_rerun(run, monkeypatch):
+def test_a_run_killed_between_the_edits_and_their_effects_table_measures_them_on_rerun(own_run, monkeypatch):
     import hmine.stages.edit as edit_stage
 
-    config, labeller = run
+    config, labeller = own_run
     changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-3.0, 3.0]})})
 
     def killed(*args, **kwargs):
@@ -249,12 +258,10 @@ def test_scale_zero_is_bit_identical_also_when_the_last_edit_batch_is_cut_short(
     np.testing.assert_array_equal(edits["images"].isel(direction=0).sel(scale=0.0).values, x0)
 
 
-def test_per_image_jacobian_directions_go_through_the_edit_stage(run, tmp_path):
+def test_per_image_jacobian_directions_go_through_the_edit_stage(own_run, tmp_path):
     """jacobian/<variant>/<k> (per step) and jacobian/<variant>/<k>@t<step> (global at t):
     each analysed sample is edited along its own vector; the others are not edited, and
     the effects are measured on the analysed samples only."""
-    import shutil
-
     import torch
 
     from hmine.directions import projection_std
@@ -263,12 +270,9 @@ def test_per_image_jacobian_directions_go_through_the_edit_stage(run, tmp_path):
     from hmine.stages.jacobian import run_jacobian_stage
     from hmine.stages.sample import make_sampler
 
-    base, labeller = run
-    root = tmp_path / "stores"
-    shutil.copytree(base.run_dir, root / "e")  # sample, label and direction stages done
+    base, labeller = own_run  # sample, label and direction stages done
     names = ["jacobian/masked/0", "jacobian/localised/1@t333", "probe/is_left_bright"]
     config = base.model_copy(update={
-        "output_root": root,
         "jacobian": base.jacobian.model_copy(update={"n_samples": 3, "k": 2, "steps": [333], "mask": "shape", "localised_rank": 4}),
         "edit": base.edit.model_copy(update={"directions": names}),
     })
@@ -326,16 +330,11 @@ def test_per_image_jacobian_directions_go_through_the_edit_stage(run, tmp_path):
      ("jacobian/sideways/0", "is not a Jacobian direction"), ("jacobian/masked/x", "is not a Jacobian direction"),
      ("jacobian/localised/0", "no localised directions")],
 )
-def test_bad_jacobian_direction_names_are_refused_with_the_fix(run, tmp_path, name, message):
-    import shutil
-
+def test_bad_jacobian_direction_names_are_refused_with_the_fix(own_run, name, message):
     from hmine.stages.jacobian import run_jacobian_stage
 
-    base, labeller = run
-    root = tmp_path / "stores"
-    shutil.copytree(base.run_dir, root / "e")
+    base, labeller = own_run
     config = base.model_copy(update={
-        "output_root": root,
         "jacobian": base.jacobian.model_copy(update={"n_samples": 2, "k": 2, "steps": [333]}),
         "edit": base.edit.model_copy(update={"directions": [name]}),
     })
@@ -346,17 +345,11 @@ def test_bad_jacobian_direction_names_are_refused_with_the_fix(run, tmp_path, na
     assert sorted(p.name for p in config.run_dir.iterdir()) == before
 
 
-def test_an_edit_store_from_before_the_edited_array_is_resumed_over_every_sample(run, tmp_path):
+def test_an_edit_store_from_before_the_edited_array_is_resumed_over_every_sample(own_run):
     """A store written before `edited` existed (same config hash) gets the array back on
     resume, meaning 'every sample has the direction': its effects stay measured over all."""
-    import shutil
-
-    base, labeller = run
-    root = tmp_path / "stores"
-    shutil.copytree(base.run_dir, root / "e")
-    config = base.model_copy(update={"output_root": root})
+    config, labeller = own_run
     path = config.run_dir / "edits.zarr"
-    run_edit_stage(config, labeller=labeller, show_progress=False)  # other tests edit with other scales
     reference = pd.read_parquet(config.run_dir / "edit_effects.parquet")
     shutil.rmtree(path / "edited")
     (config.run_dir / "edit_effects.parquet").unlink()  # e.g. killed before the table
