@@ -90,9 +90,11 @@ def _run_steps(
         t = sampler.timesteps[i]
         t_batch = t.expand(x.shape[0]).to(x.device)
         editing = deltas is not None and edit_steps[i]
+        # where eps_D has weight 0 (the last step), Asyrp's step is the symmetric one
+        asymmetric_here = asymmetric and sampler.direction_weight(int(t), sampler.etas[i]) != 0.0
         if not editing:
             eps = eps_original = sampler.eps(unet(x, t_batch).sample, t, x)
-        elif branch:
+        elif branch and asymmetric_here:
             with BranchedForward(unet, sampler.h_position) as branched:
                 branched.delta = deltas[:, i]
                 both = unet(x, t_batch).sample
@@ -100,11 +102,11 @@ def _run_steps(
             eps = sampler.eps(both[x.shape[0] :], t, x)
         else:
             with HSpaceHook(unet, sampler.h_position, record=False) as hook:
-                eps_original = sampler.eps(unet(x, t_batch).sample, t, x) if asymmetric else None
+                eps_original = sampler.eps(unet(x, t_batch).sample, t, x) if asymmetric_here else None
                 hook.delta = deltas[:, i]
                 eps = sampler.eps(unet(x, t_batch).sample, t, x)
         eps_P = eps
-        eps_D = eps_original if (asymmetric or not editing) else eps
+        eps_D = eps_original if (asymmetric_here or not editing) else eps
         x = sampler.step(eps_P, eps_D, int(t), x, sampler.etas[i], noise[i])
     return x
 

@@ -151,18 +151,32 @@ class Sampler:
         """d eps / d(U-Net output) at fixed x_t: 1, or sqrt(a_t) for a v-prediction model."""
         return 1.0 if self.prediction_type == "epsilon" else self._alphas(int(t))[0] ** 0.5
 
+    def _sigma(self, t: int, eta: float) -> float:
+        """sigma_t of eq. 12 (Song et al. 2021), eq. 16 for eta."""
+        a_t, a_prev = self._alphas(int(t))
+        return eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+
+    def direction_weight(self, t: int, eta: float) -> float:
+        """The weight of eps_D in the step, sqrt(1 - a_prev - sigma_t^2).
+
+        It is 0 at the last step when the final alpha is 1 (``set_alpha_to_one``): there
+        eps_D does not matter, and Asyrp's step needs no unedited eps.
+        """
+        _, a_prev = self._alphas(int(t))
+        return (1 - a_prev - self._sigma(t, eta) ** 2) ** 0.5
+
     def step(self, eps_P, eps_D, t: int, x_t, eta: float, z) -> torch.Tensor:
         """One DDIM update (module docstring); ``z`` is the stored noise of this step."""
         a_t, a_prev = self._alphas(int(t))
         # 1. sigma_t of eq. 12 (Song et al. 2021), eq. 16 for eta
-        sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        sigma = self._sigma(t, eta)
         # 2. predicted x0, "P_t" in Asyrp's notation; clipped like DDIMScheduler when the
         #    model's scheduler asks for it (google/ddpm-* do), the direction keeps raw eps
         pred_x0 = (x_t - (1 - a_t) ** 0.5 * eps_P) / a_t**0.5
         if self.clip_sample:
             pred_x0 = pred_x0.clamp(-self.clip_sample_range, self.clip_sample_range)
         # 3. direction pointing to x_t, "D_t"
-        direction = (1 - a_prev - sigma**2) ** 0.5 * eps_D
+        direction = self.direction_weight(t, eta) * eps_D
         x_prev = a_prev**0.5 * pred_x0 + direction
         if eta > 0:
             x_prev = x_prev + sigma * z
