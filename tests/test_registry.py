@@ -176,3 +176,17 @@ def test_no_import_cycle_between_modules_at_import_time():
 
     for module in graph:
         visit(module, [])
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    """Issue 17's size limits, for hmine/ and flows/ (tests are exempt)."""
+    too_long = []
+    for path in [*(ROOT / "hmine").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        text = path.read_text()
+        name = str(path.relative_to(ROOT))
+        if len(text.splitlines()) > 500:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                too_long.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == [], "split these by concern:\n" + "\n".join(too_long)
