@@ -1,0 +1,92 @@
+"""Edits of inverted images with a directions store (until the edit stage reads ``inversions.zarr``).
+
+:func:`inversion_from_store` rebuilds an :class:`~hmine.inversion.Inversion` from rows of
+``inversions.zarr``; :func:`edit_inverted` regenerates them with ``scale * scale_unit_t *
+u_t`` added to h (hmine's scale convention, :func:`hmine.editing.delta_for`), optionally
+with Asyrp's asymmetric step and the timestep window, exactly as the edit stage edits
+samples. Scale 0 gives the stored regenerated images back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hmine.inversion.regenerate import Inversion, regenerate_inverted_with_delta
+
+
+def inversion_from_store(ds, indices: Sequence[int] | slice | None = None) -> Inversion:
+    """The inversion of rows ``indices`` (all by default) of an opened ``inversions.zarr`` dataset."""
+    rows = slice(None) if indices is None else indices
+    part = ds.isel(sample=rows)
+
+    def tensor(name):
+        return torch.tensor(np.asarray(part[name].values, dtype=np.float32)) if name in part else None
+
+    return Inversion(
+        method=ds.attrs["hmine:method"],
+        x_T=tensor("x_T"),
+        z=tensor("z"),
+        etas=json.loads(ds.attrs["hmine:etas"]),
+        timesteps=torch.tensor(np.asarray(ds["step"].values, dtype=np.int64)),
+        residual=tensor("residual"),
+        images=tensor("x0"),
+    )
+
+
+def edit_inverted(
+    sampler,
+    inversion: Inversion,
+    directions,
+    name: str,
+    scales: Sequence[float] | np.ndarray,
+    *,
+    t_edit: int | None = None,
+    t_edit_max: int | None = None,
+    asymmetric: bool = False,
+) -> np.ndarray:
+    """Images (scale, batch, 3, H, W) of an inverted batch edited along direction ``name``.
+
+    Parameters
+    ----------
+    sampler : Sampler
+        Of the inversion's model and steps (:func:`hmine.stages.invert.make_inversion_sampler`).
+    inversion : Inversion
+    directions : xarray.Dataset
+        An opened ``directions.zarr`` (:func:`hmine.directions.open_directions`) of the same
+        model, h position and number of steps.
+    name : str
+        The direction's name, e.g. ``probe/is_red``.
+    scales : sequence of float, or ndarray of shape (scale, batch)
+        Scales in std units of the data along the direction; a 2-d array gives every image
+        its own scale (e.g. the sign that points to its far side).
+    t_edit, t_edit_max, asymmetric
+        As ``edit.t_edit``, ``edit.t_edit_max`` and ``edit.asymmetric``.
+    """
+    from hmine.directions import direction_by_name
+    from hmine.editing import delta_for
+
+    direction = direction_by_name(directions, name)
+    steps = np.asarray(direction["step"].values)
+    if not np.array_equal(steps, sampler.timesteps.numpy()):
+        raise ValueError(
+            f"direction {name!r} has steps {steps.tolist()}, the inversions {sampler.timesteps.tolist()}; "
+            "use directions fitted with the same sample.num_inference_steps"
+        )
+    unit = np.asarray(direction["direction"].values, dtype=np.float32)
+    scale_unit = np.asarray(direction["scale_unit"].values, dtype=np.float32)
+    batch = inversion.x_T.shape[0]
+    scales = np.asarray(scales, dtype=np.float64)
+    out = []
+    for row in scales if scales.ndim == 2 else scales[:, None].repeat(batch, axis=1):
+        if np.all(row == 0) and inversion.images is not None:
+            out.append(inversion.images.float().numpy())
+            continue
+        per_image = torch.stack([delta_for(unit, scale_unit, float(s)) for s in row])  # (batch, step, C, y, x)
+        out.append(regenerate_inverted_with_delta(
+            sampler, inversion, per_image, t_edit=t_edit, t_edit_max=t_edit_max, asymmetric=asymmetric
+        ))
+    return np.stack(out)
