@@ -162,6 +162,13 @@ class DirectionsConfig(_Frozen):
     )
     memory_budget_gb: float = Field(4.0, gt=0, description="above this PCA runs out of core with dask")
     random_state: int = 0
+    source: Literal["samples", "inversions"] = Field(
+        "samples",
+        description="fit on the sample stage's h and labels, or on inversions.zarr (real images, needs images:)",
+    )
+    inversion_labels: Literal["given", "labeller"] = Field(
+        "given", description="source inversions: the images' given labels (label file, world factors) or the labeller's scores"
+    )
 
 
 class EditConfig(_Frozen):
@@ -330,6 +337,12 @@ class RunConfig(_Frozen):
                 "letter, digit or '_' (at most 200 characters), e.g. celebahq-smiling"
             )
         return name
+
+    @model_validator(mode="after")
+    def _inversions_need_images(self):
+        if self.directions.source == "inversions" and self.images is None:
+            raise ValueError("directions.source is 'inversions' but there is no images: section to invert")
+        return self
 
     @model_validator(mode="after")
     def _reports_beside_the_stores(self):

@@ -280,3 +280,71 @@ def test_invert_stage_without_images_writes_nothing_and_is_a_cli_command(tiny_pi
     assert result.total == 0 and not result.path.exists()
     assert stage_names().index("invert") == stage_names().index("sample") + 1
     assert build_parser().parse_args(["invert", "c.yaml"]).command == "invert"
+
+
+def test_directions_fitted_on_inversions_with_given_labels(tiny_pixel_model_dir, tmp_path):
+    import numpy as np
+    import pandas as pd
+    import xarray as xr
+
+    from hmine.config import ConfigError, load_config
+    from hmine.directions import direction_by_name, fit_directions, open_directions
+    from hmine.stages import up_to_date
+    from hmine.stages.directions import run_directions_stage
+    from hmine.stages.invert import run_invert_stage
+
+    config = _stage_config(
+        tiny_pixel_model_dir, tmp_path, "directions.source=inversions", "label.attributes=[smiling]",
+        "directions.pca_components=2", "directions.top_k=2", "directions.probe_components=2",
+    )
+    with pytest.raises(FileNotFoundError, match="hmine invert"):
+        run_directions_stage(config)
+    run_invert_stage(config, show_progress=False)
+    path = run_directions_stage(config).path
+    assert up_to_date(config, "directions")
+    fitted = open_directions(path)
+    ds = xr.open_zarr(config.run_dir / "inversions.zarr", consolidated=False)
+    ids = [str(i) for i in ds["sample"].values]
+    labels = pd.DataFrame({"smiling": ds["labels"].values[:, 0].astype(float)}, index=ids)
+    expected = fit_directions(ds["h"].assign_coords(sample=ids), labels, pca_components=2, attributes=["smiling"],
+                              top_k=2, probe_components=2)
+    for name in ["mean_difference/smiling", "probe/smiling", "pca/0"]:
+        np.testing.assert_allclose(direction_by_name(fitted, name)["direction"].values,
+                                   direction_by_name(expected, name)["direction"].values, atol=1e-6)
+    # inverting other images makes the directions stale
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), "blue").save(config.images.folder / "more.png")
+    pd.concat([pd.read_csv(config.images.labels), pd.DataFrame({"file": ["more.png"], "smiling": [0]})]).to_csv(
+        config.images.labels, index=False)
+    run_invert_stage(config, show_progress=False)
+    assert not up_to_date(config, "directions")
+    # the sample-fitted hash is unchanged by the new fields, and inversions need images
+    plain = load_config(None, [])
+    assert "source" not in plain.stage_inputs("directions")["directions"]
+    with pytest.raises(ConfigError, match="images"):
+        load_config(None, ["directions.source=inversions"])
+
+
+def test_inverted_world_images_scored_by_the_labeller(tmp_path):
+    import numpy as np
+
+    from hmine.config import load_config
+    from hmine.labelling import make_labeller
+    from hmine.stages.directions import inversion_h_and_labels
+    from hmine.stages.invert import run_invert_stage
+
+    config = load_config(None, [
+        f"output_root={tmp_path}", "images.world.n=4", "directions.source=inversions",
+        "directions.inversion_labels=labeller",
+    ])
+    run_invert_stage(config, show_progress=False)
+    h, labels = inversion_h_and_labels(config)
+    assert list(labels.index) == list(h["sample"].values) == [f"world-s0-{i:06d}" for i in range(4)]
+    import xarray as xr
+
+    x0 = xr.open_zarr(config.run_dir / "inversions.zarr", consolidated=False)["x0"].values
+    np.testing.assert_allclose(labels.to_numpy(), make_labeller(config.label).score(x0).to_numpy())
+    given = load_config(None, [f"output_root={tmp_path}", "images.world.n=4", "directions.source=inversions"])
+    _, truth = inversion_h_and_labels(given)
+    assert set(truth.columns) <= set(labels.columns) and set(np.unique(truth.to_numpy())) <= {0.0, 1.0}

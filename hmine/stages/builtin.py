@@ -36,7 +36,15 @@ def label_settings(config: "RunConfig") -> dict:
 
 
 def directions_settings(config: "RunConfig") -> dict:
-    return {"directions": config.directions.model_dump(mode="json")}
+    # the source fields join the hash only when set, so stores fitted on samples stay valid
+    inversions = config.directions.source == "inversions"
+    return {"directions": config.directions.model_dump(
+        mode="json", exclude=None if inversions else {"source", "inversion_labels"}
+    )}
+
+
+def directions_optional_reads(config: "RunConfig") -> tuple[str, ...]:
+    return ("invert",) if config.directions.source == "inversions" else ()
 
 
 def jacobian_settings(config: "RunConfig") -> dict:
@@ -214,6 +222,7 @@ DIRECTIONS = register(Stage(
     output="directions.zarr",
     settings=directions_settings,
     reads=("sample", "label"),
+    optional_reads=directions_optional_reads,
     extra_inputs=directions_extra_inputs,
     intact=directions_damaged,
     preflight=(check_labeller,),

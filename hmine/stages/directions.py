@@ -52,11 +52,16 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     repaired = int(store_state(path) == "complete" and damaged_count(config, "directions") > 0)
     if repaired:
         logger.warning("directions stage: %s lost chunk files; writing it again", path)
-    labels = read_labels(config)
     attributes = list(config.label.attributes)
+    if config.directions.source == "inversions":
+        h, labels = inversion_h_and_labels(config)
+    else:
+        labels = read_labels(config)
+        h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
     missing = [a for a in attributes if a not in labels.columns]
     if missing:
-        raise ValueError(f"labels.parquet has no column {missing}; check label.attributes")
+        where = "labels.parquet" if config.directions.source == "samples" else "the inverted images' labels"
+        raise ValueError(f"{where} have no column {missing}; check label.attributes")
     conditional = config.directions.conditional
     for attribute, others in ({} if conditional == "all" else conditional).items():
         unknown = [a for a in [attribute, *others] if a not in attributes]
@@ -64,7 +69,6 @@ def run_directions_stage(config: RunConfig) -> StageResult:
             raise ValueError(
                 f"directions.conditional names {unknown}, which are not in label.attributes {attributes}"
             )
-    h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
     directions = fit_directions(
         h,
         labels,
@@ -91,3 +95,36 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     seconds = time.perf_counter() - started
     logger.info("directions stage: %d directions in %.1f s", directions.sizes["direction"], seconds)
     return StageResult(path, 1, 1, 0, repaired, seconds)
+
+
+def inversion_h_and_labels(config: RunConfig):
+    """h and labels of the inverted images (``directions.source: inversions``).
+
+    The labels are the images' given ones (``labels`` of ``inversions.zarr``: the label file's
+    columns, the world's true factors) or, with ``directions.inversion_labels: labeller``, the
+    labeller's scores of the regenerated images. Indexed by image id, like h's ``sample``.
+    """
+    import pandas as pd
+    import xarray as xr
+
+    from hmine.stages.invert import inversions_path
+    from hmine.stores import store_state
+
+    path = inversions_path(config)
+    if store_state(path) != "complete":
+        raise FileNotFoundError(f"{path} is not complete; run the invert stage (`hmine invert`) first")
+    ds = xr.open_zarr(path, consolidated=False)
+    ids = [str(i) for i in ds["sample"].values]
+    h = ds["h"].assign_coords(sample=ids)
+    if config.directions.inversion_labels == "labeller":
+        from hmine.labelling import make_labeller
+
+        labels = make_labeller(config.label).score(ds["x0"].values)
+        labels.index = pd.Index(ids, name="id")
+        return h, labels
+    if "labels" not in ds:
+        raise ValueError(
+            f"{path} holds no given labels (no images.labels file); set directions.inversion_labels: labeller"
+        )
+    names = [str(a) for a in ds["attribute"].values]
+    return h, pd.DataFrame(ds["labels"].values.astype("float64"), index=pd.Index(ids, name="id"), columns=names)
