@@ -348,3 +348,48 @@ def test_inverted_world_images_scored_by_the_labeller(tmp_path):
     given = load_config(None, [f"output_root={tmp_path}", "images.world.n=4", "directions.source=inversions"])
     _, truth = inversion_h_and_labels(given)
     assert set(truth.columns) <= set(labels.columns) and set(np.unique(truth.to_numpy())) <= {0.0, 1.0}
+
+
+def test_editing_a_runs_inversions_with_a_directions_store(tiny_pixel_model_dir, tmp_path):
+    import runpy
+    import sys
+
+    import numpy as np
+    import xarray as xr
+
+    from hmine.directions import direction_by_name, open_directions
+    from hmine.editing import delta_for
+    from hmine.inversion.edits import edit_run_inversions, inversion_from_store
+    from hmine.stages.directions import run_directions_stage
+    from hmine.stages.invert import make_inversion_sampler, run_invert_stage
+
+    config = _stage_config(
+        tiny_pixel_model_dir, tmp_path, "directions.source=inversions", "label.attributes=[smiling]",
+        "directions.pca_components=2", "directions.top_k=2", "directions.probe_components=2", "edit.asymmetric=true",
+    )
+    run_invert_stage(config, show_progress=False)
+    directions = run_directions_stage(config).path
+    images = edit_run_inversions(config, directions, "probe/smiling", [-3.0, 0.0, 3.0], n=3, strip=tmp_path / "s.png")
+    ds = xr.open_zarr(config.run_dir / "inversions.zarr", consolidated=False)
+    assert images.shape == (3, 3, 3, 16, 16) and (tmp_path / "s.png").exists()
+    np.testing.assert_array_equal(images[1], ds["x0"].values[:3])  # scale 0: the stored images
+    assert np.abs(images[2] - images[1]).max() > 1e-3
+    # the edit is regenerate_inverted with the scale convention's delta and the asymmetric step
+    chosen = direction_by_name(open_directions(directions), "probe/smiling")
+    delta = delta_for(chosen["direction"].values, chosen["scale_unit"].values, 3.0)
+    expected = regenerate_inverted(make_inversion_sampler(config), inversion_from_store(ds, slice(0, 3)),
+                                   delta_h=delta, asymmetric=True)
+    np.testing.assert_allclose(images[2], expected.images.numpy(), atol=1e-6)
+    # the script
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(__import__("json").dumps(config.model_dump(mode="json")))
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["edit_inverted.py", str(config_file), "--directions", str(directions), "--direction",
+                    "probe/smiling", "--n", "2", "--out", str(tmp_path / "script.png")]
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "scripts" / "edit_inverted.py"),
+                           run_name="__main__")
+        assert done.value.code == 0 and (tmp_path / "script.png").exists()
+    finally:
+        sys.argv = sys_argv

@@ -90,3 +90,41 @@ def edit_inverted(
             sampler, inversion, per_image, t_edit=t_edit, t_edit_max=t_edit_max, asymmetric=asymmetric
         ))
     return np.stack(out)
+
+
+def edit_run_inversions(
+    config,
+    directions_path,
+    name: str,
+    scales: Sequence[float],
+    *,
+    n: int = 6,
+    strip=None,
+    asymmetric: bool | None = None,
+) -> np.ndarray:
+    """Edit the first ``n`` images of a run's ``inversions.zarr`` along ``name`` of a directions store.
+
+    The edit settings (``t_edit``, ``t_edit_max`` and, unless given, ``asymmetric``) are the
+    run's ``edit:`` section. With ``strip`` a PNG is written: rows are images, columns scales.
+    Returns the images (scale, image, 3, H, W); scale 0 is the stored regenerated image.
+    """
+    import xarray as xr
+
+    from hmine.directions import open_directions
+    from hmine.editing import write_strip
+    from hmine.stages.invert import inversions_path, make_inversion_sampler
+    from hmine.stores import store_state
+
+    path = inversions_path(config)
+    if store_state(path) != "complete":
+        raise FileNotFoundError(f"{path} is not complete; run `hmine invert` with this config first")
+    ds = xr.open_zarr(path, consolidated=False)
+    inversion = inversion_from_store(ds, slice(0, n))
+    images = edit_inverted(
+        make_inversion_sampler(config), inversion, open_directions(directions_path), name, list(scales),
+        t_edit=config.edit.t_edit, t_edit_max=config.edit.t_edit_max,
+        asymmetric=config.edit.asymmetric if asymmetric is None else asymmetric,
+    )
+    if strip is not None:
+        write_strip(images.transpose(1, 0, 2, 3, 4), strip, upscale=2)
+    return images
