@@ -393,3 +393,17 @@ def test_editing_a_runs_inversions_with_a_directions_store(tiny_pixel_model_dir,
         assert done.value.code == 0 and (tmp_path / "script.png").exists()
     finally:
         sys.argv = sys_argv
+
+
+def test_status_lists_the_invert_stage_only_with_images(tiny_pixel_model_dir, tmp_path):
+    from hmine.config import load_config
+    from hmine.pipeline import stage_status
+    from hmine.stages.invert import run_invert_stage
+
+    plain = load_config(None, [f"model.id={tiny_pixel_model_dir}", f"output_root={tmp_path}", "name=plain"])
+    assert "invert" not in [s.stage for s in stage_status(plain.run_dir, plain)]
+    config = _stage_config(tiny_pixel_model_dir, tmp_path)
+    status = {s.stage: s.state for s in stage_status(config.run_dir, config)}
+    assert status["invert"] == "missing"
+    run_invert_stage(config, show_progress=False)
+    assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["invert"] == "complete"

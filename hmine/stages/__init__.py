@@ -70,6 +70,10 @@ class Stage:
         message naming the field and the fix. The same check listed by several stages runs once.
     report_section : str, optional
         ``"module:function"``, called as ``section(config, run_dir, img_dir) -> html``.
+    applies : callable, optional
+        ``applies(config) -> bool``: whether the config asks for this stage at all (the invert
+        stage needs an ``images:`` section); one that does not is left out of ``hmine status``
+        and its run function writes nothing. Always, by default.
     """
 
     name: str
@@ -84,6 +88,7 @@ class Stage:
     complete: Callable[["RunConfig"], bool] | None = None
     preflight: tuple[Callable[["RunConfig"], None], ...] = field(default_factory=tuple)
     report_section: str | None = None
+    applies: Callable[["RunConfig"], bool] | None = None
 
     def output_path(self, config: "RunConfig") -> Path:
         if self.output is None:
@@ -125,6 +130,12 @@ def stages() -> tuple[Stage, ...]:
 
 def stage_names() -> tuple[str, ...]:
     return tuple(stage.name for stage in stages())
+
+
+def stage_applies(config: "RunConfig", name: str) -> bool:
+    """Whether ``config`` asks for stage ``name`` (its ``applies`` hook; True without one)."""
+    stage = get(name)
+    return stage.applies is None or bool(stage.applies(config))
 
 
 def get(name: str) -> Stage:
@@ -222,10 +233,14 @@ def _identity(config: "RunConfig", name: str, reads: dict) -> str:
 
 def identity_record(config: "RunConfig", name: str) -> dict:
     """What a stage records in its output's attributes (or table metadata): its input
-    identity, and the identities of the outputs it read, so that ``hmine status`` can name
-    the input that changed."""
+    identity, the identities of the outputs it read, so that ``hmine status`` can name
+    the input that changed, and the software that wrote it
+    (:func:`hmine.runtime.software_record`)."""
+    from hmine.runtime import software_record
+
     reads = _read_identities(config, name)
-    return {INPUT_IDENTITY: _identity(config, name, reads), INPUT_READS: json.dumps(reads, sort_keys=True)}
+    return {INPUT_IDENTITY: _identity(config, name, reads), INPUT_READS: json.dumps(reads, sort_keys=True),
+            **software_record()}
 
 
 def changed_reads(config: "RunConfig", name: str) -> list[str]:

@@ -48,7 +48,8 @@ def directions_optional_reads(config: "RunConfig") -> tuple[str, ...]:
 
 
 def jacobian_settings(config: "RunConfig") -> dict:
-    return {"jacobian": config.jacobian.model_dump(mode="json")}
+    # batch_size changes only how many pairs share a U-Net call (hmine.jacobian.batched)
+    return {"jacobian": config.jacobian.model_dump(mode="json", exclude={"batch_size"})}
 
 
 def invert_settings(config: "RunConfig") -> dict:
@@ -204,6 +205,7 @@ INVERT = register(Stage(  # reads nothing: only the model and the images of the 
     extra_inputs=invert_extra_inputs,
     intact=inversions_damaged,
     preflight=(check_model, check_images),
+    applies=lambda config: getattr(config, "images", None) is not None,
 ))
 LABEL = register(Stage(
     name="label",
