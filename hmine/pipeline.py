@@ -48,7 +48,12 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
         config = RunConfig.model_construct(name=run_dir.name, output_root=run_dir.parent)
     elif config.run_dir.resolve() != run_dir.resolve():
         config = config.model_copy(update={"name": run_dir.name, "output_root": run_dir.parent})
-    return [_status(config, stage.name, known) for stage in stages() if stage.output is not None]
+    from hmine.stages import stage_applies
+
+    return [
+        _status(config, stage.name, known) for stage in stages()
+        if stage.output is not None and stage_applies(config, stage.name)
+    ]
 
 
 def _status(config: RunConfig, name: str, known: bool) -> StageStatus:
