@@ -20,9 +20,16 @@ from contextlib import contextmanager
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import stage_cache_key
+from flows.caching import record_stage, results_dir, stage_cache_key
 from hmine.config import RunConfig
-from hmine.pipeline import check_stage_names, log_stage, run_stage, summarise
+from hmine.pipeline import (
+    check_stage_names,
+    log_stage,
+    run_hash,
+    run_stage,
+    run_summary_markdown,
+    summarise,
+)
 from hmine.runtime import hmine_home
 from hmine.stages import get
 
@@ -47,11 +54,18 @@ def _chain(error: BaseException):
 
 @functools.cache
 def stage_task(name: str):
-    """The Prefect task of a registered stage (made once per stage and process)."""
+    """The Prefect task of a registered stage (made once per stage and process).
+
+    Its result storage is set per run (:func:`_stage_task_for`): the run directory's
+    ``.prefect-results``.
+    """
     stage = get(name)
 
     def run(config: RunConfig) -> dict:
-        return run_stage(name, config)
+        summary = run_stage(name, config)
+        if stage.output is not None:
+            record_stage(name, config, summary)  # the key of the output just made: see flows.caching
+        return summary
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = stage.summary
@@ -62,11 +76,17 @@ def stage_task(name: str):
         task_run_name=name,
         cache_key_fn=stage_cache_key,
         persist_result=True,
-        result_storage=hmine_home() / "prefect-results",
         retries=2,
         retry_delay_seconds=10,
         retry_condition_fn=_is_network_error,
     )(run)
+
+
+def _stage_task_for(name: str, config: RunConfig):
+    """The stage's task with its cache records in ``config``'s run directory."""
+    if get(name).output is None:
+        return stage_task(name)
+    return stage_task(name).with_options(result_storage=results_dir(config))
 
 
 # The store's done-marks are the truth about which batches exist (stack-notes section 3,
@@ -174,9 +194,38 @@ def _run(stage: str, config: RunConfig) -> dict:
     if stage == "sample" and config.runner.kind == "dask":
         # no stage-level cache here: an intact complete store costs one chunk check
         on_dask = sample_dask_flow.with_options(task_runner=dask_task_runner(config))
-        return {**on_dask(config.model_dump_json()), "cache_hit": False}
-    state = stage_task(stage)(config, return_state=True)
+        result = on_dask(config.model_dump_json())
+        return {**result, "cache_hit": result["computed"] == 0 and result["repaired"] == 0}
+    state = _stage_task_for(stage, config)(config, return_state=True)
     return {**state.result(), "cache_hit": state.name == "Cached"}
+
+
+def _run_in_order(config: RunConfig, stages) -> dict:
+    """Every stage as its task, in order; each one's time and cache use in run_log.jsonl."""
+    results = {}
+    for stage in check_stage_names(stages):
+        started = time.perf_counter()
+        results[stage] = _run(stage, config)
+        log_stage(config, stage, results[stage], time.perf_counter() - started)
+    return results
+
+
+def _publish_summary(config: RunConfig, results: dict) -> None:
+    """The run's markdown artifact: what each stage did, counts, the report, the matrix."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=run_summary_markdown(config, results),
+        key=artifact_key(config),
+        description=f"hmine run {config.name} (config {run_hash(config)})",
+    )
+
+
+def artifact_key(config: RunConfig) -> str:
+    """The run's artifact key: Prefect allows lowercase letters, digits and dashes."""
+    import re
+
+    return "hmine-" + (re.sub(r"[^a-z0-9-]+", "-", config.name.lower()).strip("-") or "run")
 
 
 @flow(name="hmine-sample")
@@ -187,10 +236,17 @@ def sample_flow(config: RunConfig) -> dict:
 
 @flow(name="hmine-pipeline")
 def pipeline_flow(config: RunConfig, stages: list[str]) -> dict:
-    """Run the given stages in order, each as its cached task, logging each one's time."""
-    results = {}
-    for stage in check_stage_names(stages):
-        started = time.perf_counter()
-        results[stage] = _run(stage, config)
-        log_stage(config, stage, results[stage], time.perf_counter() - started)
+    """Run the given stages in order, each as its cached task, then publish the run's summary."""
+    results = _run_in_order(config, stages)
+    _publish_summary(config, results)
     return results
+
+
+def run_pipeline(config: RunConfig, stages) -> dict:
+    """One ``hmine run``: one flow run named after the run and tagged with its config hash
+    (``hmine``, ``config:<hash>``), holding one named task run per stage."""
+    from prefect import tags
+
+    with tags("hmine", f"config:{run_hash(config)}"):
+        run_name = config.name.replace("{", "{{").replace("}", "}}")  # a template to Prefect
+        return pipeline_flow.with_options(flow_run_name=run_name)(config, list(stages))

@@ -107,11 +107,9 @@ def _run_stages(args, stages) -> int:
             if args.no_prefect:
                 results = run_stages(config, stages)
             else:
-                from flows.stages import (
-                    pipeline_flow,  # the library never imports flows
-                )
+                from flows.stages import run_pipeline  # the library never imports flows
 
-                results = pipeline_flow(config, list(stages))
+                results = run_pipeline(config, stages)
     except BaseException:
         if created is not None:
             _remove_if_untouched(config.run_dir, created)

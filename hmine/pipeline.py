@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hmine.config import RunConfig
+from hmine.config import RunConfig, config_hash
 from hmine.stores import CONFIG_HASH, STAGE_HASH, open_group, store_state
 
 
@@ -48,12 +48,7 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
         config = RunConfig.model_construct(name=run_dir.name, output_root=run_dir.parent)
     elif config.run_dir.resolve() != run_dir.resolve():
         config = config.model_copy(update={"name": run_dir.name, "output_root": run_dir.parent})
-    from hmine.stages import stage_applies
-
-    return [
-        _status(config, stage.name, known) for stage in stages()
-        if stage.output is not None and stage_applies(config, stage.name)
-    ]
+    return [_status(config, stage.name, known) for stage in stages() if stage.output is not None]
 
 
 def _status(config: RunConfig, name: str, known: bool) -> StageStatus:
@@ -225,15 +220,90 @@ def read_log_records(path: Path) -> list[dict]:
 
 
 def log_stage(config: RunConfig, stage: str, summary: dict, seconds: float) -> None:
-    """Append one stage's time and cache use to the run's ``run_log.jsonl``."""
+    """Append one stage's time and cache use to the run's ``run_log.jsonl`` and log it.
+
+    ``cache_hit`` is the summary's own (Prefect's "Cached" state, or without Prefect: the
+    stage found its output up to date and computed nothing), so the command line, the
+    run log and Prefect agree.
+    """
     record = {
         "stage": stage,
         "seconds": round(seconds, 2),
         "computed": summary.get("computed", 0),
         "skipped": summary.get("skipped", 0),
-        "cache_hit": bool(summary.get("cache_hit", False)) or summary.get("computed", 1) == 0,
+        "cache_hit": bool(summary.get("cache_hit", False)),
     }
     append_log_record(config.run_dir / RUN_LOG, record)
+    logging.getLogger("hmine.pipeline").info(
+        "%s: %s in %.1f s (%d computed, %d skipped)", stage,
+        "cached" if record["cache_hit"] else "ran", seconds, record["computed"], record["skipped"],
+    )
+
+
+def run_hash(config: RunConfig) -> str:
+    """One hash of a run's whole config: the config hashes of all its stages (Prefect's tag)."""
+    from hmine.stages import stage_names
+
+    return config_hash({stage: config.stage_hash(stage) for stage in stage_names()})
+
+
+def run_summary_markdown(config: RunConfig, results: dict) -> str:
+    """A short markdown summary of one run: per stage what it did, the outputs' sizes, the
+    report's path and, when the edit stage measured it, the attribute-change matrix."""
+    lines = [f"# hmine run `{config.name}`", "", f"Config hash `{run_hash(config)}`, run directory "
+             f"`{config.run_dir.resolve()}`.", "", "| stage | computed | skipped | cached | seconds |",
+             "|---|---:|---:|---|---:|"]
+    for stage, result in results.items():
+        lines.append(f"| {stage} | {result.get('computed', 0)} | {result.get('skipped', 0)} | "
+                     f"{'yes' if result.get('cache_hit') else 'no'} | {result.get('seconds', 0)} |")
+    counts = _output_counts(config)
+    if counts:
+        lines += ["", "Outputs: " + ", ".join(f"{value} {what}" for what, value in counts.items()) + "."]
+    report = config.report_root / config.name / "index.html"
+    if "report" in results and report.exists():
+        lines += ["", f"Report: `{report.resolve()}`"]
+    effects = config.run_dir / "edit_effects.parquet"
+    if effects.exists():
+        lines += ["", *_matrix_markdown(config, effects)]
+    return "\n".join(lines) + "\n"
+
+
+def _output_counts(config: RunConfig) -> dict:
+    """Sizes of the outputs present: samples, labelled samples, directions, edited directions."""
+    from hmine.stores import store_state, table_meta
+
+    counts = {}
+    for what, store, array in (("samples", "samples.zarr", "x0"), ("directions", "directions.zarr", "direction"),
+                               ("edited directions", "edits.zarr", "images")):
+        path = config.run_dir / store
+        if store_state(path) == "complete":
+            group = open_group(path)
+            if array in group:
+                counts[what] = group[array].shape[0]
+    labels = config.run_dir / "labels.parquet"
+    if table_meta(labels) is not None:
+        import pyarrow.parquet as pq
+
+        counts["labelled samples"] = pq.ParquetFile(labels).metadata.num_rows
+    return counts
+
+
+def _matrix_markdown(config: RunConfig, effects_path: Path) -> list[str]:
+    import pandas as pd
+
+    from hmine.report import attribute_change_matrix, reported_attributes
+
+    effects = pd.read_parquet(effects_path)
+    if not (effects["scale"] > 0).any():
+        return []
+    scale = float(effects.loc[effects["scale"] > 0, "scale"].max())
+    matrix = attribute_change_matrix(effects, reported_attributes(config), scale)
+    if not len(matrix):
+        return []
+    rows = [f"Attribute change at scale {scale:g} (mean change of each attribute's score):", "",
+            "| direction | " + " | ".join(matrix.columns) + " |", "|---|" + "---:|" * matrix.shape[1]]
+    rows += [f"| {direction} | " + " | ".join(f"{v:+.2f}" for v in row) + " |" for direction, row in matrix.iterrows()]
+    return rows
 
 
 def check_stage_names(stages) -> tuple[str, ...]:
@@ -257,6 +327,7 @@ def run_stages(config: RunConfig, stages: tuple[str, ...] | None = None) -> dict
     results = {}
     for stage in check_stage_names(stage_names() if stages is None else stages):
         started = time.perf_counter()
-        results[stage] = run_stage(stage, config)
+        result = run_stage(stage, config)
+        results[stage] = {**result, "cache_hit": result["computed"] == 0 and result["repaired"] == 0}
         log_stage(config, stage, results[stage], time.perf_counter() - started)
     return results

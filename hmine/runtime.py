@@ -45,7 +45,18 @@ def hmine_home() -> Path:
 
 
 def configure_environment() -> None:
-    """Set quiet Prefect defaults and thread settings; the user's own variables win."""
+    """Set quiet Prefect defaults and thread settings; the user's own variables win.
+
+    With ``PREFECT_API_URL`` set (a server of the user's), the ``hmine`` loggers' records
+    from inside a flow run are sent to it (``PREFECT_LOGGING_EXTRA_LOGGERS=hmine``);
+    hmine's own temporary server gets none.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        # the user's own server (a scheduled deployment's too): hmine's logs go there, like
+        # Prefect's; records outside a flow run (the command line's own) stay local
+        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "hmine")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+        os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "true")
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # only the setting: the folder is made by ensure_prefect_home when Prefect is about to

@@ -17,6 +17,9 @@ os.environ["HMINE_HOME"] = tempfile.mkdtemp(prefix="hmine-test-home-")
 from hmine.runtime import configure_environment  # noqa: E402
 
 configure_environment()
+# The session's one Prefect server records task runs as a user's server does (hmine's own
+# temporary server leaves that service off: nobody reads it), so tests can read them back.
+os.environ["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED"] = "true"
 
 import pytest  # noqa: E402  (after the environment: Prefect and torch read it at import)
 import torch  # noqa: E402
@@ -157,3 +160,19 @@ def tiny_clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """The API URL of the test session's one Prefect server, started on first use.
+
+    Prefect keeps one temporary server per process (``SubprocessASGIServer`` is a
+    singleton): in-process flows of the session use the same one, and ``hmine``
+    processes reach it through ``PREFECT_API_URL``, as a user's own server.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if not server.running:
+        server.start(timeout=120)
+    return server.api_url

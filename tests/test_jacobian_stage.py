@@ -164,11 +164,12 @@ def test_the_flow_cache_key_follows_the_mask_files_and_the_samples_store(tiny_pi
     assert run_jacobian_stage(config, show_progress=False).computed == 2
     key = stage_key(*parameters)
     # a samples store written again (a new uuid) is another input for every stage reading it
-    label = ("label", config)
-    label_key = stage_key(*label)
+    from hmine.stages import input_identity
+
+    label_identity = input_identity(config, "label")  # the label stage has not run: no key yet
     group = open_group(config.run_dir / "samples.zarr", mode="r+")
     group.attrs["hmine:store_uuid"] = "another-samples-store"
-    assert stage_key(*parameters) != key and stage_key(*label) != label_key
+    assert stage_key(*parameters) != key and input_identity(config, "label") != label_identity
 
 
 def test_jacobian_edits_use_the_scale_convention_of_every_direction(tiny_pixel_model_dir, tmp_path, monkeypatch):
