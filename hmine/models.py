@@ -389,3 +389,67 @@ def _hub_has(model_id: str, filename: str, revision: str | None) -> bool:
         return True
     except Exception:
         return False
+
+
+# --------------------------------------------------------------------------------------
+# Provenance: which exact weights, on which device
+# --------------------------------------------------------------------------------------
+
+_COMMIT = "0123456789abcdef"
+
+
+def is_commit_hash(revision: str | None) -> bool:
+    """A full 40-hex-digit git commit hash (what a hub revision resolves to)."""
+    return revision is not None and len(revision) == 40 and all(c in _COMMIT for c in revision)
+
+
+def is_hub_id(model_id: str) -> bool:
+    """``owner/name`` that is neither the embedded model nor an existing local folder."""
+    return model_id != EMBEDDED_MODEL_ID and not Path(model_id).exists() and model_id.count("/") == 1
+
+
+def resolve_hub_revision(model_id: str, revision: str | None = None) -> str:
+    """The commit hash a hub model's revision (branch, tag; default ``main``) points to now.
+
+    Asks the hub unless ``HF_HUB_OFFLINE`` is set, then falls back to the local cache's
+    ``refs/<revision>`` (written when the model was downloaded). A commit hash is returned
+    as it is.
+
+    Raises
+    ------
+    FileNotFoundError
+        One line naming the model, the revision and the fix, when neither knows it.
+    """
+    import os
+
+    wanted = revision or "main"
+    if is_commit_hash(wanted):
+        return wanted
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    reason = "the hub is switched off (HF_HUB_OFFLINE=1)"
+    if not offline:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(model_id, revision=wanted).sha
+        except Exception as error:  # huggingface_hub's errors have no common base
+            reason = f"{type(error).__name__}: {_one_line(error)[:200]}"
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / wanted
+    if ref.is_file() and is_commit_hash(ref.read_text().strip()):
+        return ref.read_text().strip()
+    raise FileNotFoundError(
+        f"model {model_id!r} (revision {wanted}) cannot be resolved to a commit: {reason} and the local cache "
+        f"has no {ref}; run once with a network, or set the revision to a commit hash"
+    )
+
+
+def device_identity(device: str) -> str:
+    """What a device computes as: ``cpu``, or the accelerator's type and model name
+    (``cuda:NVIDIA H200``); two devices with one identity give the same bits."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.is_available():
+        index = torch.device(device).index
+        return f"cuda:{torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())}"
+    return kind

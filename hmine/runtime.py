@@ -79,6 +79,41 @@ def ensure_prefect_home() -> Path:
     return home
 
 
+@functools.cache
+def software_record() -> dict:
+    """What every store records about the software that wrote it (once per process).
+
+    ``hmine:versions``: JSON of the versions of hmine, torch, diffusers, transformers,
+    the CUDA runtime torch was built with (``none`` for a CPU build) and Python;
+    ``hmine:source_dirty``: whether hmine's source tree had uncommitted changes
+    (``"unknown"`` outside a git checkout).
+    """
+    import json
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    versions = {p: version(p) for p in ("hmine", "torch", "diffusers", "transformers")}
+    versions["cuda"] = torch.version.cuda or "none"
+    versions["python"] = platform.python_version()
+    source = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                             capture_output=True, text=True, timeout=10)
+        dirty = bool(out.stdout.strip()) if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        dirty = "unknown"
+    return {"hmine:versions": json.dumps(versions, sort_keys=True), "hmine:source_dirty": dirty}
+
+
 class Interrupted(BaseException):
     """The run was stopped by SIGINT or SIGTERM; its stores keep every batch written.
 

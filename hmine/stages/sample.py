@@ -211,12 +211,46 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
         model = sampler.model
         shape_of_h = find_h_shape(model.unet, config.model.h_position)
         arrays, attrs, coords = _store_template(config, shape_of_h, _image_shape(model), sampler.timesteps.numpy())
+        attrs.update(_compute_record(config, next(model.unet.parameters()).dtype))
     group = prepare_store(path, arrays, attrs, coords)
     repaired = sorted(set(repaired) | set(verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)))
     if repaired:
         logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
     todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
+    if todo and not arrays:
+        check_same_device(config, group.attrs, path)
     return SamplePlan(path, b, n_batches, todo, repaired, started, model)
+
+
+def _compute_record(config: RunConfig, dtype) -> dict:
+    """Where and in which precision the store's batches are computed (``hmine:device``,
+    ``hmine:dtype``) and the software that computes them."""
+    from hmine.models import device_identity
+    from hmine.runtime import software_record
+
+    return {"hmine:device": device_identity(config.model.device), "hmine:dtype": str(dtype).removeprefix("torch."),
+            **software_record()}
+
+
+def check_same_device(config: RunConfig, attrs, path: Path) -> None:
+    """Refuse to add batches to a store begun on another device or in another precision.
+
+    ``model.device`` is in no config hash (a run may move to a GPU between runs), but CPU
+    and GPU kernels round differently: batches from both would mix two numerics in one
+    store. A store that records no device (written before hmine recorded it) is resumed.
+    """
+    from hmine.models import device_identity
+    from hmine.stores import StoreConfigMismatch
+
+    recorded, dtype = attrs.get("hmine:device"), attrs.get("hmine:dtype")
+    current = device_identity(config.model.device)
+    if recorded is not None and recorded != current:
+        raise StoreConfigMismatch(
+            f"{path} was begun on {recorded}, not {current} (model.device={config.model.device}): "
+            f"its batches would mix two devices' numerics; resume it on {recorded}, or use another run name"
+        )
+    if dtype is not None and dtype != "float32":
+        raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
 
 
 def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False) -> list[int]:
