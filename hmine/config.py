@@ -42,6 +42,11 @@ class ModelConfig(_Frozen):
     revision: str | None = None
     h_position: Literal["before", "middle", "after"] = "after"
     device: str = "cpu"
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the U-Net's compute precision when sampling and editing: below float32 its calls run "
+        "under torch.autocast (bfloat16/float16 on a GPU; docs/precision.md has the difference it makes)",
+    )
 
 
 class SampleConfig(_Frozen):

@@ -33,15 +33,17 @@ class WorldLabeller:
     path : Path, optional
         Classifier folder (``config.json`` + ``model.safetensors``); the embedded one by default.
     batch_size : int, default=256
+    device : str, default="cpu"
+        Where the classifier runs (the images are moved there batch by batch).
     """
 
     name = "world"
 
-    def __init__(self, path: Path | None = None, *, batch_size: int = 256):
+    def __init__(self, path: Path | None = None, *, batch_size: int = 256, device: str = "cpu"):
         from hmine.world.classifier import load_classifier
 
         self.path = Path(path) if path is not None else embedded_classifier_path()
-        self.model = load_classifier(self.path)
+        self.model = load_classifier(self.path).to(device)
         self.batch_size = batch_size
         probe = self.score(np.zeros((1, 3, 32, 32), dtype=np.float32))
         self.attributes = tuple(probe.columns)
@@ -60,10 +62,10 @@ class WorldLabeller:
         return table.astype(np.float64)
 
 
-def make_labeller(config):
-    """The labeller a :class:`hmine.config.LabelConfig` asks for."""
+def make_labeller(config, device: str = "cpu"):
+    """The labeller a :class:`hmine.config.LabelConfig` asks for, on ``device`` (stages pass the model's)."""
     if config.labeller == "world":
-        return WorldLabeller(config.classifier_path, batch_size=config.batch_size)
+        return WorldLabeller(config.classifier_path, batch_size=config.batch_size, device=device)
     from hmine.clip import ClipLabeller
 
     return ClipLabeller(
@@ -71,6 +73,7 @@ def make_labeller(config):
         model_id=config.clip_model_id,
         revision=config.clip_revision,
         batch_size=config.batch_size,
+        device=device,
     )
 
 

@@ -93,18 +93,18 @@ def _run_steps(
         # where eps_D has weight 0 (the last step), Asyrp's step is the symmetric one
         asymmetric_here = asymmetric and sampler.direction_weight(int(t), sampler.etas[i]) != 0.0
         if not editing:
-            eps = eps_original = sampler.eps(unet(x, t_batch).sample, t, x)
+            eps = eps_original = sampler.eps(sampler.unet_output(x, t_batch), t, x)
         elif branch and asymmetric_here:
             with BranchedForward(unet, sampler.h_position) as branched:
                 branched.delta = deltas[:, i]
-                both = unet(x, t_batch).sample
+                both = sampler.unet_output(x, t_batch)
             eps_original = sampler.eps(both[: x.shape[0]], t, x)
             eps = sampler.eps(both[x.shape[0] :], t, x)
         else:
             with HSpaceHook(unet, sampler.h_position, record=False) as hook:
-                eps_original = sampler.eps(unet(x, t_batch).sample, t, x) if asymmetric_here else None
+                eps_original = sampler.eps(sampler.unet_output(x, t_batch), t, x) if asymmetric_here else None
                 hook.delta = deltas[:, i]
-                eps = sampler.eps(unet(x, t_batch).sample, t, x)
+                eps = sampler.eps(sampler.unet_output(x, t_batch), t, x)
         eps_P = eps
         eps_D = eps_original if (asymmetric_here or not editing) else eps
         x = sampler.step(eps_P, eps_D, int(t), x, sampler.etas[i], noise[i])

@@ -37,6 +37,9 @@ from hmine.hooks import HPosition, HSpaceHook
 from hmine.models import DiffusionModel
 from hmine.threads import MODEL_THREADS, model_threads
 
+#: U-Net compute precisions (:meth:`Sampler.unet_output`).
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class SampleOutput:
@@ -93,6 +96,10 @@ class Sampler:
     h_position : {"before", "middle", "after"}, default="after"
     torch_threads : int, default=hmine.threads.MODEL_THREADS
         torch intra-op threads of every model call (fixed: the results depend on it).
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        The U-Net's compute precision: below float32, every U-Net call runs under
+        ``torch.autocast`` (weights, x_t and the DDIM arithmetic stay float32; h is
+        recorded as computed).
     """
 
     def __init__(
@@ -103,8 +110,13 @@ class Sampler:
         eta: float | Sequence[float] = 0.0,
         h_position: HPosition = "after",
         torch_threads: int = MODEL_THREADS,
+        precision: str = "float32",
     ):
         from diffusers import DDIMScheduler
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}; set model.precision")
+        self.precision = precision
 
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -127,6 +139,15 @@ class Sampler:
         self.clip_sample_range = float(self.scheduler.config.get("clip_sample_range", 1.0))
         if self.scheduler.config.get("thresholding", False):
             raise ValueError("dynamic thresholding is not supported; set thresholding=False in the scheduler config")
+
+    def unet_output(self, x: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+        """The U-Net's output at x_t, computed at the sampler's ``precision``, in x's dtype."""
+        unet = self.model.unet
+        if self.precision == "float32":
+            return unet(x, t_batch).sample
+        with torch.autocast(device_type=x.device.type, dtype=getattr(torch, self.precision)):
+            out = unet(x, t_batch).sample
+        return out.to(x.dtype)
 
     def _alphas(self, t: int) -> tuple[float, float]:
         sched = self.scheduler
@@ -256,12 +277,12 @@ class Sampler:
                 hook.delta = None
                 eps = eps_original = None
                 if not editing or asymmetric:
-                    eps_original = self.eps(unet(x, t_batch).sample, t, x)
+                    eps_original = self.eps(self.unet_output(x, t_batch), t, x)
                     if record_h:
                         hs.append(hook.recorded.pop())
                 if editing:
                     hook.delta = delta_h[i] if delta_h.ndim == 4 else delta_h[:, i]
-                    eps = self.eps(unet(x, t_batch).sample, t, x)
+                    eps = self.eps(self.unet_output(x, t_batch), t, x)
                     hook.delta = None
                     if record_h:
                         h_edit = hook.recorded.pop()

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 def sample_settings(config: "RunConfig") -> dict:
     from hmine.config import model_identity
 
-    model = config.model.model_dump(mode="json", exclude={"device"})  # where it runs is not what it gives
+    # where it runs is not what it gives; the precision joins the hash only below float32,
+    # so runs from before the setting keep their hash
+    exclude = {"device"} | ({"precision"} if config.model.precision == "float32" else set())
+    model = config.model.model_dump(mode="json", exclude=exclude)
     model["weights"] = model_identity(config.model.id, config.model.revision)
     return {"model": model, "sample": config.sample.model_dump(mode="json")}
 

@@ -168,7 +168,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     threshold = config.directions.threshold
     labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
     thresholds = decision_thresholds(labels, config.label.attributes, threshold)
-    effects = measure_effects(group, names, scales, labeller or make_labeller(config.label), thresholds)
+    effects = measure_effects(group, names, scales, labeller or make_labeller(config.label, config.model.device), thresholds)
     meta = {CONFIG_HASH: group.attrs[CONFIG_HASH], "hmine:edits_uuid": group.attrs[STORE_UUID]}
     write_table(effects, config.run_dir / EFFECTS_TABLE, meta)
     seconds = time.perf_counter() - started

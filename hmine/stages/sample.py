@@ -88,6 +88,7 @@ def make_sampler(config: RunConfig, model=None):
         eta=config.sample.eta,
         h_position=config.model.h_position,
         torch_threads=config.sample.torch_threads,
+        precision=config.model.precision,
     )
 
 
