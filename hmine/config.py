@@ -236,6 +236,14 @@ class JacobianConfig(_Frozen):
         description="the diagnostic edits apply the first analysed step's direction at every step "
         "('global at t') or only at that step",
     )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=MAX_BATCH,
+        description="(sample, step) pairs whose Jacobian products share one U-Net call (k columns each, "
+        "localised_rank for the localised search): bounds memory; not in the stage hash, the results "
+        "agree with one at a time to rounding",
+    )
 
     @field_validator("edit_scales")
     @classmethod

@@ -9,10 +9,13 @@ from hmine.jacobian import (
     JacobianResult,
     _random_orthonormal,
     eps_of_h,
+    eps_of_h_rows,
     exact_jacobian_svd,
     h_at,
     jacobian_subspace,
+    jacobian_subspaces,
     localised_directions,
+    localised_directions_batch,
     principal_angles_degrees,
     sequential_power_iteration,
     use_math_attention,
@@ -328,3 +331,125 @@ def test_an_invariant_krylov_space_stops_the_iteration_with_dependent_columns_dr
     assert result.n_jvp == result.n_vjp == 3 + 3 + 2
     assert (result.residuals < 1e-10).all()
     torch.testing.assert_close(result.singular_values, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+
+
+# -- several images at once (hmine.jacobian.batched) -------------------------------------
+
+
+def _rows_problem(unet, n=3, timesteps=(500, 300, 800), masked=True):
+    """n images (x_t from seeded noise) at their own timesteps, each with its own mask."""
+    generator = torch.Generator().manual_seed(2)
+    dtype = next(unet.parameters()).dtype
+    x_t = torch.randn(n, 3, SIZE, SIZE, generator=generator, dtype=dtype)
+    masks = None
+    if masked:
+        masks = torch.zeros(n, 1, SIZE, SIZE, dtype=dtype)
+        for r in range(n):  # a different region per image: left half, top half, a corner
+            masks[r, :, : SIZE // 2 if r % 3 == 1 else SIZE, : SIZE // 2 if r % 3 != 1 else SIZE] = 1.0
+            if r % 3 == 2:
+                masks[r, :, SIZE // 2 :] = 0.0
+    h0 = torch.stack([h_at(unet, x_t[r : r + 1], timesteps[r]) for r in range(n)])
+    singles = [eps_of_h(unet, x_t[r : r + 1], timesteps[r], mask=None if masks is None else masks[r : r + 1]) for r in range(n)]
+    return eps_of_h_rows(unet, x_t, torch.tensor(timesteps[:n]), mask=masks), h0, singles, masks
+
+
+def test_f_of_rows_is_each_images_f(unet):
+    f, h0, singles, _ = _rows_problem(unet)
+    out = f(h0)
+    for r, single in enumerate(singles):
+        torch.testing.assert_close(out[r], single(h0[r]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f.subset([2, 0])(h0[[2, 0]]), out[[2, 0]], rtol=1e-12, atol=1e-12)
+
+
+def test_batched_subspaces_equal_one_at_a_time_and_the_exact_svd(unet):
+    f, h0, singles, _ = _rows_problem(unet)
+    batched = jacobian_subspaces(f, h0, k=3, tol=TOL, max_iter=300, seeds=[0, 1, 2])
+    assert len(batched) == 3
+    for r, single in enumerate(singles):
+        one = jacobian_subspace(single, h0[r], k=3, tol=TOL, max_iter=300, seed=r)
+        exact = exact_jacobian_svd(single, h0[r], k=3)
+        got = batched[r]
+        assert got.converged and (got.residuals < TOL).all()
+        # the same iteration as the one-image solver: same steps, same products, same answer
+        assert (got.iterations, got.n_jvp, got.n_vjp) == (one.iterations, one.n_jvp, one.n_vjp)
+        assert principal_angles_degrees(got.vectors, one.vectors).max() < 0.01
+        torch.testing.assert_close(got.vectors, one.vectors, rtol=0, atol=1e-9)
+        torch.testing.assert_close(got.singular_values, one.singular_values, rtol=1e-9, atol=0)
+        assert principal_angles_degrees(got.vectors, exact.vectors).max() < 1.0
+        assert _relative_errors(got.singular_values, exact.singular_values).max() < 1e-3
+    # the images do not converge together here, so the drop-out path is exercised
+    assert len({result.iterations for result in batched}) > 1
+
+
+class _RowLinear:
+    """F(H) = [A_r h_r]: a row-wise linear map with known spectra, recording each call's rows."""
+
+    def __init__(self, matrices, rows=None, calls=None):
+        self.matrices, self.rows = matrices, list(range(len(matrices))) if rows is None else rows
+        self.calls = [] if calls is None else calls
+
+    def __call__(self, h):
+        self.calls.append(tuple(self.rows))
+        return torch.stack([self.matrices[r] @ h[i].reshape(-1) for i, r in enumerate(self.rows)])
+
+    def subset(self, rows):
+        return _RowLinear(self.matrices, [self.rows[i] for i in rows], self.calls)
+
+
+def test_converged_images_drop_out_or_stay_frozen_with_the_same_results():
+    # three spectra with gaps from wide to narrow: the images need very different iteration counts
+    gaps = [0.5, 0.9, 0.99]
+    matrices = [_linear_problem([1.0, 0.95, 0.9] + [0.9 * g * 0.99**j for j in range(40)], (2, 8, 8))[2] for g in gaps]
+    h0 = torch.zeros(3, 2, 8, 8, dtype=torch.float64)
+    f = _RowLinear(matrices)
+    dropping = jacobian_subspaces(f, h0, k=3, tol=1e-8, max_iter=200, seeds=[5, 6, 7])
+    frozen_f = lambda h: _RowLinear(matrices)(h)  # noqa: E731 (no subset: finished rows stay in)
+    frozen = jacobian_subspaces(frozen_f, h0, k=3, tol=1e-8, max_iter=200, seeds=[5, 6, 7])
+    iterations = [result.iterations for result in dropping]
+    assert iterations == sorted(iterations) and iterations[0] < iterations[2]  # narrower gap, more iterations
+    # linearised again each time an image finished: first all three rows, then fewer
+    assert f.calls[0] == (0, 1, 2) and f.calls[-1] == (2,)
+    for r, matrix in enumerate(matrices):
+        one = jacobian_subspace(lambda h, m=matrix: m @ h.reshape(-1), h0[r], k=3, tol=1e-8, max_iter=200, seed=5 + r)
+        exact = torch.linalg.svd(matrix, full_matrices=False)[2][:3].reshape(3, 2, 8, 8)
+        for result in (dropping[r], frozen[r]):
+            assert result.converged and result.iterations == one.iterations and result.n_jvp == one.n_jvp
+            torch.testing.assert_close(result.vectors, one.vectors, rtol=0, atol=1e-10)
+            assert principal_angles_degrees(result.vectors, exact).max() < 0.01
+
+
+def test_batched_float32_model_agrees_with_one_at_a_time_within_a_hundredth_of_a_degree():
+    unet32 = make_tiny_unet(sample_size=SIZE).eval().requires_grad_(False)
+    f, h0, singles, _ = _rows_problem(unet32, n=3)
+    batched = jacobian_subspaces(f, h0, k=3, tol=1e-3, max_iter=300, seeds=[0, 1, 2])
+    for r, single in enumerate(singles):
+        one = jacobian_subspace(single, h0[r], k=3, tol=1e-3, max_iter=300, seed=r)
+        assert batched[r].vectors.dtype == torch.float32 and batched[r].iterations == one.iterations
+        assert principal_angles_degrees(batched[r].vectors, one.vectors).max() < 0.01
+
+
+def test_batched_localised_directions_equal_one_at_a_time(unet):
+    f, h0, _, masks = _rows_problem(unet, masked=True)
+    unmasked, _, singles, _ = _rows_problem(unet, masked=False)
+    batched = localised_directions_batch(unmasked, h0, masks, k=2, rank=8, tol=1e-9, max_iter=300, seeds=[0, 1, 2])
+    for r, single in enumerate(singles):
+        one = localised_directions(single, h0[r], masks[r : r + 1], k=2, rank=8, tol=1e-9, max_iter=300, seed=r)
+        assert principal_angles_degrees(batched[r].vectors, one.vectors).max() < 0.01
+        torch.testing.assert_close(batched[r].shares, one.shares, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(batched[r].responses, one.responses, rtol=1e-9, atol=1e-12)
+        assert batched[r].search_space.iterations == one.search_space.iterations
+    with pytest.raises(ValueError, match="one mask per image"):
+        localised_directions_batch(unmasked, h0, masks[:2], k=1, rank=4)
+
+
+def test_batched_bad_inputs_are_refused_with_a_fix(unet):
+    f, h0, _, _ = _rows_problem(unet, masked=False)
+    with pytest.raises(ValueError, match="one seed per image"):
+        jacobian_subspaces(f, h0, k=2, seeds=[0])
+    with pytest.raises(ValueError, match="one timestep or one per image"):
+        eps_of_h_rows(unet, torch.zeros(3, 3, SIZE, SIZE, dtype=torch.float64), torch.tensor([1, 2]))
+    x_t = torch.zeros(3, 3, SIZE, SIZE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="must hold 3 images"):
+        eps_of_h_rows(unet, x_t, T, mask=torch.ones(1, 1, SIZE, SIZE))  # one mask for all: ambiguous, refused
+    with pytest.raises(ValueError, match="does not broadcast"):
+        eps_of_h_rows(unet, x_t, T, mask=torch.ones(2, 1, SIZE, SIZE))

@@ -43,10 +43,12 @@ Diffusion Models through the Lens of Riemannian Geometry", NeurIPS 2023.
 Modules
 -------
 ==================================  ================================================================
-:mod:`~hmine.jacobian.operators`    f = :func:`eps_of_h`, :func:`h_at`, :func:`use_math_attention`,
-                                    the J v / Jᵀ u products
+:mod:`~hmine.jacobian.operators`    f = :func:`eps_of_h`, F of a batch = :func:`eps_of_h_rows`,
+                                    :func:`h_at`, :func:`use_math_attention`, the J v / Jᵀ u products
 :mod:`~hmine.jacobian.subspace`     :func:`jacobian_subspace` and :class:`JacobianResult`
 :mod:`~hmine.jacobian.localised`    :func:`localised_directions` and :class:`LocalisedResult`
+:mod:`~hmine.jacobian.batched`      :func:`jacobian_subspaces`, :func:`localised_directions_batch`:
+                                    several images' products in one U-Net call
 :mod:`~hmine.jacobian.reference`    :func:`sequential_power_iteration`, :func:`exact_jacobian_svd`,
                                     :func:`principal_angles_degrees`
 ==================================  ================================================================
@@ -54,9 +56,10 @@ Modules
 Every name above is importable from :mod:`hmine.jacobian` itself.
 """
 
+from hmine.jacobian.batched import jacobian_subspaces, localised_directions_batch
 from hmine.jacobian.localised import LocalisedResult, localised_directions
+from hmine.jacobian.operators import EpsOfHRows, eps_of_h, eps_of_h_rows, h_at, use_math_attention
 from hmine.jacobian.operators import HFunction as HFunction
-from hmine.jacobian.operators import eps_of_h, h_at, use_math_attention
 from hmine.jacobian.reference import (
     exact_jacobian_svd,
     principal_angles_degrees,
@@ -69,13 +72,17 @@ from hmine.jacobian.subspace import _fix_signs as _fix_signs
 from hmine.jacobian.subspace import _random_orthonormal as _random_orthonormal
 
 __all__ = [
+    "EpsOfHRows",
     "JacobianResult",
     "LocalisedResult",
     "eps_of_h",
+    "eps_of_h_rows",
     "exact_jacobian_svd",
     "h_at",
     "jacobian_subspace",
+    "jacobian_subspaces",
     "localised_directions",
+    "localised_directions_batch",
     "principal_angles_degrees",
     "sequential_power_iteration",
     "use_math_attention",

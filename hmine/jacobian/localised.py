@@ -127,6 +127,11 @@ def _search_space(f: HFunction, h0: torch.Tensor, k: int, rank: int, tol: float,
     if rank > h0.numel():
         raise ValueError(f"rank ({rank}) exceeds the size of h ({h0.numel()}); lower jacobian.localised_rank")
     search_space = jacobian_subspace(f, h0, k=rank, tol=tol, max_iter=max_iter, seed=seed)
+    return search_space, _search_floor(search_space, h0, k, rank, max_iter)
+
+
+def _search_floor(search_space: JacobianResult, h0: torch.Tensor, k: int, rank: int, max_iter: int) -> torch.Tensor:
+    """The vectors of ``search_space`` that J does not annihilate (at least k, or refused)."""
     if not search_space.converged:
         logger.warning(
             "localised directions: the top-%d singular subspace did not converge in %d iterations "
@@ -142,7 +147,7 @@ def _search_space(f: HFunction, h0: torch.Tensor, k: int, rank: int, tol: float,
             f"the Jacobian has only {int(kept.sum())} singular values above {float(floor):.2g} "
             f"(sqrt(100 machine epsilons) of the largest), fewer than k={k}; lower jacobian.k"
         )
-    return search_space, search_space.vectors[kept]
+    return search_space.vectors[kept]
 
 
 def _largest_shares(images: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor, k: int):

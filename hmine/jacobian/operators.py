@@ -143,38 +143,110 @@ def eps_of_h(
     use_math_attention(unet)
     x_t = _single_image(x_t)
     timestep = _timestep_tensor(t, x_t.device)
-    if mask is not None:
-        with torch.inference_mode(False):
-            mask = torch.as_tensor(mask).detach().clone().to(device=x_t.device, dtype=x_t.dtype)
-        while mask.ndim < 4:
-            mask = mask[None]
-        try:
-            torch.broadcast_shapes(mask.shape, x_t.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to x_t of shape "
-                f"{tuple(x_t.shape)}; give it shape (1, 1 or C, H, W)"
-            ) from None
-        if mask.shape[0] != 1:
-            raise ValueError(f"mask must hold one image, got shape {tuple(mask.shape)}")
-    # the model's parameters and buffers as constants: no autograd graph for them
-    frozen = {name: p.detach() for name, p in unet.named_parameters()}
-    frozen.update({name: b.detach() for name, b in unet.named_buffers()})
-    hook = HSpaceHook(unet, position, record=False)
+    mask = _checked_mask(mask, x_t, rows=1)
+    rows = EpsOfHRows(unet, x_t, timestep, position, mask)
 
     def f(h: torch.Tensor) -> torch.Tensor:
-        # h replaces the bottleneck at `position`; the down path sees only x_t
-        hook.replacement = h[None]
-        try:
-            with hook:
-                eps = functional_call(unet, frozen, (x_t, timestep)).sample
-        finally:
-            hook.replacement = None
-        if mask is not None:
-            eps = mask * eps  # eq. 1, M broadcast over channels
-        return eps[0]
+        return rows(h[None])[0]
 
     return f
+
+
+def _checked_mask(mask, x_t: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """``mask`` as a (rows, 1 or C, H, W) tensor on x_t's device and dtype, or None."""
+    if mask is None:
+        return None
+    with torch.inference_mode(False):
+        mask = torch.as_tensor(mask).detach().clone().to(device=x_t.device, dtype=x_t.dtype)
+    while mask.ndim < 4:
+        mask = mask[None]
+    try:
+        torch.broadcast_shapes(mask.shape, x_t.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to x_t of shape "
+            f"{tuple(x_t.shape)}; give it shape ({rows}, 1 or C, H, W)"
+        ) from None
+    if mask.shape[0] != rows:
+        raise ValueError(f"mask must hold {'one image' if rows == 1 else f'{rows} images'}, got shape {tuple(mask.shape)}")
+    return mask
+
+
+class EpsOfHRows:
+    """F(H) = M ⊙ ε_θ(X_t, t; H) for a batch of images at once, row r being image r's f (eq. 1).
+
+    Built by :func:`eps_of_h_rows`. The U-Net treats the rows of a batch independently
+    (its normalisation is per image, in eval mode), so F's Jacobian is block-diagonal:
+    one pullback of F at H0 gives every row's Jᵀ u at once, and one vjp of it every
+    row's J v. :meth:`subset` is F of some rows only, for when the others are done.
+    """
+
+    def __init__(self, unet, x_t: torch.Tensor, timesteps: torch.Tensor, position: HPosition, mask: torch.Tensor | None):
+        self.unet, self.x_t, self.timesteps, self.position, self.mask = unet, x_t, timesteps, position, mask
+        # the model's parameters and buffers as constants: no autograd graph for them
+        self._frozen = {name: p.detach() for name, p in unet.named_parameters()}
+        self._frozen.update({name: b.detach() for name, b in unet.named_buffers()})
+        self._hook = HSpaceHook(unet, position, record=False)
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        # h replaces the bottleneck at `position`; the down path sees only x_t
+        self._hook.replacement = h
+        try:
+            with self._hook:
+                eps = functional_call(self.unet, self._frozen, (self.x_t, self.timesteps)).sample
+        finally:
+            self._hook.replacement = None
+        if self.mask is not None:
+            eps = self.mask * eps  # eq. 1, M broadcast over channels
+        return eps
+
+    def subset(self, rows) -> "EpsOfHRows":
+        """F of the images ``rows`` (indices into this batch), in that order."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.x_t.device)
+        mask = None if self.mask is None else self.mask[index]
+        return EpsOfHRows(self.unet, self.x_t[index], self.timesteps[index], self.position, mask)
+
+
+def eps_of_h_rows(unet, x_t: torch.Tensor, t, position: HPosition = "after", mask: torch.Tensor | None = None) -> EpsOfHRows:
+    """Build F(H) = M ⊙ ε_θ(X_t, t; H) for a batch of images, with H an explicit input.
+
+    Parameters
+    ----------
+    unet : diffusers ``UNet2DModel``
+        In eval mode; its attention is switched to the math path (:func:`use_math_attention`).
+    x_t : Tensor of shape (n, C, H, W)
+        n noisy images; fixed (not differentiated).
+    t : int, or Tensor with one element or of shape (n,)
+        Their timestep, one for all or one per image.
+    position : {"before", "middle", "after"}, default="after"
+    mask : Tensor of shape (n, 1 or C, H, W), optional
+        Pixel weights per image; None means no mask.
+
+    Returns
+    -------
+    F : EpsOfHRows
+        Maps H of shape (n, channel, y, x) to the masked noise predictions of shape
+        (n, C, H, W); row r is :func:`eps_of_h` of image r. Works under
+        ``torch.func.vjp`` and ``vmap`` like :func:`eps_of_h`'s f.
+    """
+    if unet.training:
+        raise ValueError("eps_of_h_rows needs the U-Net in eval mode; call unet.eval() first")
+    use_math_attention(unet)
+    if x_t.ndim != 4:
+        raise ValueError(f"x_t must be a batch of images of shape (n, C, H, W), got shape {tuple(x_t.shape)}")
+    with torch.inference_mode(False):
+        x_t = x_t.detach().clone()  # a plain (not inference-mode) copy autograd may save
+    timesteps = torch.as_tensor(t, device=x_t.device).reshape(-1)
+    if timesteps.numel() == 1:
+        timesteps = timesteps.expand(x_t.shape[0])
+    if timesteps.shape != (x_t.shape[0],):
+        raise ValueError(f"t must be one timestep or one per image ({x_t.shape[0]}), got {timesteps.numel()}")
+    with torch.inference_mode(False):
+        timesteps = timesteps.clone()
+    return EpsOfHRows(unet, x_t, timesteps, position, _checked_mask(mask, x_t, rows=x_t.shape[0]))
 
 
 def _products(f: HFunction, h0: torch.Tensor, forward_mode: bool = False):

@@ -152,23 +152,15 @@ def jacobian_subspace(
     exact_jacobian_svd : the exact answer on tiny models.
     """
     h0 = _checked_point(h0, k, max_iter, oversample)
-    d_h = h0.numel()
-    products = tuple(map(vmap, _products(f, h0)))  # J v and Jᵀ u, over the columns
-    # a new direction smaller than this (relative) is noise: below the products'
-    # precision, or too small for float64 Gram–Schmidt to keep it orthogonal to Q
-    rounding = max(torch.finfo(h0.dtype).eps, torch.finfo(torch.float64).eps ** 0.5)
+    jacobian_times, jacobian_transpose_times = map(vmap, _products(f, h0))  # J v and Jᵀ u, over the columns
     # V_1 = QR(randn(d_h, k + oversample)), rows orthonormal; small linear algebra in float64
-    new = _random_orthonormal(d_h, min(k + oversample, d_h), seed)
-    directions, sigma_squared, residuals, iteration, n_products = _block_krylov(products, h0, new, k, tol, max_iter, rounding)
-    return JacobianResult(
-        singular_values=sigma_squared.sqrt().to(h0.dtype),
-        vectors=_as_h(_fix_signs(directions), h0),
-        residuals=residuals.to(h0.dtype),
-        iterations=iteration,
-        n_jvp=n_products,
-        n_vjp=n_products,
-        converged=bool(residuals.max() < tol),
-    )
+    start = _random_orthonormal(h0.numel(), min(k + oversample, h0.numel()), seed).to(h0.device)
+    state = _BlockKrylov(start, k, tol, max_iter, _rounding(h0.dtype))
+    while not state.done:
+        # 1. U_i = J V_i and W_i = Jᵀ U_i = JᵀJ V_i  (one product of each kind per column)
+        image = jacobian_times(_as_h(state.new, h0))
+        state.update(image.reshape(len(state.new), -1), jacobian_transpose_times(image).reshape(len(state.new), -1))
+    return state.result(h0)
 
 
 def _checked_point(h0: torch.Tensor, k: int, max_iter: int, oversample: int) -> torch.Tensor:
@@ -184,38 +176,61 @@ def _checked_point(h0: torch.Tensor, k: int, max_iter: int, oversample: int) -> 
     return h0
 
 
-def _block_krylov(products, h0: torch.Tensor, new: torch.Tensor, k: int, tol: float, max_iter: int, rounding: float):
-    """:func:`jacobian_subspace`'s iteration from the start block ``new`` (rows).
+class _BlockKrylov:
+    """The state of one :func:`jacobian_subspace` solve, advanced one block of products at a time.
 
-    ``products`` are the batched J v and Jᵀ u. Returns the top-k Ritz vectors (rows,
-    float64), their σ² and relative residuals, the iterations run and the columns pushed
-    through each product.
+    ``new`` holds the block whose products are wanted next (rows, float64); :meth:`update`
+    takes U_i = J V_i and W_i = JᵀJ V_i of it and does steps 2–4 of the iteration. The
+    one-image solver and the batched one (:func:`hmine.jacobian.jacobian_subspaces`) both
+    drive this same object, so each image's iteration is the same arithmetic either way.
     """
-    jacobian_times, jacobian_transpose_times = products
-    d_h = h0.numel()
-    blocks, images, pulled_back = [], [], []  # V_i, U_i and W_i of every iteration
-    n_products = 0
-    for iteration in range(1, max_iter + 1):
-        # 1. U_i = J V_i and W_i = Jᵀ U_i = JᵀJ V_i  (one product of each kind per column)
-        image = jacobian_times(_as_h(new, h0))
-        pulled_back.append(jacobian_transpose_times(image).reshape(len(new), d_h).double())
-        images.append(image.reshape(len(new), -1).double())
-        blocks.append(new)
-        n_products += len(new)
-        basis, all_images, gram_times = (torch.cat(rows) for rows in (blocks, images, pulled_back))  # Q, U, W
+
+    def __init__(self, new: torch.Tensor, k: int, tol: float, max_iter: int, rounding: float):
+        self.new, self.k, self.tol, self.max_iter, self.rounding = new, k, tol, max_iter, rounding
+        self.blocks: list[torch.Tensor] = []  # V_i of every iteration
+        self.images: list[torch.Tensor] = []  # U_i
+        self.pulled_back: list[torch.Tensor] = []  # W_i
+        self.iteration = self.n_products = 0
+        self.done = False
+
+    def update(self, image: torch.Tensor, pulled_back: torch.Tensor) -> None:
+        """Take U_i = J V_i (rows of d_out entries) and W_i = Jᵀ U_i (rows of d_h) of ``new``."""
+        self.iteration += 1
+        self.pulled_back.append(pulled_back.double())
+        self.images.append(image.double())
+        self.blocks.append(self.new)
+        self.n_products += len(self.new)
+        basis, all_images, gram_times = (torch.cat(rows) for rows in (self.blocks, self.images, self.pulled_back))  # Q, U, W
         # 2. Rayleigh–Ritz over all of span(Q): Q JᵀJ Qᵀ = U Uᵀ = Y Λ Yᵀ; the top k
         #    Ritz vectors Yᵀ Q and, by linearity, JᵀJ of them Yᵀ W: no extra products
         ritz_values, ritz_coords = torch.linalg.eigh(all_images @ all_images.T)  # ascending
-        top = ritz_coords[:, -k:].flip(1)
-        directions = top.T @ basis
+        top = ritz_coords[:, -self.k :].flip(1)
+        self.directions = top.T @ basis
         # 3. σ_i² = ‖J ṽ_i‖² = Λ_i; residual_i = ‖JᵀJ ṽ_i − σ_i² ṽ_i‖ / σ_i²
-        sigma_squared = ritz_values[-k:].flip(0).clamp_min(torch.finfo(torch.float64).tiny)
-        residuals = (top.T @ gram_times - sigma_squared[:, None] * directions).norm(dim=1) / sigma_squared
-        if residuals.max() < tol or iteration == max_iter:
-            break
+        self.sigma_squared = ritz_values[-self.k :].flip(0).clamp_min(torch.finfo(torch.float64).tiny)
+        self.residuals = (top.T @ gram_times - self.sigma_squared[:, None] * self.directions).norm(dim=1) / self.sigma_squared
+        if self.residuals.max() < self.tol or self.iteration == self.max_iter:
+            self.done = True
+            return
         # 4. V_{i+1}: the part of W_i outside span(Q), so that span(Q, V_{i+1}) is the
         #    next Krylov space
-        new = _orthonormal_complement(pulled_back[-1], basis, rounding)
-        if len(new) == 0:
-            break  # span(Q) is invariant under JᵀJ to working precision
-    return directions, sigma_squared, residuals, iteration, n_products
+        self.new = _orthonormal_complement(self.pulled_back[-1], basis, self.rounding)
+        self.done = len(self.new) == 0  # span(Q) is invariant under JᵀJ to working precision
+
+    def result(self, h0: torch.Tensor) -> JacobianResult:
+        """The top-k Ritz pairs as a :class:`JacobianResult` in h0's shape and dtype."""
+        return JacobianResult(
+            singular_values=self.sigma_squared.sqrt().to(h0.dtype),
+            vectors=_as_h(_fix_signs(self.directions), h0),
+            residuals=self.residuals.to(h0.dtype),
+            iterations=self.iteration,
+            n_jvp=self.n_products,
+            n_vjp=self.n_products,
+            converged=bool(self.residuals.max() < self.tol),
+        )
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """A new direction smaller than this (relative) is noise: below the products'
+    precision, or too small for float64 Gram–Schmidt to keep it orthogonal to Q."""
+    return max(torch.finfo(dtype).eps, torch.finfo(torch.float64).eps ** 0.5)
