@@ -407,3 +407,16 @@ def test_status_lists_the_invert_stage_only_with_images(tiny_pixel_model_dir, tm
     assert status["invert"] == "missing"
     run_invert_stage(config, show_progress=False)
     assert {s.stage: s.state for s in stage_status(config.run_dir, config)}["invert"] == "complete"
+
+
+@pytest.mark.parametrize(("steps", "median_floor", "min_floor"), [(10, 20.0, 17.0), (50, 30.0, 28.0)])
+def test_ddim_reconstruction_psnr_of_rendered_world_images(steps, median_floor, min_floor):
+    """Floors a little under the PSNR measured on world.generate(8, 0) (2026-12-02: 10 steps median
+    21.3 dB, min 18.0; 50 steps median 32.0, min 29.1; scripts/inversion_figures.py has the 256-image figures)."""
+    from hmine import world
+    from hmine.inversion import psnr
+
+    sampler = Sampler(load_model(), num_inference_steps=steps, eta=0.0)
+    images = torch.from_numpy(world.generate(8, 0).images)
+    values = psnr(invert(sampler, images, "ddim").images, images)
+    assert float(values.median()) >= median_floor and float(values.min()) >= min_floor
