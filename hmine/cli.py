@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_stages(args, stages) -> int:
     from hmine.config import load_config
-    from hmine.pipeline import check_run_dir, run_stages, write_run_config
+    from hmine.pipeline import prepare_run, run_stages
     from hmine.preflight import check_run_inputs
     from hmine.runtime import RunLock, exit_cleanly_on_signals
 
@@ -98,8 +98,7 @@ def _run_stages(args, stages) -> int:
     created = _first_missing_folder(config.run_dir)  # the folders this command will create
     try:
         with RunLock(config.run_dir):
-            check_run_dir(config)  # before anything is written
-            write_run_config(config)
+            config = prepare_run(config)  # pins hub revisions; refuses other samples before anything is written
             if not args.no_prefect and not os.environ.get("PREFECT_API_URL"):
                 from hmine.runtime import start_prefect_server
 
@@ -120,7 +119,7 @@ def _run_stages(args, stages) -> int:
 
 
 # What a run directory holds before any stage has written to it.
-_RUN_DIR_BOOKKEEPING = {".lock", "config.json", "config.json.tmp", "run_log.jsonl"}
+_RUN_DIR_BOOKKEEPING = {".lock", "config.json", "config.json.tmp", "run_log.jsonl", "pins.json", "pins.json.tmp"}
 
 
 def _first_missing_folder(path: Path) -> Path | None:

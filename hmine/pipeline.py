@@ -48,7 +48,14 @@ def stage_status(run_dir: Path, config: RunConfig | None = None) -> list[StageSt
         config = RunConfig.model_construct(name=run_dir.name, output_root=run_dir.parent)
     elif config.run_dir.resolve() != run_dir.resolve():
         config = config.model_copy(update={"name": run_dir.name, "output_root": run_dir.parent})
-    return [_status(config, stage.name, known) for stage in stages() if stage.output is not None]
+    if known:
+        config = pin_revisions(config, resolve=False)  # the commits the run is pinned to
+    from hmine.stages import stage_applies
+
+    return [
+        _status(config, stage.name, known) for stage in stages()
+        if stage.output is not None and stage_applies(config, stage.name)
+    ]
 
 
 def _status(config: RunConfig, name: str, known: bool) -> StageStatus:
@@ -134,6 +141,60 @@ def check_run_dir(config: RunConfig) -> None:
                 f"{path} was written by config {found}, not {config.stage_hash('sample')}; "
                 "use another run name (name: in the config) or delete the store to start over"
             )
+
+
+PINS = "pins.json"
+
+
+def pin_revisions(config: RunConfig, resolve: bool = True) -> RunConfig:
+    """``config`` with every hub model whose revision is not set pinned to a commit hash.
+
+    The first run resolves the revision (``main``) to the commit it points to and records
+    it in ``<run>/pins.json``; later runs of the run directory reuse that commit, so an
+    upstream push changes nothing under a run (a new run name resolves again). An explicit
+    ``model.revision`` / ``label.clip_revision`` wins and is used as given. With
+    ``resolve=False`` only recorded pins are applied (``hmine status``: no network).
+    """
+    from hmine.models import is_hub_id, resolve_hub_revision
+
+    path = config.run_dir / PINS
+    pins = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {"model.revision": (config.model.id, config.model.revision)}
+    if config.label.labeller == "clip":
+        wanted["label.clip_revision"] = (config.label.clip_model_id, config.label.clip_revision)
+    updates, changed = {}, False
+    for field, (model_id, revision) in wanted.items():
+        if revision is not None or not is_hub_id(model_id):
+            continue
+        pin = pins.get(field)
+        if pin is None or pin.get("id") != model_id:
+            if not resolve:
+                continue
+            pin = {"id": model_id, "requested": "main", "commit": resolve_hub_revision(model_id)}
+            pins[field], changed = pin, True
+            logging.getLogger(__name__).info("pinned %s (main) to commit %s", model_id, pin["commit"])
+        updates[field] = pin["commit"]
+    if changed:
+        from hmine.stores import write_json_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, pins)
+    if not updates:
+        return config
+    data = config.model_dump()
+    for field, commit in updates.items():
+        section, key = field.split(".")
+        data[section][key] = commit
+    return RunConfig.model_validate(data)
+
+
+def prepare_run(config: RunConfig) -> RunConfig:
+    """What every run does first, holding the run directory's lock: pin hub revisions,
+    refuse samples of another config, save the (pinned) config; returns it."""
+    config = pin_revisions(config)
+    check_run_dir(config)
+    write_run_config(config)
+    return config
 
 
 def read_run_config(path: Path) -> RunConfig:

@@ -54,3 +54,65 @@ def test_resuming_a_store_on_another_device_is_refused(tiny_pixel_model_dir, tmp
     # a complete store is read on any device: nothing is added to it
     group.attrs["hmine:device"] = "cuda:NVIDIA H200"
     assert run_sample_stage(config, show_progress=False).computed == 0
+
+
+def _fake_hub_model(cache, model_dir, model_id, commits):
+    """A hub model in a huggingface_hub cache, as a download leaves it: one snapshot per commit."""
+    import shutil
+
+    folder = cache / f"models--{model_id.replace('/', '--')}"
+    for commit in commits:
+        snapshot = folder / "snapshots" / commit
+        shutil.copytree(model_dir, snapshot)
+        (snapshot / "model_index.json").write_text(json.dumps(
+            {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (folder / "refs").mkdir()
+    return folder / "refs" / "main"
+
+
+@pytest.mark.slow
+def test_a_hub_revision_is_pinned_to_its_commit_on_first_use(tiny_pixel_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from hmine.stores import open_group
+
+    first, second = "1a" * 20, "2b" * 20
+    main = _fake_hub_model(tmp_path / "hub", tiny_pixel_model_dir, "someone/tiny-ddpm", [first, second])
+    main.write_text(first)
+    config_file = tmp_path / "hub.yaml"
+    config_file.write_text(f"name: hub\noutput_root: {tmp_path / 'stores'}\nmodel: {{id: someone/tiny-ddpm}}\n"
+                           "sample: {n_samples: 4, batch_size: 2, num_inference_steps: 2}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+
+    def sample(*extra):
+        return subprocess.run([sys.executable, "-m", "hmine.cli", "sample", str(config_file), "--no-prefect", *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    out = sample()
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "stores" / "hub"
+    assert json.loads((run_dir / "pins.json").read_text()) == {
+        "model.revision": {"id": "someone/tiny-ddpm", "requested": "main", "commit": first}}
+    assert json.loads((run_dir / "config.json").read_text())["model"]["revision"] == first
+    assert open_group(run_dir / "samples.zarr").attrs["hmine:model_revision"] == first
+
+    main.write_text(second)  # upstream moves main: the run keeps its commit, nothing is resampled
+    out = sample()
+    assert out.returncode == 0, out.stderr
+    assert "'computed': 0" in out.stdout
+    assert json.loads((run_dir / "config.json").read_text())["model"]["revision"] == first
+    from hmine.pipeline import stage_status
+
+    # `hmine status RUN --config hub.yaml` applies the run's pins (no network): not stale
+    assert stage_status(run_dir, load_config(config_file))[0].state == "complete"
+
+    # an explicit revision wins: another commit is another sample config, refused on this run
+    out = sample("--set", f"model.revision={second}")
+    assert out.returncode == 2 and "samples.zarr was written by config" in out.stderr
+    # and a new run resolves main afresh
+    out = sample("--set", "name=hub2")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "stores" / "hub2" / "config.json").read_text())["model"]["revision"] == second
