@@ -125,12 +125,15 @@ def test_a_second_run_on_a_busy_run_dir_is_refused_at_once(tmp_path):
     RunLock(lock.parent).acquire().release()
 
 
-def test_run_dir_of_another_config_is_refused_without_writing(reference):
+def test_run_dir_of_another_config_is_refused_without_writing(reference, tmp_path):
+    import shutil
+
     _, ref_root = reference
-    run_dir = ref_root / "stores" / "ref"
+    run_dir = tmp_path / "stores" / "ref"
+    shutil.copytree(ref_root / "stores" / "ref", run_dir)  # the shared run stays as it is
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert before
-    out = _hmine(["run", str(_write_config(ref_root, "ref")), "--no-prefect", "--set", "sample.eta=1.0"], ref_root)
+    out = _hmine(["run", str(_write_config(tmp_path, "ref")), "--no-prefect", "--set", "sample.eta=1.0"], tmp_path)
     assert out.returncode == 2 and "another run name" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
