@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name == "sample":
             _add_dask_arg(p)
 
+    p = sub.add_parser(
+        "deploy",
+        help="run a config on a schedule: a Prefect deployment served by this process (needs PREFECT_API_URL)",
+    )
+    p.add_argument("config", type=Path, help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every scheduled run (repeatable)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='a cron schedule, e.g. "0 2 * * *" (every night at 02:00)')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="a run every SECONDS seconds")
+    p.add_argument("--name", default=None, help="the deployment's name (default: the run's name)")
+
     p = sub.add_parser("status", help="per stage: complete / partial / missing / stale")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--config", type=Path, default=None, help="current config, to detect stale stages")
@@ -154,6 +166,25 @@ def _remove_if_untouched(run_dir: Path, created: Path) -> None:
         pass  # best effort: the error being raised is the one to report
 
 
+def _deploy(args) -> int:
+    from hmine.config import load_config
+    from hmine.preflight import check_run_inputs
+    from hmine.stages import stage_names
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError(
+            "hmine deploy needs a Prefect server that keeps the schedule and runs its scheduler: "
+            "start one (prefect server start) and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    if args.interval is not None and args.interval <= 0:
+        raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
+    check_run_inputs(load_config(args.config, args.overrides), stage_names())  # bad input: refused now
+    from flows.deploy import serve_config  # the library never imports flows
+
+    serve_config(args.config, args.overrides, cron=args.cron, interval=args.interval, name=args.name)
+    return 0
+
+
 def _status(args) -> int:
     from hmine.config import load_config
     from hmine.pipeline import stage_status
@@ -202,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_stages(args, stage_names())
         if args.command in stage_names():
             return _run_stages(args, (args.command,))
+        if args.command == "deploy":
+            return _deploy(args)
         if args.command == "status":
             return _status(args)
         if args.command == "train-embedded":
