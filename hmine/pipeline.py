@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hmine.config import RunConfig, config_hash
+from hmine.config import RunConfig
+from hmine.identity import config_hash
 from hmine.stores import CONFIG_HASH, STAGE_HASH, open_group, store_state
 
 

@@ -123,7 +123,7 @@ def _git_sha() -> str:
 
 def provenance_attrs(stage_config: dict, config_hash: str, extra: dict | None = None) -> dict:
     """Namespaced provenance attributes every store carries."""
-    from hmine.config import config_hash as hash_of
+    from hmine.identity import config_hash as hash_of
 
     attrs = {
         CONFIG_HASH: config_hash,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def sample_settings(config: "RunConfig") -> dict:
-    from hmine.config import model_identity
+    from hmine.identity import model_identity
 
     # where it runs is not what it gives; the precision joins the hash only below float32,
     # so runs from before the setting keep their hash
@@ -30,7 +30,7 @@ def sample_settings(config: "RunConfig") -> dict:
 
 
 def label_settings(config: "RunConfig") -> dict:
-    from hmine.config import labeller_identity
+    from hmine.identity import labeller_identity
 
     return {
         "label": config.label.model_dump(mode="json", exclude={"batch_size"}),

@@ -1,0 +1,66 @@
+"""What identifies a stage's inputs besides its settings: model weights and revisions, hashes.
+
+A local or embedded model has no revision, so its weight files identify it; a hub model
+is identified by its revision. The stage hashes (``hmine.stages``) are built from these.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hmine.config import LabelConfig
+
+
+@functools.lru_cache(maxsize=64)
+def _files_digest(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """Content hash of the weight files under a local model folder ("" if there are none).
+
+    Local and embedded models have no revision, so the weights themselves identify them:
+    retraining the embedded model invalidates stores made with the old one.
+    """
+    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    stamps = tuple((os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    return _files_digest(tuple(files), stamps) if files else ""
+
+
+def model_identity(model_id: str, revision: str | None) -> str:
+    """Revision for a hub model, weights fingerprint for a local or embedded one."""
+    if model_id == "embedded:shapes-ddpm":
+        from hmine.models import embedded_model_path
+
+        return weights_fingerprint(embedded_model_path())
+    if Path(model_id).exists():
+        return weights_fingerprint(Path(model_id))
+    return revision or "main"
+
+
+def labeller_identity(label: "LabelConfig") -> str:
+    """Revision or weights fingerprint of the labeller's model (part of the label stage's hash)."""
+    if label.labeller == "clip":
+        return model_identity(label.clip_model_id, label.clip_revision)
+    if label.classifier_path is not None:
+        return weights_fingerprint(label.classifier_path)
+    from hmine.labelling import embedded_classifier_path
+
+    return weights_fingerprint(embedded_classifier_path())
+
+
+def config_hash(payload: dict) -> str:
+    """A short, stable hash of a JSON-able dict (sorted keys)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
