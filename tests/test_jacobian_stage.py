@@ -312,3 +312,91 @@ def test_pairs_solved_together_equal_one_at_a_time(tiny_pixel_model_dir, tmp_pat
         np.testing.assert_allclose(together[name][...], one[name][...], rtol=1e-4)
     np.testing.assert_array_equal(together["iterations"][...], one["iterations"][...])
     np.testing.assert_allclose(together["inside_mask_eps_fraction"][...], one["inside_mask_eps_fraction"][...], rtol=1e-4)
+
+
+def _one_seed_at_a_time(config, sampler, group, masks, variants):
+    """The diagnostic edits as the stage did them up to 2026-12-02: per seed its own
+    trajectory and unmasked top vector at batch 1, per (variant, scale) one regeneration."""
+    import torch
+    from torch.func import jvp
+
+    from hmine.directions import projection_std
+    from hmine.editing import delta_for, regenerate_with_delta
+    from hmine.jacobian import eps_of_h, jacobian_subspace
+
+    jac = config.jacobian
+    h = xr.open_zarr(config.run_dir / "samples.zarr", consolidated=False)["h"]
+    t_idx = [int(t) for t in sampler.timesteps].index(jac.steps[0])
+    units, eps_fractions = [], []
+    for i in range(jac.n_samples):
+        out = sampler.sample([i], return_trajectory=True)
+        f = eps_of_h(sampler.model.unet, out.trajectory[:, t_idx], sampler.timesteps[t_idx])
+        h0 = out.h[0, t_idx].float()
+        top = {"masked": group["vectors"][i, 0, 0], "localised": group["localised_vectors"][i, 0, 0]}
+        top["unmasked"] = jacobian_subspace(f, h0, k=1, tol=jac.tol, max_iter=jac.max_iter, seed=i).vectors[0].numpy()
+        units.append([np.broadcast_to(top[v], (h.sizes["step"], *h.shape[2:])) for v in variants])
+        shares = []
+        for v in variants:
+            with torch.inference_mode(False), torch.no_grad():
+                change = jvp(f, (h0,), (torch.from_numpy(np.asarray(top[v])).float(),))[1]
+            shares.append(float((torch.from_numpy(masks[i]) * change).square().sum() / change.square().sum()))
+        eps_fractions.append(shares)
+    units = np.asarray(units, dtype=np.float32)
+    scale_units = projection_std(units.reshape(-1, *units.shape[2:]), h).reshape(*units.shape[:2], -1)
+    window = {"t_edit": jac.steps[0], "t_edit_max": jac.steps[0]} if jac.edit_window == "analysed_step" else {}
+    images = np.stack([
+        np.stack([
+            np.stack([regenerate_with_delta(sampler, [i], delta_for(units[i, v], scale_units[i, v], s), **window)[0] for s in jac.edit_scales])
+            for v in range(len(variants))
+        ])
+        for i in range(jac.n_samples)
+    ])  # (sample, variant, scale, C, H, W)
+    change = np.abs(images[:, :, -1] - images[:, :, jac.edit_scales.index(0.0)]).sum(axis=2)
+    fractions = (change * masks[:, None]).sum(axis=(2, 3)) / change.sum(axis=(2, 3))
+    return np.asarray(eps_fractions), fractions, images
+
+
+@pytest.mark.parametrize("window", ["all_steps", "analysed_step"])
+def test_diagnostic_edits_as_rows_equal_one_seed_at_a_time(tiny_pixel_model_dir, tmp_path, window):
+    """The diagnostic edits go through hmine.regeneration (rows at a fixed U-Net batch) and the
+    unmasked top vectors through jacobian_subspaces: the fractions and strips are those of
+    the one-seed-at-a-time algorithm they replaced, to float tolerance. Three samples with
+    their own masks at batch_size 2: a full batch and a short one."""
+    from PIL import Image
+
+    from hmine.editing import write_strip
+    from hmine.stages.sample import make_sampler
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    masks = np.zeros((3, 16, 16), dtype=np.float32)
+    masks[0, :, :8] = 1  # left half
+    masks[1, :8] = 1  # top half
+    masks[2, 8:, 8:] = 1  # bottom-right quarter
+    for seed, mask in enumerate(masks):
+        np.save(folder / f"{seed}.npy", mask)
+    config = _config(
+        tiny_pixel_model_dir,
+        tmp_path,
+        "jacobian.n_samples=3",
+        "jacobian.mask=files",
+        f"jacobian.mask_dir={folder}",
+        f"jacobian.edit_window={window}",
+        "jacobian.edit_scales=[-1, 1]",
+        "jacobian.batch_size=2",
+    )
+    run_sample_stage(config, show_progress=False)
+    run_jacobian_stage(config, show_progress=False)
+    group = open_group(config.run_dir / "jacobian.zarr")
+    variants = list(group["variant"][...])
+    assert variants == ["masked", "unmasked", "localised"]
+    eps_fractions, fractions, images = _one_seed_at_a_time(config, make_sampler(config), group, masks, variants)
+    np.testing.assert_allclose(group["inside_mask_eps_fraction"][...], eps_fractions, atol=1e-4)
+    np.testing.assert_allclose(group["inside_mask_fraction"][...], fractions, atol=1e-4)
+    shown = [v for v, name in enumerate(variants) if name in ("masked", "localised")]
+    for i in range(3):
+        expected = tmp_path / f"expected-{i}.png"
+        mask_tile = np.stack([masks[i]] * 3) * 2 - 1
+        write_strip(np.stack([[mask_tile, *images[i, v]] for v in shown]), expected, upscale=3)
+        got = np.asarray(Image.open(config.run_dir / "jacobian_strips" / f"sample-{i}-t333.png"), dtype=int)
+        assert np.abs(got - np.asarray(Image.open(expected), dtype=int)).max() <= 1  # 8-bit rounding
