@@ -15,6 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hmine.prompts import TextConfig
+
+from hmine.learning.config import LearnConfig
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +66,7 @@ class SampleConfig(_Frozen):
     )
     h_dtype: Literal["float16", "float32"] = "float16"
     images_dtype: Literal["float16", "float32"] = "float32"
+    text: TextConfig | None = Field(None, description="prompts and guidance of a text-conditional model (hmine.prompts)")
 
     @field_validator("eta")
     @classmethod
@@ -191,6 +196,9 @@ class EditConfig(_Frozen):
         "'auto' measures the fastest on the model's device (hmine.batching)",
     )
     strip_samples: int = Field(6, ge=1, le=1024, description="samples shown per PNG strip")
+    source: Literal["samples", "inversions"] = Field(
+        "samples", description="edit the run's samples, or its inverted images (inversions.zarr, needs images:)"
+    )
 
     @field_validator("scales")
     @classmethod
@@ -333,6 +341,7 @@ class RunConfig(_Frozen):
     jacobian: JacobianConfig = JacobianConfig()
     images: ImagesConfig | None = None  # real images: the invert stage runs only when set
     invert: InvertConfig = InvertConfig()
+    learn: LearnConfig = LearnConfig()  # learned edits (Asyrp): the learn stage runs only with targets
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @field_validator("name")
@@ -349,8 +358,14 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _inversions_need_images(self):
-        if self.directions.source == "inversions" and self.images is None:
-            raise ValueError("directions.source is 'inversions' but there is no images: section to invert")
+        for field in ("directions", "edit"):
+            if getattr(self, field).source == "inversions" and self.images is None:
+                raise ValueError(f"{field}.source is 'inversions' but there is no images: section to invert")
+        if self.edit.source == "inversions" and any(n.startswith("jacobian/") for n in self.edit.directions):
+            raise ValueError(
+                "edit.directions names per-image Jacobian directions, which exist for samples only; "
+                "with edit.source: inversions name directions of directions.zarr"
+            )
         return self
 
     @model_validator(mode="after")

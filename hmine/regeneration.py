@@ -18,7 +18,12 @@ delta), packed into U-Net calls of a fixed ``batch_size``:
   go down; on a CPU keep that half at 8 or more, where the kernels stop changing with
   the batch size, for the plain sampler's bits).
 
-Scale 0 is not regenerated at all by the edit stage: it is the sample stage's ``x0``.
+- **Any trajectory source.** A row's key is a seed, whose x_T and per-step noise the
+  sampler draws (:class:`SeedNoise`, the default); ``noise_source`` gives another source:
+  an inverted image's x_T, z_t and residual (:class:`hmine.inversion.edits.InvertedNoise`),
+  the residual added after the last step as :func:`hmine.inversion.regenerate_inverted` does.
+
+Scale 0 is not regenerated at all by the edit stage: it is the stored ``x0``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,21 @@ def _noise(sampler: Sampler, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.
     return torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws], dim=1)
 
 
+class SeedNoise:
+    """The trajectory source of rows keyed by seed: x_T and per-step noise as the sampler draws them."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def __call__(self, keys: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_T (rows, ...) and per-step noise (step, rows, ...) of the rows ``keys``."""
+        return _noise(self.sampler, keys)
+
+    def residual(self, keys: Sequence[int]) -> torch.Tensor | None:
+        """What is added to x after the last step (rows, ...); None: nothing."""
+        return None
+
+
 @torch.inference_mode()
 def _run_steps(
     sampler: Sampler,
@@ -111,14 +131,20 @@ def _run_steps(
     return x
 
 
-def unedited_states(sampler: Sampler, seeds: Sequence[int], stop: int, batch_size: int) -> torch.Tensor:
-    """x_t at step index ``stop`` of each seed's unedited trajectory (x_T for ``stop`` 0), (seed, ...)."""
+def unedited_states(
+    sampler: Sampler, seeds: Sequence[int], stop: int, batch_size: int, noise_source: SeedNoise | None = None
+) -> torch.Tensor:
+    """x_t at step index ``stop`` of each seed's unedited trajectory (x_T for ``stop`` 0), (seed, ...).
+
+    With ``noise_source`` the rows ``seeds`` are that source's keys (:func:`regenerate`).
+    """
+    noise_source = SeedNoise(sampler) if noise_source is None else noise_source
     param = next(sampler.model.unet.parameters())
     states = []
     with model_threads(sampler.torch_threads):
         for start in range(0, len(seeds), batch_size):
             chunk = [int(s) for s in seeds[start : start + batch_size]]
-            x, noise = _noise(sampler, chunk)
+            x, noise = noise_source(chunk)
             if stop > 0:
                 x = _pad(x.to(param), batch_size)
                 noise = _pad(noise.to(param), batch_size, axis=1)
@@ -137,6 +163,7 @@ def regenerate(
     asymmetric: bool = False,
     batch_size: int = 64,
     start_states: dict[int, torch.Tensor] | None = None,
+    noise_source: SeedNoise | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Regenerate rows: row r is ``seeds[r]`` with ``deltas[delta_index[r]]`` (step, C, H, W) on h.
 
@@ -156,6 +183,10 @@ def regenerate(
     start_states : dict of seed -> Tensor, optional
         x_t at the first edited step of each seed (:func:`unedited_states`); computed
         here when not given.
+    noise_source : SeedNoise or alike, optional
+        Gives the rows' x_T, per-step noise and residual by key (``seeds`` are then its keys,
+        e.g. indices of inverted images, :class:`hmine.inversion.edits.InvertedNoise`); the
+        seeds' own noise by default.
 
     Yields
     ------
@@ -167,9 +198,10 @@ def regenerate(
     if len(seeds) != len(delta_index):
         raise ValueError(f"{len(seeds)} seeds but {len(delta_index)} delta indices; give one per row")
     first = first_edited_step(edit_steps)
+    noise_source = SeedNoise(sampler) if noise_source is None else noise_source
     if start_states is None:
         unique = sorted({int(s) for s in seeds})
-        start_states = dict(zip(unique, unedited_states(sampler, unique, first, batch_size)))
+        start_states = dict(zip(unique, unedited_states(sampler, unique, first, batch_size, noise_source)))
     param = next(sampler.model.unet.parameters())
     per_call = rows_per_call(sampler, batch_size, asymmetric)
     delta_index = np.asarray(delta_index, dtype=np.int64)
@@ -177,12 +209,15 @@ def regenerate(
         for start in range(0, len(seeds), per_call):
             rows = np.arange(start, min(start + per_call, len(seeds)))
             chunk = [int(seeds[r]) for r in rows]
-            _, noise = _noise(sampler, chunk)
+            _, noise = noise_source(chunk)
             x = torch.stack([start_states[s] for s in chunk])
             x = _pad(x.to(param), per_call)
             noise = _pad(noise.to(param), per_call, axis=1)
             row_deltas = _pad(deltas[torch.from_numpy(delta_index[rows])].to(param), per_call)
             x = _run_steps(sampler, x, noise, row_deltas, range(first, sampler.num_inference_steps), edit_steps, asymmetric)
+            residual = noise_source.residual(chunk)
+            if residual is not None:  # an edit-friendly inversion's, after the last step
+                x = x + _pad(residual.to(param), per_call)
             with torch.inference_mode():
                 images = sampler.model.decode(x)[: len(rows)]
             yield rows, images.float().cpu().numpy()

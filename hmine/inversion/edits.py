@@ -1,10 +1,14 @@
-"""Edits of inverted images with a directions store (until the edit stage reads ``inversions.zarr``).
+"""Edits of inverted images with a directions store.
 
 :func:`inversion_from_store` rebuilds an :class:`~hmine.inversion.Inversion` from rows of
 ``inversions.zarr``; :func:`edit_inverted` regenerates them with ``scale * scale_unit_t *
 u_t`` added to h (hmine's scale convention, :func:`hmine.editing.delta_for`), optionally
-with Asyrp's asymmetric step and the timestep window, exactly as the edit stage edits
-samples. Scale 0 gives the stored regenerated images back.
+with Asyrp's asymmetric step and the timestep window, through the plain loop of
+:func:`hmine.inversion.regenerate_inverted`. Scale 0 gives the stored regenerated images back.
+
+The edit stage (``edit.source: inversions``) computes the same images as rows of
+:func:`hmine.regeneration.regenerate`, the engine it edits samples with, with
+:class:`InvertedNoise` as the rows' trajectory source.
 """
 
 from __future__ import annotations
@@ -35,6 +39,38 @@ def inversion_from_store(ds, indices: Sequence[int] | slice | None = None) -> In
         residual=tensor("residual"),
         images=tensor("x0"),
     )
+
+
+class InvertedNoise:
+    """The trajectory source of rows keyed by their index in ``inversion`` (:mod:`hmine.regeneration`).
+
+    x_T, the per-step noise (z_t of an edit-friendly inversion; zeros for DDIM, whose steps
+    have eta 0) and the residual added after the last step, as
+    :func:`hmine.inversion.regenerate_inverted` uses them.
+    """
+
+    def __init__(self, sampler, inversion: Inversion):
+        from hmine.inversion.regenerate import _check_timesteps
+
+        _check_timesteps(sampler, inversion.timesteps)
+        if [float(e) for e in inversion.etas] != [float(e) for e in sampler.etas]:
+            raise ValueError(
+                f"the inversion was made with etas {inversion.etas}, the sampler has {sampler.etas}; "
+                "regenerate with the inversion's sampler (hmine.stages.invert.make_inversion_sampler)"
+            )
+        self.inversion = inversion
+
+    def __call__(self, keys: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor([int(k) for k in keys], dtype=torch.long)
+        x_T = self.inversion.x_T[rows]
+        if self.inversion.z is None:
+            return x_T, torch.zeros((len(self.inversion.etas), *x_T.shape), dtype=x_T.dtype)
+        return x_T, self.inversion.z[rows].transpose(0, 1)  # (step, rows, ...) as the sampler's noise
+
+    def residual(self, keys: Sequence[int]) -> torch.Tensor | None:
+        if self.inversion.residual is None:
+            return None
+        return self.inversion.residual[torch.as_tensor([int(k) for k in keys], dtype=torch.long)]
 
 
 def edit_inverted(

@@ -6,7 +6,11 @@ Outputs in the run directory:
     ``images`` with dims (direction, scale, sample, color, height, width): each of the
     first ``edit.n_samples`` samples regenerated from its seed with the direction added
     to h at the given scale (scale 0 is the sample stage's ``x0``, which an unedited
-    regeneration reproduces bit for bit); ``done`` (direction,) marks directions whose
+    regeneration reproduces bit for bit). With ``edit.source: inversions`` the first
+    ``edit.n_samples`` inverted images of ``inversions.zarr`` instead (the ``sample``
+    coordinate holds their image ids): regenerated from x_T (DDIM inversion) or with their
+    stored z_t and residual (edit-friendly), scale 0 their stored regenerated ``x0``
+    (:class:`hmine.inversion.edits.InvertedNoise`). ``done`` (direction,) marks directions whose
     images are all written — the stage resumes per direction. The images are computed by
     :mod:`hmine.regeneration` at a U-Net batch size fixed for the store (``edit.batch_size``,
     recorded in ``hmine:unet_batch_size``).
@@ -19,6 +23,9 @@ Outputs in the run directory:
     decision (score > threshold) flipped each way and changed at all (``changed_decision``)
     — the analogue of Haas et al. Table I (diagonal: intended effect; off-diagonal:
     leakage); :mod:`hmine.effects`. :mod:`hmine.strength` reads it at matched strength.
+    The scores are the labeller's of the edited images, for inverted images too; the
+    decision thresholds are the directions' (``directions.threshold``; ``median``: of the
+    label stage's scores of the samples).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +105,7 @@ def select_directions(directions, requested: list[str], jacobian_group=None) -> 
 
 
 def _template(names, scales, seeds, image_shape) -> tuple[list, dict]:
+    inverted = seeds.dtype.kind not in "iu"  # image ids of inverted images, else seeds
     arrays = [
         ArraySpec(
             "images",
@@ -116,7 +125,10 @@ def _template(names, scales, seeds, image_shape) -> tuple[list, dict]:
         ),
         ArraySpec("direction", (len(names),), (len(names),), "str", ("direction",), None, "", False),
         ArraySpec("scale", (len(scales),), (len(scales),), "float64", ("scale",), {"units": "std of the data along the direction"}, None, False),
-        ArraySpec("sample", (len(seeds),), (len(seeds),), "int64", ("sample",), {"long_name": "seed"}, None, False),
+        ArraySpec(
+            "sample", (len(seeds),), (len(seeds),), "str" if inverted else "int64", ("sample",),
+            {"long_name": "image id" if inverted else "seed"}, None, False,
+        ),
     ]
     coords = {"direction": np.array(names, dtype=object), "scale": np.array(scales), "sample": seeds}
     return arrays, coords
@@ -136,12 +148,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     directions = open_directions(directions_path(config))
     jacobian_group = open_jacobian_for_edits(config)
     names = select_directions(directions, edit.directions, jacobian_group)
-    samples = open_group(samples_path(config))
-    seeds = samples["sample"][...][: edit.n_samples]
-    if len(seeds) < edit.n_samples:
-        raise ValueError(
-            f"edit.n_samples is {edit.n_samples} but the run has {len(seeds)} samples; lower edit.n_samples"
-        )
+    seeds = edited_ids(config)
     if jacobian_group is not None and not np.isin(jacobian_group["sample"][...], seeds).any():
         raise ValueError(
             "edit.directions names Jacobian directions, but none of the samples the Jacobian stage "
@@ -151,11 +158,11 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         logger.info("edit stage: %s is up to date", path)
         return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
-    sampler = make_sampler(config, model)
-    edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)  # an empty window: refused, nothing written
+    source = open_source(config, model)
+    edit_steps_from(source.sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)  # an empty window: refused, nothing written
     # the edits depend on the settings and on the very directions they apply: the input
     # identity holds both, and a store made from other inputs is replaced
-    arrays, coords = _template(names, scales, seeds, samples["x0"].shape[1:])
+    arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
     record = identity_record(config, "edit")
     attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)
@@ -163,7 +170,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
-    _edit(config, group, sampler, directions, jacobian_group, names, scales, progress(todo, "edit", "direction", show_progress))
+    _edit(config, group, source, directions, jacobian_group, names, scales, progress(todo, "edit", "direction", show_progress))
     mark_complete(group)
     threshold = config.directions.threshold
     labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
@@ -176,42 +183,95 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     return StageResult(path, len(names), len(todo), len(names) - len(todo), len(damaged), seconds)
 
 
-def _edit(config: RunConfig, group, sampler, directions, jacobian_group, names, scales, todo) -> None:
-    """Regenerate the edited samples of each direction in ``todo`` at every scale; write its strip.
+@dataclass
+class EditSource:
+    """What the edit stage regenerates: rows keyed by ``keys``, from ``noise_source``'s trajectories.
 
-    Scale 0 is the sample stage's ``x0``, copied; so is every sample a per-image direction
-    does not have. The rest are rows of :func:`hmine.regeneration.regenerate`, which
-    shares the unedited steps before the edit window across directions and scales.
+    Samples: the keys are seeds and the trajectories the seeds' own (``noise_source`` None);
+    inverted images: the keys index the first images of ``inversions.zarr`` and
+    ``noise_source`` is their :class:`~hmine.inversion.edits.InvertedNoise`.
+    ``originals`` are the scale-0 images (the stored ``x0``).
     """
+
+    sampler: object
+    keys: list[int]
+    originals: np.ndarray
+    noise_source: object | None = None
+
+
+def edited_ids(config: RunConfig) -> np.ndarray:
+    """The ``sample`` coordinate of the edits: the first ``edit.n_samples`` seeds, or image ids."""
+    n = config.edit.n_samples
+    if config.edit.source == "inversions":
+        path = _complete_inversions(config)
+        ids = open_group(path)["sample"][...][:n]
+        what, where = "inverted images", str(path)
+    else:
+        ids, what, where = open_group(samples_path(config))["sample"][...][:n], "samples", "the run"
+    if len(ids) < n:
+        raise ValueError(f"edit.n_samples is {n} but {where} has {len(ids)} {what}; lower edit.n_samples")
+    return ids
+
+
+def _complete_inversions(config: RunConfig) -> Path:
+    from hmine.stages.invert import inversions_path
+
+    path = inversions_path(config)
+    if store_state(path) != "complete":
+        raise FileNotFoundError(
+            f"edit.source is 'inversions' but {path} is not complete; run the invert stage first "
+            "(hmine run does, before the edit stage)"
+        )
+    return path
+
+
+def open_source(config: RunConfig, model=None) -> EditSource:
+    """The sampler, row keys, scale-0 images and trajectories of the first ``edit.n_samples``."""
+    n = config.edit.n_samples
+    if config.edit.source == "samples":
+        samples = open_group(samples_path(config))
+        return EditSource(make_sampler(config, model), samples["sample"][:n].tolist(), samples["x0"][:n])
     import xarray as xr
 
+    from hmine.inversion.edits import InvertedNoise, inversion_from_store
+    from hmine.stages.invert import make_inversion_sampler
+
+    inversion = inversion_from_store(xr.open_zarr(_complete_inversions(config), consolidated=False), slice(0, n))
+    sampler = make_inversion_sampler(config, model)
+    originals = inversion.images.numpy()
+    return EditSource(sampler, list(range(len(originals))), originals, InvertedNoise(sampler, inversion))
+
+
+def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_group, names, scales, todo) -> None:
+    """Regenerate the edited rows of each direction in ``todo`` at every scale; write its strip.
+
+    Scale 0 is the stored ``x0``, copied; so is every sample a per-image direction does
+    not have. The rest are rows of :func:`hmine.regeneration.regenerate`, which shares the
+    unedited steps before the edit window across directions and scales.
+    """
     from hmine.directions import direction_by_name
     from hmine.editing import edit_steps_from, write_strip
     from hmine.regeneration import first_edited_step, unedited_states
 
-    edit = config.edit
-    samples = open_group(samples_path(config))
-    all_seeds = samples["sample"][...]
-    seeds = group["sample"][...]
-    originals = samples["x0"][: len(seeds)]
+    edit, sampler, keys = config.edit, source.sampler, source.keys
     edit_steps = edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)
     batch_size = unet_batch_size(group, sampler, edit.batch_size)
     # x_t at the first edited step, once for every direction and scale
-    starts = dict(zip(seeds.tolist(), unedited_states(sampler, seeds.tolist(), first_edited_step(edit_steps), batch_size)))
+    first = first_edited_step(edit_steps)
+    starts = dict(zip(keys, unedited_states(sampler, keys, first, batch_size, source.noise_source)))
     strips = config.run_dir / STRIPS_DIR
     strips.mkdir(parents=True, exist_ok=True)
-    run_steps = [int(t) for t in samples["step"][...]]
-    h = xr.open_zarr(samples_path(config), consolidated=False)["h"] if jacobian_group is not None else None
+    per_image_source = _per_image_source(config) if jacobian_group is not None else None
     for d in todo:
-        per_image = per_image_units(names[d], jacobian_group, run_steps, h, all_seeds)
+        per_image = per_image_units(names[d], jacobian_group, *per_image_source) if per_image_source else None
         if per_image is None:
             selected = direction_by_name(directions, names[d])
             unit, scale_unit = selected["direction"].values, selected["scale_unit"].values
-            has_direction = np.ones(len(seeds), dtype=bool)
+            has_direction = np.ones(len(keys), dtype=bool)
         else:
-            unit, scale_unit, has_direction = per_image[0][: len(seeds)], per_image[1][: len(seeds)], per_image[2][: len(seeds)]
+            unit, scale_unit, has_direction = (part[: len(keys)] for part in per_image[:3])
         _edit_direction(
-            group, d, sampler, unit, scale_unit, has_direction, scales, originals, starts, edit_steps, batch_size, edit.asymmetric
+            group, d, source, unit, scale_unit, has_direction, scales, starts, edit_steps, batch_size, edit.asymmetric
         )
         group["edited"][d] = has_direction
         shown_samples = np.flatnonzero(has_direction)[: edit.strip_samples]
@@ -220,13 +280,22 @@ def _edit(config: RunConfig, group, sampler, directions, jacobian_group, names, 
         group["done"][d] = True
 
 
-def _edit_direction(group, d, sampler, unit, scale_unit, has_direction, scales, originals, starts, edit_steps, batch_size, asymmetric) -> None:
+def _per_image_source(config: RunConfig) -> tuple:
+    """The samples' steps, h and seeds, which per-image Jacobian directions are taken from."""
+    import xarray as xr
+
+    samples = xr.open_zarr(samples_path(config), consolidated=False)
+    return [int(t) for t in samples["step"].values], samples["h"], samples["sample"].values
+
+
+def _edit_direction(group, d, source, unit, scale_unit, has_direction, scales, starts, edit_steps, batch_size, asymmetric) -> None:
     """Write ``images[d]``: one row per (scale != 0, sample with the direction), packed across scales."""
     import torch
 
     from hmine.editing import delta_for
     from hmine.regeneration import regenerate
 
+    originals = source.originals
     analysed = np.flatnonzero(has_direction)
     edited_scales = [s for s, scale in enumerate(scales) if scale != 0.0]
     for s, scale in enumerate(scales):
@@ -234,7 +303,7 @@ def _edit_direction(group, d, sampler, unit, scale_unit, has_direction, scales, 
             group["images"][d, s] = originals
     if not analysed.size:
         return
-    seeds = group["sample"][...]
+    keys = np.asarray(source.keys)
     if unit.ndim == 4:  # one delta per scale, shared by every sample
         deltas = torch.stack([delta_for(unit, scale_unit, scales[s]) for s in edited_scales])
         delta_index = [k for k in range(len(edited_scales)) for _ in analysed]
@@ -246,14 +315,15 @@ def _edit_direction(group, d, sampler, unit, scale_unit, has_direction, scales, 
     slabs: dict[int, np.ndarray] = {}
     remaining = {k: len(analysed) for k in range(len(edited_scales))}
     rows = regenerate(
-        sampler,
-        seeds[row_sample].tolist(),
+        source.sampler,
+        keys[row_sample].tolist(),
         deltas,
         delta_index,
         edit_steps=edit_steps,
         asymmetric=asymmetric,
         batch_size=batch_size,
         start_states=starts,
+        noise_source=source.noise_source,
     )
     for done, images in rows:
         for r, image in zip(done, images):
