@@ -36,14 +36,14 @@ def scheduled_run(config_path: str, overrides: list[str] | None = None) -> dict:
     from hmine.pipeline import prepare_run
     from hmine.preflight import check_run_inputs
     from hmine.runtime import RunLock
-    from hmine.stages import stage_names
+    from hmine.stages import applicable_stage_names
 
     hmine_logger = logging.getLogger("hmine")
     if hmine_logger.level == logging.NOTSET:  # as `hmine run`: one INFO line per stage
         hmine_logger.setLevel(logging.INFO)
     config = load_config(Path(config_path), list(overrides or []))
     _tag_with_config_hash(config)
-    stages = stage_names()
+    stages = applicable_stage_names(config)
     check_run_inputs(config, stages)
     with RunLock(config.run_dir):
         config = prepare_run(config)

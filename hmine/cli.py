@@ -103,6 +103,10 @@ def _run_stages(args, stages) -> int:
     if dask is not None and args.no_prefect:
         raise ValueError("--dask runs the sample stage as Prefect tasks; drop --no-prefect")
     config = load_config(args.config, [*args.overrides, *dask_overrides(dask)])
+    if stages is None:
+        from hmine.stages import applicable_stage_names
+
+        stages = applicable_stage_names(config)
     if args.no_prefect and config.runner.kind == "dask" and "sample" in stages:
         logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
     check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
@@ -169,7 +173,7 @@ def _remove_if_untouched(run_dir: Path, created: Path) -> None:
 def _deploy(args) -> int:
     from hmine.config import load_config
     from hmine.preflight import check_run_inputs
-    from hmine.stages import stage_names
+    from hmine.stages import applicable_stage_names
 
     if not os.environ.get("PREFECT_API_URL"):
         raise ValueError(
@@ -178,7 +182,8 @@ def _deploy(args) -> int:
         )
     if args.interval is not None and args.interval <= 0:
         raise ValueError(f"--interval must be a positive number of seconds, got {args.interval:g}")
-    check_run_inputs(load_config(args.config, args.overrides), stage_names())  # bad input: refused now
+    config = load_config(args.config, args.overrides)
+    check_run_inputs(config, applicable_stage_names(config))  # bad input: refused now
     from flows.deploy import serve_config  # the library never imports flows
 
     serve_config(args.config, args.overrides, cron=args.cron, interval=args.interval, name=args.name)
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         from hmine.stages import stage_names
 
         if args.command == "run":
-            return _run_stages(args, stage_names())
+            return _run_stages(args, None)  # the stages the config asks for
         if args.command in stage_names():
             return _run_stages(args, (args.command,))
         if args.command == "deploy":

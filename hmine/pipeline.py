@@ -115,6 +115,12 @@ def _why_stale(config: RunConfig, name: str, path: Path) -> str:
 
     attrs = (table_meta(path) or {}) if path.suffix == ".parquet" else open_group(path).attrs
     written_by = attrs.get(STAGE_HASH, attrs.get(CONFIG_HASH))
+    if name == "sample":
+        from hmine.stages.growth import describe_growth
+
+        growth = describe_growth(config, path)  # more samples asked for (or fewer)
+        if growth is not None:
+            return growth
     if written_by != config.stage_hash(name):
         return f"written by config {written_by}"
     from hmine.stages import changed_reads, get
@@ -131,17 +137,14 @@ def check_run_dir(config: RunConfig) -> None:
 
     Downstream stages are recomputed when their config changes, but samples are the
     expensive data every other output stands on: they are never mixed or overwritten.
+    More samples of the same config grow the run; fewer are refused
+    (:func:`hmine.stages.growth.samples_to_grow`).
     """
-    from hmine.stores import StoreConfigMismatch
+    from hmine.stages.growth import samples_to_grow
 
     path = config.run_dir / "samples.zarr"
     if store_state(path) in ("partial", "complete"):
-        found = open_group(path).attrs.get(CONFIG_HASH)
-        if found != config.stage_hash("sample"):
-            raise StoreConfigMismatch(
-                f"{path} was written by config {found}, not {config.stage_hash('sample')}; "
-                "use another run name (name: in the config) or delete the store to start over"
-            )
+        samples_to_grow(config, open_group(path).attrs, path)
 
 
 PINS = "pins.json"
@@ -384,10 +387,10 @@ def run_stages(config: RunConfig, stages: tuple[str, ...] | None = None) -> dict
     with each stage a cached Prefect task."""
     import time
 
-    from hmine.stages import stage_names
+    from hmine.stages import applicable_stage_names
 
     results = {}
-    for stage in check_stage_names(stage_names() if stages is None else stages):
+    for stage in check_stage_names(applicable_stage_names(config) if stages is None else stages):
         started = time.perf_counter()
         result = run_stage(stage, config)
         results[stage] = {**result, "cache_hit": result["computed"] == 0 and result["repaired"] == 0}

@@ -210,7 +210,7 @@ def run_report_stage(config: RunConfig):
 def provenance_section(config: RunConfig, run_dir: Path) -> str:
     import xarray as xr
 
-    from hmine.stages import stage_names
+    from hmine.stages import applicable_stage_names
 
     samples = xr.open_zarr(run_dir / "samples.zarr", consolidated=False)
     log = read_run_log(run_dir)
@@ -222,7 +222,7 @@ def provenance_section(config: RunConfig, run_dir: Path) -> str:
         f"{samples.sizes['step']} steps, eta {config.sample.eta}. hmine {hmine.__version__}, "
         f"git <code>{html.escape(str(samples.attrs.get('hmine:git_sha', '?'))[:12])}</code>.</p>",
         "<table class='data'><tr><th>stage</th><th>config hash</th></tr>"
-        + "".join(f"<tr><td>{s}</td><td><code>{config.stage_hash(s)}</code></td></tr>" for s in stage_names() if s != "report")
+        + "".join(f"<tr><td>{s}</td><td><code>{config.stage_hash(s)}</code></td></tr>" for s in applicable_stage_names(config) if s != "report")
         + "</table>",
     ]
     if len(log):
@@ -422,13 +422,13 @@ def jacobian_section(config: RunConfig, run_dir: Path, img: Path) -> str:
 def _build_sections_into(config: RunConfig, run_dir: Path, out: Path) -> None:
     import importlib
 
-    from hmine.stages import is_complete, stages
+    from hmine.stages import is_complete, stage_applies, stages
 
     if store_state(run_dir / "samples.zarr") != "complete":
         raise FileNotFoundError(f"{run_dir / 'samples.zarr'} is not complete; run the sample stage first")
     sections = [provenance_section(config, run_dir)]
     for stage in stages():
-        if stage.output is None:
+        if stage.output is None or not stage_applies(config, stage.name):
             continue
         if not is_complete(config, stage.name):
             sections.append(f"<h2>{stage_heading(stage.name)}</h2><p>{NOT_DONE}</p>")

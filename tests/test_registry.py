@@ -189,3 +189,20 @@ def test_no_module_over_500_lines_and_no_function_over_80():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 too_long.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert too_long == [], "split these by concern:\n" + "\n".join(too_long)
+
+
+def test_a_whole_run_takes_only_the_stages_its_config_asks_for(tmp_path):
+    """The invert stage applies only with an images: section: without one, `hmine run`,
+    deployments, status and the report leave it out (the run log of a plain run used to
+    start with an empty 'invert' record and the report showed it as not run)."""
+    from hmine.config import load_config
+    from hmine.stages import applicable_stage_names, stage_names
+
+    plain = load_config(None, [f"output_root={tmp_path}", "name=plain"])
+    with_images = load_config(None, [f"output_root={tmp_path}", "name=real", "images.world.n=4"])
+    assert "invert" in stage_names()
+    assert "invert" not in applicable_stage_names(plain)
+    assert "invert" in applicable_stage_names(with_images)
+    others = [s for s in applicable_stage_names(with_images) if s != "invert"]
+    assert list(applicable_stage_names(plain)) == others  # in registry order
+    assert {"sample", "label", "directions", "jacobian", "edit", "report"} <= set(others)

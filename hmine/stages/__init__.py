@@ -138,6 +138,16 @@ def stage_applies(config: "RunConfig", name: str) -> bool:
     return stage.applies is None or bool(stage.applies(config))
 
 
+def applicable_stage_names(config: "RunConfig") -> tuple[str, ...]:
+    """The stages a whole run of ``config`` runs, in order: those its config asks for.
+
+    ``hmine run``, a deployment's runs, ``hmine status`` and the report all take their
+    stage list from here, so a stage the config does not ask for (the invert stage
+    without ``images:``) is neither run, logged, listed nor reported as missing.
+    """
+    return tuple(name for name in stage_names() if stage_applies(config, name))
+
+
 def get(name: str) -> Stage:
     _load_builtin()
     try:
