@@ -197,6 +197,13 @@ def _status(args) -> int:
     if not args.run_dir.exists():
         print(f"error: run directory {args.run_dir} does not exist", file=sys.stderr)
         return 2
+    if not args.run_dir.is_dir():  # e.g. `hmine status configs/demo.yaml`: every stage would read 'missing'
+        print(
+            f"error: {args.run_dir} is a file, not a run directory: pass the run's directory "
+            f"(e.g. stores/<name>), and the config with --config {args.run_dir} to detect stale stages",
+            file=sys.stderr,
+        )
+        return 2
     config = load_config(args.config) if args.config else None
     for status in stage_status(args.run_dir, config):
         print(status.line())

@@ -30,6 +30,9 @@ def test_sample_then_status(config_file, tmp_path):
     run_dir = tmp_path / "stores" / "cli"
     status = _run(["status", str(run_dir)], tmp_path)
     assert status.returncode == 2 and "does not exist" in status.stderr
+    status = _run(["status", str(config_file)], tmp_path)  # the config in place of the run directory
+    assert status.returncode == 2 and "not a run directory" in status.stderr and "--config" in status.stderr
+    assert "missing" not in status.stdout
     out = _run(["sample", str(config_file), "--no-prefect"], tmp_path)
     assert out.returncode == 0, out.stderr
     status = _run(["status", str(run_dir)], tmp_path)
