@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hmine.learning.config import LearnConfig
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -336,6 +338,7 @@ class RunConfig(_Frozen):
     jacobian: JacobianConfig = JacobianConfig()
     images: ImagesConfig | None = None  # real images: the invert stage runs only when set
     invert: InvertConfig = InvertConfig()
+    learn: LearnConfig = LearnConfig()  # learned edits (Asyrp): the learn stage runs only with targets
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @field_validator("name")

@@ -68,6 +68,20 @@ def invert_settings(config: "RunConfig") -> dict:
     }}
 
 
+def learn_settings(config: "RunConfig") -> dict:
+    from hmine.identity import model_identity, weights_fingerprint
+    from hmine.labelling import embedded_classifier_path
+
+    learn = config.learn
+    if not learn.targets:
+        return {"learn": None}
+    classifier = weights_fingerprint(config.label.classifier_path or embedded_classifier_path())
+    loss_models = {t.name: model_identity(t.clip_model_id, t.clip_revision) if t.kind == "clip" else classifier for t in learn.targets}
+    # checkpoint_every changes only where a training can resume from, not what it computes
+    return {"learn": {**learn.model_dump(mode="json", exclude={"checkpoint_every"}),
+                      "attributes": list(config.label.attributes), "loss_models": loss_models}}  # fmt: skip
+
+
 def edit_settings(config: "RunConfig") -> dict:
     # the source joins the hash only when set, so edits of samples keep their hash
     exclude = {"batch_size", "strip_samples"} | ({"source"} if config.edit.source == "samples" else set())
@@ -132,6 +146,12 @@ def inversions_damaged(config: "RunConfig") -> int:
     from hmine.stages.invert import damaged_inversion_batches
 
     return len(damaged_inversion_batches(config.run_dir / "inversions.zarr"))
+
+
+def learned_damaged(config: "RunConfig") -> int:
+    from hmine.stages.learn import learned_damaged as damaged
+
+    return damaged(config)
 
 
 def edits_damaged(config: "RunConfig") -> int:
@@ -248,6 +268,17 @@ JACOBIAN = register(Stage(  # before the edit stage, which can apply per-image J
     intact=jacobian_damaged,
     preflight=(check_model, check_masks),
     report_section="hmine.report:jacobian_section",
+))
+LEARN = register(Stage(  # before the edit stage, which can apply learned directions and delta blocks
+    name="learn",
+    summary="learn Asyrp's edits (a delta h per step and the delta block) for the learn.targets",
+    run="hmine.stages.learn:run_learn_stage",
+    output="learned.zarr",
+    settings=learn_settings,
+    reads=("sample",),
+    intact=learned_damaged,
+    preflight=(check_model,),
+    applies=lambda config: bool(config.learn.targets),
 ))
 EDIT = register(Stage(
     name="edit",
