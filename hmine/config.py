@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hmine.prompts import TextConfig
+from hmine.learning.config import LearnConfig
 
 
 class _Frozen(BaseModel):
@@ -64,7 +64,6 @@ class SampleConfig(_Frozen):
     )
     h_dtype: Literal["float16", "float32"] = "float16"
     images_dtype: Literal["float16", "float32"] = "float32"
-    text: TextConfig | None = Field(None, description="prompts and guidance of a text-conditional model (hmine.prompts)")
 
     @field_validator("eta")
     @classmethod
@@ -339,6 +338,7 @@ class RunConfig(_Frozen):
     jacobian: JacobianConfig = JacobianConfig()
     images: ImagesConfig | None = None  # real images: the invert stage runs only when set
     invert: InvertConfig = InvertConfig()
+    learn: LearnConfig = LearnConfig()  # learned edits (Asyrp): the learn stage runs only with targets
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @field_validator("name")

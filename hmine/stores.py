@@ -10,6 +10,10 @@ The life of a store (pangeo-forge's pattern):
    entries of the ``done`` array. zarr's local store writes each chunk file atomically
    (temp file + rename), so a kill at any moment loses at most the batch in flight.
 3. ``hmine:complete`` is set last, after every batch is done.
+4. A store may grow along its first axis (a run asked for more samples):
+   :func:`begin_growth` takes the complete mark away and sets the new identity in one
+   attribute write, :func:`finish_growth` resizes the arrays (same chunks) and rewrites
+   the coordinates; the new rows are then written as in 2 and the store marked as in 3.
 
 :func:`hmine.chunk_checks.verify_done_chunks` checks on every rerun that the chunk files of batches marked
 done exist and decode; a batch whose chunk was deleted or truncated is un-marked (and the
@@ -269,7 +273,7 @@ def prepare_store(
     return group
 
 
-def _create_array(group, spec: ArraySpec, coords: dict[str, np.ndarray] | None) -> None:
+def _create_array(group, spec: ArraySpec, coords: dict[str, np.ndarray] | None, overwrite: bool = False) -> None:
     array = group.create_array(
         spec.name,
         shape=spec.shape,
@@ -279,6 +283,7 @@ def _create_array(group, spec: ArraySpec, coords: dict[str, np.ndarray] | None) 
         dimension_names=spec.dims,
         fill_value=spec.fill_value,
         attributes=spec.attrs or {},
+        overwrite=overwrite,
     )
     if coords and spec.name in coords:
         array[...] = coords[spec.name]
@@ -301,6 +306,61 @@ def batch_region(batch: int, batch_size: int, n: int) -> slice:
 
 def mark_complete(group) -> None:
     group.attrs[COMPLETE] = True
+
+
+# --------------------------------------------------------------------------------------
+# Growing a store along its first axis (a run asked for more samples)
+# --------------------------------------------------------------------------------------
+
+# The row count a store is being grown to, set until every array has it: a store that
+# carries it is partial and its growth is finished (:func:`finish_growth`) before work.
+GROWING = "hmine:growing"
+# The stores a grown store was grown from, oldest first: [{uuid, n_samples, unchanged,
+# grown}]; ``unchanged`` rows of that store keep their bits in this one (a stage that
+# read it may keep what it computed from them, hmine.stages.label).
+LINEAGE = "hmine:lineage"
+
+
+def begin_growth(group, n: int, attrs: dict, lineage_entry: dict) -> None:
+    """Step 1 of growing a store to ``n`` rows: one atomic write of its attributes.
+
+    The write takes the complete mark away, sets the grown store's identity (``attrs``:
+    its config hash, input identity, stage config) and a new uuid, appends
+    ``lineage_entry`` to :data:`LINEAGE` and sets :data:`GROWING` to ``n``. A kill before
+    it leaves the store as it was; after it, a partial store whose growth
+    :func:`finish_growth` completes on the next run. Nothing downstream trusts it until
+    it is marked complete again (a partial store has no uuid to key on).
+    """
+    current = group.attrs.asdict()
+    current.pop(COMPLETE, None)
+    lineage = [*current.get(LINEAGE, []), lineage_entry]
+    group.attrs.put({**current, **attrs, STORE_UUID: uuid.uuid4().hex, LINEAGE: lineage, GROWING: int(n)})
+
+
+def finish_growth(group, per_row: tuple[str, ...], rewritten: tuple[tuple[ArraySpec, np.ndarray], ...]) -> None:
+    """Step 2 of growing a store: resize, rewrite the coordinates, drop :data:`GROWING`.
+
+    Every array in ``per_row`` is resized along its first axis to the :data:`GROWING`
+    row count with its chunks unchanged (the new rows read as fill values: their
+    done-marks are False); each ``(spec, values)`` in ``rewritten`` (a coordinate, one
+    chunk as in a fresh store) is written anew whole unless it already holds exactly
+    that. Each step is idempotent and each metadata or chunk write atomic, so a kill
+    anywhere is finished by calling this again.
+    """
+    n = int(group.attrs[GROWING])
+    for name in per_row:
+        if name not in group:  # an array whose folder was lost: its stage makes it anew at the new size
+            continue
+        array = group[name]
+        if array.shape[0] != n:
+            array.resize((n, *array.shape[1:]))
+    for spec, values in rewritten:
+        array = group[spec.name] if spec.name in group else None
+        same = (array is not None and array.shape == spec.shape and array.chunks == spec.chunks
+                and np.array_equal(array[...], values))
+        if not same:
+            _create_array(group, spec, {spec.name: values}, overwrite=True)
+    del group.attrs[GROWING]
 
 
 def store_uuid(path: Path) -> str | None:

@@ -26,10 +26,7 @@ def sample_settings(config: "RunConfig") -> dict:
     exclude = {"device"} | ({"precision"} if config.model.precision == "float32" else set())
     model = config.model.model_dump(mode="json", exclude=exclude)
     model["weights"] = model_identity(config.model.id, config.model.revision)
-    # sample.text joins the hash only when set (runs of unconditional models keep theirs);
-    # edit_branches changes edits, not samples: it is in the edit stage's settings
-    text = {"text"} if config.sample.text is None else {"text": {"edit_branches"}}
-    return {"model": model, "sample": config.sample.model_dump(mode="json", exclude=text)}
+    return {"model": model, "sample": config.sample.model_dump(mode="json")}
 
 
 def label_settings(config: "RunConfig") -> dict:
@@ -71,13 +68,24 @@ def invert_settings(config: "RunConfig") -> dict:
     }}
 
 
+def learn_settings(config: "RunConfig") -> dict:
+    from hmine.identity import model_identity, weights_fingerprint
+    from hmine.labelling import embedded_classifier_path
+
+    learn = config.learn
+    if not learn.targets:
+        return {"learn": None}
+    classifier = weights_fingerprint(config.label.classifier_path or embedded_classifier_path())
+    loss_models = {t.name: model_identity(t.clip_model_id, t.clip_revision) if t.kind == "clip" else classifier for t in learn.targets}
+    # checkpoint_every changes only where a training can resume from, not what it computes
+    return {"learn": {**learn.model_dump(mode="json", exclude={"checkpoint_every"}),
+                      "attributes": list(config.label.attributes), "loss_models": loss_models}}  # fmt: skip
+
+
 def edit_settings(config: "RunConfig") -> dict:
     # the source joins the hash only when set, so edits of samples keep their hash
     exclude = {"batch_size", "strip_samples"} | ({"source"} if config.edit.source == "samples" else set())
-    settings = {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
-    if config.sample.text is not None:  # the guidance branches an edit adds its delta in
-        settings["edit_branches"] = config.sample.text.edit_branches
-    return settings
+    return {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
 
 
 # -- other inputs ----------------------------------------------------------------------
@@ -140,6 +148,12 @@ def inversions_damaged(config: "RunConfig") -> int:
     return len(damaged_inversion_batches(config.run_dir / "inversions.zarr"))
 
 
+def learned_damaged(config: "RunConfig") -> int:
+    from hmine.stages.learn import learned_damaged as damaged
+
+    return damaged(config)
+
+
 def edits_damaged(config: "RunConfig") -> int:
     from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, damaged_entries
     from hmine.stores import open_group, store_state
@@ -165,12 +179,6 @@ def check_model(config: "RunConfig") -> None:
     from hmine.models import check_model_source
 
     check_model_source(config.model.id)
-
-
-def check_text(config: "RunConfig") -> None:
-    from hmine.text_models import check_run_text
-
-    check_run_text(config)
 
 
 def check_labeller(config: "RunConfig") -> None:
@@ -212,7 +220,7 @@ SAMPLE = register(Stage(
     output="samples.zarr",
     settings=sample_settings,
     intact=samples_damaged,
-    preflight=(check_model, check_text),
+    preflight=(check_model,),
     report_section="hmine.report:sample_section",
 ))
 INVERT = register(Stage(  # reads nothing: only the model and the images of the images: section
@@ -260,6 +268,17 @@ JACOBIAN = register(Stage(  # before the edit stage, which can apply per-image J
     intact=jacobian_damaged,
     preflight=(check_model, check_masks),
     report_section="hmine.report:jacobian_section",
+))
+LEARN = register(Stage(  # before the edit stage, which can apply learned directions and delta blocks
+    name="learn",
+    summary="learn Asyrp's edits (a delta h per step and the delta block) for the learn.targets",
+    run="hmine.stages.learn:run_learn_stage",
+    output="learned.zarr",
+    settings=learn_settings,
+    reads=("sample",),
+    intact=learned_damaged,
+    preflight=(check_model,),
+    applies=lambda config: bool(config.learn.targets),
 ))
 EDIT = register(Stage(
     name="edit",

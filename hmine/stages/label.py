@@ -8,6 +8,11 @@ store it was computed from, :mod:`hmine.stages`); a rerun with it unchanged does
 progress is kept per batch in ``labels.parts/`` (one parquet file per batch, each
 written atomically), so a killed run resumes; the final table is written atomically
 last, so a half-written table never looks complete.
+
+When the samples store has grown (:mod:`hmine.stages.growth`), the rows of the earlier
+table for samples the growth kept are kept (whole label batches, at the same
+``label.batch_size``) and only the new samples are labelled: the table equals that of a
+fresh run of the new size bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from hmine.config import RunConfig
+from hmine.stages.growth import growth_key, recorded_stage_config, unchanged_rows
 from hmine.stages.sample import StageResult, progress, samples_path
 from hmine.stores import (
     UnreadableFile,
@@ -36,6 +42,9 @@ from hmine.stores import (
 logger = logging.getLogger(__name__)
 
 LABELS_TABLE = "labels.parquet"
+# The label batch size a table was computed at (not in its identity, which it does not
+# change up to rounding): a grown run keeps earlier rows only when computed at the same one.
+LABEL_BATCH_SIZE = "hmine:label_batch_size"
 
 
 def labels_path(config: RunConfig) -> Path:
@@ -70,6 +79,38 @@ def _parts_identity(manifest: Path) -> dict | None:
     except UnreadableFile as error:  # e.g. a kill while an older hmine wrote it in place
         logger.warning("label stage: %s; its parts are relabelled", error)
         return None
+
+
+def kept_label_rows(config: RunConfig, samples_attrs, seeds: np.ndarray) -> pd.DataFrame | None:
+    """The leading rows of the run's earlier ``labels.parquet`` that a fresh label run of the
+    current samples store computes bit for bit, whole label batches of them; None when none.
+
+    They exist when the store was grown from the one the table was made from (its lineage,
+    :func:`hmine.stages.growth.unchanged_rows`), the table was made with the same label
+    settings (all but ``sample.n_samples``) at the same ``label.batch_size``, and its seeds
+    are the store's first ones.
+    """
+    from hmine.stages import INPUT_READS
+
+    path, batch = labels_path(config), config.label.batch_size
+    meta = table_meta(path)
+    if meta is None or meta.get(LABEL_BATCH_SIZE) != batch:
+        return None
+    recorded = recorded_stage_config(meta)
+    if recorded is None or growth_key(recorded) != growth_key(json.loads(json.dumps(config.stage_inputs("label")))):
+        return None
+    rows = unchanged_rows(samples_attrs, json.loads(meta.get(INPUT_READS, "{}")).get("sample"))
+    rows -= rows % batch
+    if rows == 0:
+        return None
+    table = pd.read_parquet(path).iloc[:rows]
+    return table if np.array_equal(table.index.to_numpy(), seeds[:rows]) else None
+
+
+def _write_part(parts: Path, b: int, scores: pd.DataFrame) -> None:
+    tmp = parts / f"part-{b:06d}.parquet.tmp"
+    scores.to_parquet(tmp)
+    tmp.replace(parts / f"part-{b:06d}.parquet")
 
 
 def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = True) -> StageResult:
@@ -115,14 +156,16 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
     group = open_group(source)
     seeds = group["sample"][...]
     n_batches = -(-len(seeds) // batch)
+    kept = kept_label_rows(config, group.attrs, seeds)  # a grown run: the earlier table's rows it keeps
+    for b in range(0 if kept is None else len(kept) // batch):
+        if not (parts / f"part-{b:06d}.parquet").exists():
+            _write_part(parts, b, kept.iloc[b * batch : (b + 1) * batch])
     todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
     for b in progress(todo, "label", "batch", show_progress):
         region = slice(b * batch, min(len(seeds), (b + 1) * batch))
         scores = labeller.score(np.asarray(group["x0"][region], dtype=np.float32))
         scores.index = pd.Index(seeds[region], name="seed")
-        tmp = parts / f"part-{b:06d}.parquet.tmp"
-        scores.to_parquet(tmp)
-        tmp.replace(parts / f"part-{b:06d}.parquet")
+        _write_part(parts, b, scores)
     table = pd.concat([pd.read_parquet(parts / f"part-{b:06d}.parquet") for b in range(n_batches)])
     if not np.array_equal(table.index.to_numpy(), seeds):
         raise RuntimeError(
@@ -136,6 +179,7 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
             "hmine:config_hash": config.stage_hash("label"),
             **identity_record(config, "label"),
             "hmine:labeller": labeller.name,
+            LABEL_BATCH_SIZE: batch,
             "hmine:stage_config": json.dumps(config.stage_inputs("label"), sort_keys=True),
         },
     )

@@ -8,18 +8,16 @@ variable   dims                            meaning
 ``h``      (sample, step, channel, y, x)   bottleneck activations at every step
 ``x0``     (sample, color, height, width)  final images in [-1, 1]
 ``done``   (sample,)                       True once the sample's batch is written
-``prompt`` (sample,)                       each sample's prompt (text-conditional models)
 =========  ==============================  ===========================================
 
 Coordinates: ``sample`` holds each sample's seed, ``step`` the scheduler's timestep
 values, ``step_index`` the loop index. One chunk per batch along ``sample`` and one
-step per chunk along ``step`` (per-step PCA reads one step at a time). A text-conditional
-run's prompts are a function of the seeds (``sample.text``, :mod:`hmine.prompts`) and are
-written whole with the template; its guidance settings are in the store's attributes.
+step per chunk along ``step`` (per-step PCA reads one step at a time).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass
@@ -29,13 +27,20 @@ import numpy as np
 
 from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, damaged_batches, verify_done_chunks
 from hmine.config import RunConfig
+from hmine.stages.growth import samples_to_grow
 from hmine.stores import (
     COMPLETE,
     CONFIG_HASH,
+    GROWING,
+    LINEAGE,
+    STAGE_HASH,
+    STORE_UUID,
     ArraySpec,
     StoreConfigMismatch,
     batch_region,
+    begin_growth,
     done_batches,
+    finish_growth,
     mark_complete,
     open_group,
     prepare_store,
@@ -92,7 +97,6 @@ def make_sampler(config: RunConfig, model=None):
         h_position=config.model.h_position,
         torch_threads=config.sample.torch_threads,
         precision=config.model.precision,
-        text=config.sample.text,
     )
 
 
@@ -103,6 +107,11 @@ def progress(items: list, desc: str, unit: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit=unit)
+
+
+def _seed_spec(n: int) -> ArraySpec:
+    """The ``sample`` coordinate (each sample's seed): one chunk, uncompressed."""
+    return ArraySpec("sample", (n,), (n,), "int64", ("sample",), {"long_name": "seed of the sample"}, None, False)
 
 
 def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple[list, dict, dict]:
@@ -118,8 +127,8 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             {
                 "long_name": f"U-Net h-space activations ({config.model.h_position} the mid block)",
                 "units": "1",
-                # CF convention: xarray attaches step_index (and prompt) as coordinates of h
-                "coordinates": "step_index prompt" if sample.text is not None else "step_index",
+                # CF convention: xarray attaches step_index as a coordinate of h
+                "coordinates": "step_index",
             },
         ),
         ArraySpec(
@@ -131,7 +140,7 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             {"long_name": "generated image", "units": "pixel value in [-1, 1]"},
         ),
         ArraySpec("done", (n,), (b,), "bool", ("sample",), {"long_name": "batch written"}, False, False),
-        ArraySpec("sample", (n,), (n,), "int64", ("sample",), {"long_name": "seed of the sample"}, None, False),
+        _seed_spec(n),
         ArraySpec("step", (steps,), (steps,), "int64", ("step",), {"long_name": "scheduler timestep"}, None, False),
         ArraySpec("step_index", (steps,), (steps,), "int64", ("step",), {"long_name": "denoising step index"}, None, False),
     ]
@@ -140,16 +149,6 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
         "step": np.asarray(timesteps, dtype=np.int64),
         "step_index": np.arange(steps, dtype=np.int64),
     }
-    text = {}
-    if sample.text is not None:
-        # known before sampling (a function of the seed): written whole with the template
-        arrays.append(ArraySpec("prompt", (n,), (n,), str, ("sample",), {"long_name": "prompt of the sample"}, None, False))
-        coords["prompt"] = np.asarray([sample.text.prompt_for(seed) for seed in sample.seeds], dtype=str)
-        text = {
-            "hmine:negative_prompt": sample.text.negative_prompt or "",
-            "hmine:guidance_scale": sample.text.guidance_scale,
-            "hmine:h_branch": sample.text.h_branch,
-        }
     attrs = provenance_attrs(
         config.stage_inputs("sample"),
         config.stage_hash("sample"),
@@ -159,7 +158,6 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             "hmine:h_position": config.model.h_position,
             "hmine:eta": sample.eta,
             "hmine:num_inference_steps": steps,
-            **text,
         },
     )
     return arrays, attrs, coords
@@ -184,7 +182,11 @@ class SamplePlan:
 
 
 def _image_shape(model) -> tuple[int, ...]:
-    return model.image_shape
+    size = model.unet.config.sample_size
+    image_size = (size, size) if isinstance(size, int) else tuple(size)
+    if model.vqvae is not None:
+        image_size = tuple(s * 2 ** (len(model.vqvae.config.block_out_channels) - 1) for s in image_size)
+    return (3, *image_size)
 
 
 def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
@@ -204,6 +206,9 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
     n, b = config.sample.n_samples, config.sample.batch_size
     n_batches = -(-n // b)
     state = store_state(path)
+    if state in ("partial", "complete"):
+        grow_sample_store(config, path)  # more samples asked for: the store grows (and is partial)
+        state = store_state(path)
     if state == "complete":
         group = open_group(path, mode="r+")
         if group.attrs.get(CONFIG_HASH) == config.stage_hash("sample"):
@@ -228,6 +233,8 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
     repaired = sorted(set(repaired) | set(verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)))
     if repaired:
         logger.warning("sample stage: batches %s had damaged chunks and will be redone", repaired)
+        if group.attrs.get(LINEAGE):  # redone rows are not checked to equal the old ones: keep nothing
+            group.attrs[LINEAGE] = []
     todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
     if todo and not arrays:
         check_same_device(config, group.attrs, path)
@@ -265,6 +272,62 @@ def check_same_device(config: RunConfig, attrs, path: Path) -> None:
         raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
 
 
+# -- growing a run: more samples of the same config --------------------------------------
+
+
+def grow_sample_store(config: RunConfig, path: Path) -> int | None:
+    """Grow an existing ``samples.zarr`` to ``config.sample.n_samples``, or finish a growth
+    a kill interrupted; return the sample count it held (None: no growth asked for).
+
+    The arrays along ``sample`` are resized with the same chunks and the new seeds are
+    sampled batch by batch like any partial store (:func:`prepare_sample_stage` lists
+    them). A last batch the old store held only in part is sampled again whole, as a fresh
+    run of the new size samples it, so the grown store equals that run bit for bit.
+    Growth is two steps (:func:`~hmine.stores.begin_growth`, one attribute write that
+    makes the store partial with its new identity and a new uuid;
+    :func:`~hmine.stores.finish_growth`, idempotent): a kill at any moment leaves a store
+    that no stage reads as complete and that the next run finishes.
+    """
+    group = open_group(path, mode="r+")
+    held = samples_to_grow(config, group.attrs, path)
+    n, b = config.sample.n_samples, config.sample.batch_size
+    coordinates = per_sample_coordinates(config)
+    if held is not None:
+        check_same_device(config, group.attrs, path)  # before anything changes
+        known = {*_GROWN_ARRAYS, *(spec.name for spec, _ in coordinates)}
+        along_sample = [k for k in sorted(group.array_keys()) if (group[k].metadata.dimension_names or ())[:1] == ("sample",)]
+        unknown = [k for k in along_sample if k not in known]
+        if unknown:
+            raise StoreConfigMismatch(
+                f"{path} cannot grow: its arrays {unknown} along sample have no rule for new samples "
+                "(hmine.stages.sample.per_sample_coordinates); use another run name for more samples"
+            )
+        complete = bool(group.attrs.get(COMPLETE))
+        entry = {
+            # the old store's uuid only if something downstream can have read it (complete)
+            "uuid": group.attrs.get(STORE_UUID) if complete else None,
+            "n_samples": held,
+            "unchanged": held - held % b,  # a last batch held in part is sampled again whole
+            "grown": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        identity = (CONFIG_HASH, "hmine:input_identity", STAGE_HASH, "hmine:stage_config")
+        attrs = provenance_attrs(config.stage_inputs("sample"), config.stage_hash("sample"))
+        begin_growth(group, n, {k: attrs[k] for k in identity}, entry)
+        logger.info("sample stage: %s grows from %d to %d samples", path, held, n)
+    if group.attrs.get(GROWING) is not None:
+        finish_growth(group, _GROWN_ARRAYS, tuple(coordinates))
+    return held
+
+
+_GROWN_ARRAYS = ("h", "x0", "done")  # resized along sample; the coordinates are written anew
+
+
+def per_sample_coordinates(config: RunConfig) -> list[tuple[ArraySpec, np.ndarray]]:
+    """The store's arrays along ``sample`` known before sampling, with their values: written
+    anew whole (one chunk, as in a fresh store) when the store grows. Each sample's seed."""
+    return [(_seed_spec(config.sample.n_samples), np.asarray(config.sample.seeds, dtype=np.int64))]
+
+
 def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False) -> list[int]:
     """Sample the given batches into a prepared ``samples.zarr``; return those computed.
 
@@ -295,6 +358,8 @@ def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_pr
     expected = config.stage_hash("sample")
     if group.attrs.get(CONFIG_HASH) != expected:
         raise StoreConfigMismatch(f"{path} was written by config {group.attrs.get(CONFIG_HASH)}, not {expected}")
+    if group.attrs.get(GROWING) is not None:
+        raise RuntimeError(f"{path} is being grown; run prepare_sample_stage first to finish its growth")
     n, b = config.sample.n_samples, config.sample.batch_size
     done = done_batches(group, b)
     if any(batch < 0 for batch in batches):

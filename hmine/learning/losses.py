@@ -1,0 +1,171 @@
+"""The losses a learned edit is trained with, and S_dir, CLIP's directional similarity.
+
+Every loss is called as ``loss(edited, original) -> (loss, parts)`` on a batch of images
+(n, 3, H, W) in [-1, 1] that carry gradients (``edited``: the edited step's prediction of
+x0, P_t of Asyrp) and their unedited counterparts (``original``: P_t of the same x_t
+without the edit, no gradient), and returns a scalar and its named parts for the log.
+
+The reference is the unedited prediction *at the same step*, so both terms see only what
+the edit changed; Asyrp compares its CLIP term to the final original image x0 instead,
+which at high t also counts the blur of P_t as part of the "edit".
+
+* :class:`ClassifierTarget` — the embedded world: push one attribute's score across 0.5
+  (binary cross-entropy towards the target side), keep the other attributes' scores
+  (squared change, the leakage term) and the image (L1);
+* :class:`ClipDirectional` — a text pair: Asyrp's (StyleGAN-NADA's) directional CLIP
+  loss ``-log((1 + cos) / 2)`` of the image-embedding change against the text-embedding
+  change, plus L1;
+* :func:`directional_similarity` — S_dir per image, cos(E_I(after) - E_I(before),
+  E_T(target) - E_T(source)) on L2-normalised embeddings: the mean is S_dir (not 1 - cos,
+  which the DL2 reproduction printed under that name).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hmine.world.classifier.network import THRESHOLDED_ATTRIBUTES
+
+
+def world_attribute_scores(classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The world classifier's binary attribute scores, differentiable in ``images``.
+
+    The same numbers as :func:`hmine.world.classifier.predict_attributes` (tested): ``is_circle``
+    and ``is_red`` are softmax probabilities, the thresholded attributes
+    ``sigmoid(±(value - threshold) / temperature)``.
+    """
+    out = classifier(images)
+    shape_p, color_p = out["shape_logits"].softmax(-1), out["color_logits"].softmax(-1)
+    values = classifier.to_world_units(out["continuous_scaled"])
+    from hmine.world import renderer as world
+    from hmine.world.classifier.network import CONTINUOUS
+
+    scores = {"is_circle": shape_p[:, world.SHAPES.index("circle")], "is_red": color_p[:, world.COLORS.index("red")]}
+    for name, (factor, threshold, above) in THRESHOLDED_ATTRIBUTES.items():
+        z = (values[:, CONTINUOUS.index(factor)] - threshold) / classifier.temperatures[name]
+        scores[name] = torch.sigmoid((z if above else -z).clamp(-50.0, 50.0))
+    return scores
+
+
+def l1_to_original(edited: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel change."""
+    return (edited - original).abs().mean()
+
+
+class ClassifierTarget:
+    """Turn ``attribute`` on (``toward="positive"``) or off with the world classifier; keep the rest.
+
+    loss = target_weight * BCE(score_attribute(edited), target)
+         + leakage_weight * mean_b (score_b(edited) - score_b(original))^2
+         + l1_weight * |edited - original|_1 (mean)
+    """
+
+    def __init__(self, classifier, attribute: str, *, toward: str = "positive", leakage_attributes=(),
+                 target_weight: float = 1.0, leakage_weight: float = 1.0, l1_weight: float = 0.5):  # fmt: skip
+        known = ("is_circle", "is_red", *THRESHOLDED_ATTRIBUTES)
+        unknown = [a for a in (attribute, *leakage_attributes) if a not in known]
+        if unknown:
+            raise ValueError(f"learn.targets: the world classifier has no attributes {unknown}; it scores {list(known)}")
+        if toward not in ("positive", "negative"):
+            raise ValueError(f"toward must be 'positive' or 'negative', got {toward!r}")
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.attribute, self.target = attribute, 1.0 if toward == "positive" else 0.0
+        self.others = [a for a in leakage_attributes if a != attribute]
+        self.weights = (float(target_weight), float(leakage_weight), float(l1_weight))
+
+    def __call__(self, edited: torch.Tensor, original: torch.Tensor):
+        scores = world_attribute_scores(self.classifier, edited)
+        score = scores[self.attribute].clamp(1e-6, 1 - 1e-6)
+        target = F.binary_cross_entropy(score, torch.full_like(score, self.target))
+        if self.others:
+            with torch.no_grad():
+                before = world_attribute_scores(self.classifier, original)
+            leakage = torch.stack([((scores[b] - before[b]) ** 2).mean() for b in self.others]).mean()
+        else:
+            leakage = edited.new_zeros(())
+        l1 = l1_to_original(edited, original)
+        w_target, w_leakage, w_l1 = self.weights
+        loss = w_target * target + w_leakage * leakage + w_l1 * l1
+        return loss, {"target": target.detach(), "leakage": leakage.detach(), "l1": l1.detach(),
+                      "score": scores[self.attribute].detach().mean()}  # fmt: skip
+
+
+class ClipEmbedder:
+    """CLIP's image and text embeddings (L2-normalised), differentiable in the images.
+
+    Parameters
+    ----------
+    model_id : str
+        A hub id (``openai/clip-vit-base-patch32``) or a local folder with the tokenizer.
+    revision : str, optional
+    device : str, default="cpu"
+    """
+
+    def __init__(self, model_id: str, revision: str | None = None, device: str = "cpu"):
+        from hmine.clip.loading import load_clip, load_preprocessing
+
+        self.model, self.tokenizer = load_clip(model_id, revision)
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.preprocessing = load_preprocessing(model_id, revision, int(self.model.config.vision_config.image_size))
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings of images (n, 3, H, W) in [-1, 1] (clipped there, as a saved image is)."""
+        from hmine.clip.labeller import _projected
+
+        pixels = self.preprocessing((images.to(self.device, torch.float32).clamp(-1.0, 1.0) + 1.0) / 2.0)
+        return F.normalize(_projected(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit text embeddings (n, d)."""
+        from hmine.clip.labeller import _projected
+
+        tokens = {k: v.to(self.device) for k, v in self.tokenizer(list(texts), padding=True, return_tensors="pt").items()}
+        return F.normalize(_projected(self.model.get_text_features(**tokens)).float(), dim=-1)
+
+    def text_direction(self, source: str, target: str) -> torch.Tensor:
+        """E_T(target) - E_T(source) of the unit text embeddings (d,)."""
+        embedded = self.texts([source, target])
+        return embedded[1] - embedded[0]
+
+
+def directional_cosines(embedder: ClipEmbedder, before: torch.Tensor, after: torch.Tensor, text_direction: torch.Tensor) -> torch.Tensor:
+    """Per image, cos(E_I(after) - E_I(before), text_direction); 0 where the image embedding did not move."""
+    change = embedder.images(after) - embedder.images(before)
+    return F.cosine_similarity(change, text_direction.to(change)[None, :], dim=-1, eps=1e-12)
+
+
+def directional_similarity(embedder: ClipEmbedder, before, after, source: str, target: str) -> tuple[float, float, np.ndarray]:
+    """S_dir: the mean over images of cos(E_I(after) - E_I(before), E_T(target) - E_T(source)), its std and the cosines.
+
+    Images (n, 3, H, W) in [-1, 1], torch or numpy; embeddings L2-normalised first (as in the
+    DL2 reproduction's metric, which then printed 1 - mean under the name S_dir).
+    """
+    before = torch.as_tensor(np.asarray(before, dtype=np.float32))
+    after = torch.as_tensor(np.asarray(after, dtype=np.float32))
+    with torch.no_grad():
+        cosines = directional_cosines(embedder, before, after, embedder.text_direction(source, target)).double().cpu().numpy()
+    return float(cosines.mean()), float(cosines.std(ddof=1)) if len(cosines) > 1 else float("nan"), cosines
+
+
+class ClipDirectional:
+    """Asyrp's CLIP loss for a text pair: ``-log((1 + cos) / 2)`` of the directional cosine, plus L1.
+
+    ``(1 + cos) / 2`` is Asyrp's ``(2 - L_dir) / 2`` with L_dir = 1 - cos (StyleGAN-NADA's
+    directional loss); the log makes it steeper near cos = 1.
+    """
+
+    def __init__(self, embedder: ClipEmbedder, source: str, target: str, *, target_weight: float = 1.0, l1_weight: float = 0.5):
+        self.embedder = embedder
+        self.direction = embedder.text_direction(source, target)
+        self.weights = (float(target_weight), float(l1_weight))
+
+    def __call__(self, edited: torch.Tensor, original: torch.Tensor):
+        cosines = directional_cosines(self.embedder, original.detach(), edited, self.direction)
+        directional = -torch.log(((1.0 + cosines) / 2.0).clamp_min(1e-6)).mean()
+        l1 = l1_to_original(edited, original)
+        loss = self.weights[0] * directional + self.weights[1] * l1
+        return loss, {"directional": directional.detach(), "cos": cosines.detach().mean(), "l1": l1.detach()}

@@ -1,0 +1,194 @@
+"""hmine.learning: the delta block, the losses and S_dir, training through Asyrp's process, applying the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hmine import world
+from hmine.editing import edit_steps_from
+from hmine.hooks import h_shape
+from hmine.learning.apply import images_of, regenerate_learned
+from hmine.learning.config import LearnConfig
+from hmine.learning.delta_block import DeltaBlock, block_parameter_count
+from hmine.learning.editors import BlockEditor, DeltaH
+from hmine.learning.losses import ClassifierTarget, ClipDirectional, ClipEmbedder, directional_similarity, world_attribute_scores
+from hmine.learning.train import train_editor
+from hmine.models import load_model
+from hmine.regeneration import regenerate
+from hmine.sampling import Sampler
+from hmine.world.training import check_work_dir_config
+
+
+def _work(tmp_path, name):
+    work = tmp_path / name
+    check_work_dir_config(LearnConfig(), work)
+    return work
+
+
+@pytest.mark.parametrize(("channels", "time_dim", "expected"), [(512, 512, 788_992), (128, 128, 49_792), (16, 8, 720)])
+def test_delta_block_shape_and_parameter_count(channels, time_dim, expected):
+    torch.manual_seed(0)
+    block = DeltaBlock(channels, time_dim)
+    assert block_parameter_count(channels, time_dim) == expected  # Asyrp's ~0.79 M at C = T = 512
+    assert sum(p.numel() for p in block.parameters()) == expected
+    h = torch.randn(3, channels, 4, 4)
+    out = block(h, torch.tensor([999, 500, 0]))
+    assert out.shape == h.shape
+    assert torch.count_nonzero(out) == 0  # conv_out starts at zero: the untrained block edits nothing
+    torch.nn.init.normal_(block.conv_out.weight)
+    edited = block(h, torch.tensor(500))  # one t for the whole batch
+    assert edited.shape == h.shape and edited.abs().max() > 0
+    # the edit depends on t, and on each image's own h alone (GroupNorm is per image)
+    assert not torch.allclose(block(h, torch.tensor([999, 999, 999])), block(h, torch.tensor([0, 0, 0])))
+    torch.testing.assert_close(block(h[1:2], torch.tensor(500)), edited[1:2])
+
+
+def test_world_attribute_scores_equal_the_labellers_and_carry_gradients():
+    from hmine.labelling import WorldLabeller
+
+    labeller = WorldLabeller()
+    images = torch.from_numpy(world.generate(12, seed=5).images).requires_grad_(True)
+    scores = world_attribute_scores(labeller.model, images)
+    table = labeller.score(images.detach())
+    for name, value in scores.items():
+        np.testing.assert_allclose(value.detach().numpy(), table[name].to_numpy(), atol=1e-6)
+    scores["is_red"].sum().backward()
+    assert images.grad is not None and images.grad.abs().max() > 0
+
+
+def test_s_dir_is_the_mean_cosine_of_the_embedding_changes(tiny_clip_dir):
+    """S_dir against a hand computation with CLIPModel's own features and numpy."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    embedder = ClipEmbedder(str(tiny_clip_dir))
+    rng = np.random.default_rng(0)
+    before = rng.uniform(-1, 1, (5, 3, 32, 32)).astype(np.float32)
+    after = np.clip(before + rng.normal(0, 0.5, before.shape), -1, 1).astype(np.float32)
+    mean, std, cosines = directional_similarity(embedder, before, after, "a photo of a face", "a photo of a smiling face")
+
+    model, tokenizer = CLIPModel.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        tokens = tokenizer(["a photo of a face", "a photo of a smiling face"], padding=True, return_tensors="pt")
+        text = model.get_text_features(**tokens)
+        text = (text if torch.is_tensor(text) else text.pooler_output).numpy().astype(np.float64)
+
+        def image_features(images):  # 32x32 images need no resize or crop: (x + 1) / 2, then CLIP's mean/std
+            from hmine.clip import CLIP_MEAN, CLIP_STD
+
+            pixels = ((torch.from_numpy(images) + 1) / 2 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+            out = model.get_image_features(pixel_values=pixels)
+            return (out if torch.is_tensor(out) else out.pooler_output).numpy().astype(np.float64)
+
+        e_before, e_after = image_features(before), image_features(after)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    d_image = unit(e_after) - unit(e_before)
+    d_text = unit(text[1]) - unit(text[0])
+    hand = d_image @ d_text / (np.linalg.norm(d_image, axis=1) * np.linalg.norm(d_text))
+    np.testing.assert_allclose(cosines, hand, atol=1e-5)
+    assert mean == pytest.approx(hand.mean(), abs=1e-5) and std == pytest.approx(hand.std(ddof=1), abs=1e-5)
+    # swapping source and target flips every cosine: S_dir is a cosine, not 1 - cos
+    _, _, swapped = directional_similarity(embedder, before, after, "a photo of a smiling face", "a photo of a face")
+    np.testing.assert_allclose(swapped, -cosines, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler(tiny_pixel_model_dir):
+    return Sampler(load_model(str(tiny_pixel_model_dir)), num_inference_steps=4, eta=1.0, torch_threads=1)
+
+
+def test_delta_h_applied_as_an_editor_equals_regenerate_with_its_delta(tiny_sampler):
+    edit_steps = edit_steps_from(tiny_sampler.timesteps.tolist(), 300, None)
+    editor = DeltaH(h_shape(tiny_sampler.model.unet), edit_steps)
+    with torch.no_grad():
+        editor.delta.normal_(generator=torch.Generator().manual_seed(1))
+    seeds, coefficients = [0, 1, 2, 0, 1, 2], [1.0, 1.0, 1.0, -2.0, -2.0, 0.5]
+    learned = images_of(regenerate_learned(tiny_sampler, seeds, editor, coefficients, edit_steps=edit_steps, batch_size=4), 6)
+    deltas = torch.stack([c * editor.full() for c in (1.0, -2.0, 0.5)])
+    plain = images_of(regenerate(tiny_sampler, seeds, deltas, [0, 0, 0, 1, 1, 2], edit_steps=edit_steps, asymmetric=True,
+                                 batch_size=4), 6)  # fmt: skip
+    np.testing.assert_array_equal(learned, plain)
+    unedited = images_of(regenerate_learned(tiny_sampler, [0, 1], editor, [0.0, 0.0], edit_steps=edit_steps, batch_size=4), 2)
+    np.testing.assert_array_equal(unedited, tiny_sampler.sample([0, 1], record_h=False).images.numpy())
+
+
+def _clip_training(sampler, tiny_clip_dir, kind, work, steps, until_step=None):
+    embedder = ClipEmbedder(str(tiny_clip_dir))
+    loss = ClipDirectional(embedder, "a photo of a face", "a photo of a smiling face", l1_weight=0.1)
+    edit_steps = [True] * sampler.num_inference_steps
+    torch.manual_seed(0)
+    shape = h_shape(sampler.model.unet)
+    editor = DeltaH(shape, edit_steps) if kind == "delta_h" else BlockEditor(DeltaBlock(shape[0], 8), edit_steps)
+    # four training seeds and a batch of four: every step sees the same images, so the loss can only fall by learning
+    return train_editor(sampler, editor, loss, [3, 4, 5, 6], edit_steps, work, steps=steps, batch_size=4,
+                        learning_rate=0.05 if kind == "delta_h" else 0.01, checkpoint_every=2, until_step=until_step)  # fmt: skip
+
+
+def _losses(work):
+    return [r["loss"] for r in map(json.loads, (work / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("kind", ["delta_h", "delta_block"])
+def test_the_clip_path_trains_and_a_resumed_run_equals_an_uninterrupted_one(tiny_sampler, tiny_clip_dir, tmp_path, kind):
+    whole = _clip_training(tiny_sampler, tiny_clip_dir, kind, _work(tmp_path, "whole"), steps=6)
+    losses = _losses(tmp_path / "whole")
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert whole.step == 6
+
+    stopped = _clip_training(tiny_sampler, tiny_clip_dir, kind, _work(tmp_path, "resumed"), steps=6, until_step=3)
+    assert stopped.step == 3
+    resumed = _clip_training(tiny_sampler, tiny_clip_dir, kind, tmp_path / "resumed", steps=6)  # a fresh editor and optimizer
+    for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert _losses(tmp_path / "resumed") == losses
+    files = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("*/*"))
+    assert files and all(f.endswith((".safetensors", ".json")) for f in files)  # no pickle
+
+
+def test_the_classifier_target_turns_an_attribute_on_in_the_embedded_model(tmp_path):
+    sampler = Sampler(load_model(), num_inference_steps=5, eta=0.0, torch_threads=1)
+    from hmine.labelling import WorldLabeller
+
+    labeller = WorldLabeller()
+    seeds = [1, 2, 3, 4]
+    before = labeller.score(sampler.sample(seeds, record_h=False).images)
+    loss = ClassifierTarget(labeller.model, "is_red", leakage_attributes=["is_circle", "is_large"], l1_weight=0.1)
+    edit_steps = [True] * 5
+    editor = DeltaH(h_shape(sampler.model.unet), edit_steps)
+    result = train_editor(sampler, editor, loss, seeds, edit_steps, _work(tmp_path, "w"), steps=8, batch_size=4, learning_rate=0.3)
+    records = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["target"] < records[0]["target"] and records[-1]["loss"] < records[0]["loss"], records
+    after = labeller.score(images_of(regenerate_learned(sampler, seeds, result.model, [1.0] * 4, edit_steps=edit_steps, batch_size=8), 4))
+    assert after["is_red"].mean() > before["is_red"].mean() + 0.1, (before["is_red"], after["is_red"])
+
+
+def test_learn_config_refuses_what_cannot_be_trained():
+    from pydantic import ValidationError
+
+    from hmine.learning.config import LearnTarget
+
+    with pytest.raises(ValidationError, match="needs attribute"):
+        LearnTarget(name="x", kind="classifier")
+    with pytest.raises(ValidationError, match="needs source and target"):
+        LearnTarget(name="x", kind="clip", source="a face")
+    with pytest.raises(ValidationError, match="unique"):
+        LearnConfig(targets=[LearnTarget(name="x", attribute="is_red"), LearnTarget(name="x", attribute="is_red")])
+    with pytest.raises(ValueError, match="no attributes"):
+        ClassifierTarget(torch.nn.Identity(), "is_purple")
+
+
+def test_the_clip_loss_is_minus_log_of_half_one_plus_the_directional_cosine(tiny_clip_dir):
+    embedder = ClipEmbedder(str(tiny_clip_dir))
+    loss = ClipDirectional(embedder, "a face", "a smiling face", target_weight=1.0, l1_weight=0.0)
+    rng = np.random.default_rng(1)
+    original = torch.from_numpy(rng.uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32))
+    edited = (original + 0.3 * torch.from_numpy(rng.normal(size=original.shape).astype(np.float32))).clamp(-1, 1)
+    value, parts = loss(edited, original)
+    change = embedder.images(edited) - embedder.images(original)
+    cos = F.cosine_similarity(change, loss.direction[None], dim=-1)
+    assert float(value) == pytest.approx(float(-torch.log((1 + cos) / 2).mean()), rel=1e-5)
+    assert float(parts["cos"]) == pytest.approx(float(cos.mean()), abs=1e-6)
