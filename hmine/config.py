@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmine.learning.config import LearnConfig
+from hmine.prompts import TextConfig
 
 
 class _Frozen(BaseModel):
@@ -64,6 +65,7 @@ class SampleConfig(_Frozen):
     )
     h_dtype: Literal["float16", "float32"] = "float16"
     images_dtype: Literal["float16", "float32"] = "float32"
+    text: TextConfig | None = Field(None, description="prompts and guidance of a text-conditional model (hmine.prompts)")
 
     @field_validator("eta")
     @classmethod

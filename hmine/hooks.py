@@ -130,6 +130,11 @@ def h_shape(unet, position: HPosition = "after") -> tuple[int, int, int]:
     size = (size, size) if isinstance(size, int) else tuple(size)
     param = next(unet.parameters())
     x = torch.zeros((1, config.in_channels, *size), dtype=param.dtype, device=param.device)
+    kwargs = {}
+    if config.get("cross_attention_dim") is not None:  # a UNet2DConditionModel: one token of zero text
+        width = config.cross_attention_dim
+        width = width[-1] if isinstance(width, (list, tuple)) else width
+        kwargs["encoder_hidden_states"] = torch.zeros((1, 1, width), dtype=param.dtype, device=param.device)
     with torch.inference_mode(), HSpaceHook(unet, position) as hook:
-        unet(x, torch.tensor([0], device=param.device))
+        unet(x, torch.tensor([0], device=param.device), **kwargs)
     return tuple(hook.recorded[0].shape[1:])

@@ -1,4 +1,4 @@
-"""Loading pretrained diffusion models: a pixel U-Net or a latent U-Net with its VQ decoder.
+"""Loading pretrained diffusion models: a pixel or latent U-Net, unconditional or text-conditional.
 
 The same code path serves a Hugging Face hub id (``google/ddpm-ema-celebahq-256``,
 ``CompVis/ldm-celebahq-256``) and a local folder in diffusers layout, so offline tests
@@ -9,7 +9,11 @@ Layouts understood:
 * **pixel, flat** (``google/ddpm-ema-celebahq-256``): ``config.json`` + weights and
   ``scheduler_config.json`` at the root;
 * **pipeline folders** (``CompVis/ldm-celebahq-256``, the embedded model): ``unet/``,
-  ``scheduler/`` and, for a latent model, ``vqvae/``.
+  ``scheduler/`` and, for a latent model, ``vqvae/``;
+* **Stable Diffusion folders** (``stable-diffusion-v1-5/stable-diffusion-v1-5``, the
+  embedded text world model): ``unet/`` (a ``UNet2DConditionModel``), ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/`` and, for a latent model, ``vae/`` (an ``AutoencoderKL``);
+  the text parts are :mod:`hmine.text_models`'.
 
 Weights are read from safetensors only: every part loads with ``use_safetensors=True``
 (``diffusion_pytorch_model.safetensors`` or its sharded index), and a local folder is
@@ -26,6 +30,15 @@ from typing import Literal
 
 import torch
 
+# re-exported: hmine.clip.loading and hmine.text_models check their weights with these
+from hmine.safe_weights import (  # noqa: F401
+    _SAFE_FIX,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    _one_line,
+    check_safetensors_weights,
+)
+
 EMBEDDED_MODEL_ID = "embedded:shapes-ddpm"
 
 
@@ -40,14 +53,18 @@ class DiffusionModel:
 
     Attributes
     ----------
-    unet : diffusers.UNet2DModel
+    unet : diffusers.UNet2DModel or diffusers.UNet2DConditionModel
     scheduler : diffusers scheduler, as saved with the model (the sampler converts it)
     vqvae : diffusers.VQModel or None
-        The decoder of a latent model; None for a pixel model.
+        The decoder of a latent (LDM) model; None otherwise.
     model_id : str
         What was asked for: a hub id, a local path or ``embedded:shapes-ddpm``.
     revision : str
         Hub revision, or ``"local"`` for a folder.
+    vae : diffusers.AutoencoderKL or None
+        The autoencoder of a latent Stable Diffusion model; None otherwise.
+    text_encoder, tokenizer : transformers models, or None
+        The text side of a text-conditional model (:mod:`hmine.text_models`).
     """
 
     unet: object
@@ -55,10 +72,30 @@ class DiffusionModel:
     vqvae: object | None
     model_id: str
     revision: str
+    vae: object | None = None
+    text_encoder: object | None = None
+    tokenizer: object | None = None
 
     @property
     def kind(self) -> Literal["pixel", "latent"]:
-        return "pixel" if self.vqvae is None else "latent"
+        return "pixel" if self.autoencoder is None else "latent"
+
+    @property
+    def autoencoder(self):
+        """The latent model's decoder (a ``VQModel`` or an ``AutoencoderKL``), or None."""
+        return self.vqvae if self.vqvae is not None else self.vae
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(color, height, width) of the decoded images."""
+        _, *size = self.sample_shape
+        if self.autoencoder is not None:
+            size = [s * 2 ** (len(self.autoencoder.config.block_out_channels) - 1) for s in size]
+        return (3, *size)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -71,20 +108,24 @@ class DiffusionModel:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from the sampler's final x_0 (identity for a pixel model).
 
-        For a latent model this is what diffusers' ``LDMPipeline`` does: the U-Net works on
-        latents scaled by the autoencoder's ``config.scaling_factor``, so x_0 is divided by it
-        before ``vqvae.decode``, and the decoded images are clamped to [-1, 1] (the pipeline's
-        ``(image / 2 + 0.5).clamp(0, 1)``).
+        For a latent model this is what diffusers' ``LDMPipeline`` and
+        ``StableDiffusionPipeline`` do: the U-Net works on latents scaled by the
+        autoencoder's ``config.scaling_factor``, so x_0 is divided by it (and shifted by a
+        ``shift_factor`` where the config has one) before ``decode``, and the decoded images
+        are clamped to [-1, 1] (the pipelines' ``(image / 2 + 0.5).clamp(0, 1)``).
         """
-        if self.vqvae is None:
+        decoder = self.autoencoder
+        if decoder is None:
             return x0
-        scaling_factor = float(self.vqvae.config.scaling_factor)
-        return self.vqvae.decode(x0 / scaling_factor).sample.clamp(-1.0, 1.0)
+        latents = x0 / float(decoder.config.scaling_factor)
+        if decoder.config.get("shift_factor") is not None:
+            latents = latents + float(decoder.config.shift_factor)
+        return decoder.decode(latents).sample.clamp(-1.0, 1.0)
 
     def to(self, device: str | torch.device) -> "DiffusionModel":
-        self.unet.to(device)
-        if self.vqvae is not None:
-            self.vqvae.to(device)
+        for part in (self.unet, self.vqvae, self.vae, self.text_encoder):
+            if part is not None:
+                part.to(device)
         return self
 
 
@@ -122,90 +163,6 @@ def _hub_layout(model_id: str, revision: str | None) -> str:
         if "unet" not in index:
             raise ValueError(f"{model_id} has no U-Net in its model_index.json")
         return "flat"
-
-
-#: The weight file diffusers loads for every model part (``use_safetensors=True``, no variant),
-#: and the index it prefers when the weights are sharded.
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
-_SAFE_FIX = "hmine loads safetensors weights only - re-save the model with save_pretrained(safe_serialization=True)"
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def check_safetensors_weights(folder: Path, weights_name: str, what: str, fix: str) -> list[Path]:
-    """The safetensors files ``from_pretrained(..., use_safetensors=True)`` reads from ``folder``, checked.
-
-    Those are ``weights_name`` and the shards its index ``weights_name + ".index.json"``
-    names (diffusers prefers the index, transformers the single file, so both are checked
-    when both are there). Every shard must be a ``*.safetensors`` file in ``folder`` (a
-    loader hands any other name to ``torch.load``), and every file's header must be readable
-    by safetensors (which checks it against the file's length). Other weight files (a pickle
-    ``.bin``, an unrelated ``*.safetensors``) are never opened and never count.
-
-    Parameters
-    ----------
-    folder : Path
-    weights_name : str
-        ``diffusion_pytorch_model.safetensors`` (diffusers) or ``model.safetensors``
-        (transformers); a name ending in ``.index.json`` is the index alone.
-    what : str
-        The config field and value the messages start with, e.g. ``model.id './m'``.
-    fix : str
-        What the user should do when the weights are missing.
-
-    Returns
-    -------
-    list of Path
-
-    Raises
-    ------
-    FileNotFoundError
-        Neither the weights nor their index are there; one line naming the folder and ``fix``.
-    ValueError
-        An unreadable index, a shard that is not a safetensors file, or a corrupt file.
-    """
-    if weights_name.endswith(".index.json"):
-        single, index = None, folder / weights_name
-    else:
-        single, index = folder / weights_name, folder / (weights_name + ".index.json")
-    paths = []
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{what}: {index} is not a readable shard index ({_one_line(error)}); {fix}") from error
-        unsafe = [
-            shard for shard in shards
-            if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard)
-        ]
-        if unsafe or not shards:
-            raise ValueError(f"{what}: {index} must name safetensors shards in {folder}, got {unsafe or 'none'}; {fix}")
-        paths += [folder / shard for shard in shards]
-    if single is not None and single.is_file():
-        paths.append(single)
-    if not paths:
-        others = sorted(
-            path.name for path in folder.iterdir()
-            if path.is_file() and path.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}
-        )
-        held = f" (it holds {', '.join(others)}, which hmine does not load)" if others else ""
-        wanted = f"{single.name} nor a sharded {index.name}" if single is not None else index.name
-        raise FileNotFoundError(f"{what}: {folder} has no {wanted}{held}; {fix}")
-    from safetensors import safe_open
-
-    for path in paths:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own error types
-            raise ValueError(
-                f"{what}: {path} is not a readable safetensors file ({_one_line(error)}); "
-                "the download or copy is corrupt - fetch or save the model again"
-            ) from error
-    return paths
 
 
 def _check_part(model_id: str, folder: Path) -> dict:
@@ -264,8 +221,12 @@ def check_model_source(model_id: str) -> dict | None:
             "the folder is corrupt or incomplete - re-save the model with save_pretrained"
         ) from error
     unet_config = _check_part(model_id, unet_dir)
-    if (source / "vqvae").is_dir():
-        _check_part(model_id, source / "vqvae")
+    for autoencoder in ("vqvae", "vae"):
+        if (source / autoencoder).is_dir():
+            _check_part(model_id, source / autoencoder)
+    from hmine.text_models import check_text_parts
+
+    check_text_parts(model_id, source, unet_config)
     return unet_config
 
 
@@ -277,7 +238,7 @@ def image_size_of(model_id: str) -> tuple[int, int] | None:
     if unet_config is None or not unet_config.get("sample_size"):
         return None
     folder = embedded_model_path() if model_id == EMBEDDED_MODEL_ID else Path(model_id)
-    if (folder / "vqvae").exists():
+    if (folder / "vqvae").exists() or (folder / "vae").exists():
         return None
     size = unet_config["sample_size"]
     return (size, size) if isinstance(size, int) else tuple(size)
@@ -290,13 +251,14 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> DiffusionModel:
-    """Load a pixel or latent diffusion model from the hub, a local folder or the package.
+    """Load a pixel or latent, unconditional or text-conditional model from the hub, a folder or the package.
 
     Parameters
     ----------
     model_id : str, default="embedded:shapes-ddpm"
-        A hub id such as ``google/ddpm-ema-celebahq-256``, a local folder in diffusers
-        layout, or ``embedded:shapes-ddpm`` for the model shipped with hmine.
+        A hub id such as ``google/ddpm-ema-celebahq-256`` or
+        ``stable-diffusion-v1-5/stable-diffusion-v1-5``, a local folder in diffusers layout
+        (module docstring), or ``embedded:shapes-ddpm`` for the model shipped with hmine.
     revision : str, optional
         Hub revision (branch, tag or commit); ignored for local folders.
     device : str, default="cpu"
@@ -313,24 +275,12 @@ def load_model(
         hub revision) without safetensors weights.
     """
     import diffusers
-    from diffusers import UNet2DModel, VQModel
+    from diffusers import AutoencoderKL, VQModel
     from diffusers.schedulers import DDIMScheduler
 
-    if model_id == EMBEDDED_MODEL_ID:
-        source: str | Path = embedded_model_path()
-        if not (source / "unet" / "config.json").exists():
-            raise FileNotFoundError(
-                f"the embedded model is missing from {source}; reinstall hmine or train it "
-                "with `hmine train-embedded ddpm configs/embedded-ddpm.yaml`"
-            )
-    else:
-        source = model_id
-    local = Path(source).exists()
-    if not local and (model_id.startswith((".", "/")) or model_id.count("/") != 1):
-        raise FileNotFoundError(
-            f"model.id {model_id!r} is neither an existing folder nor a hub id (owner/name); "
-            "fix the path or use a hub id such as google/ddpm-ema-celebahq-256"
-        )
+    from hmine.text_models import is_conditional_unet, load_text_parts
+
+    source, local = _model_source(model_id)
     if local:
         # Refuse pickle-only or corrupt folders in one line before diffusers opens anything.
         check_model_source(model_id)
@@ -339,24 +289,59 @@ def load_model(
     kwargs = {"use_safetensors": True} if local else {"use_safetensors": True, "revision": revision}
     unet_sub = "unet" if layout == "folders" else None
     sched_sub = "scheduler" if layout == "folders" else None
-    unet = _load_part(UNet2DModel, model_id, revision, local, source, unet_sub, dtype, kwargs)
-    scheduler_kwargs = {} if local else {"revision": revision}
-    scheduler_config = DDIMScheduler.load_config(source, subfolder=sched_sub, **scheduler_kwargs)
+    hub = {} if local else {"revision": revision}
+    conditional = is_conditional_unet(_unet_config(source, unet_sub, hub))
+    unet_class = diffusers.UNet2DConditionModel if conditional else diffusers.UNet2DModel
+    unet = _load_part(unet_class, model_id, revision, local, source, unet_sub, dtype, kwargs)
+    scheduler_config = DDIMScheduler.load_config(source, subfolder=sched_sub, **hub)
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), DDIMScheduler)
     scheduler = scheduler_class.from_config(scheduler_config)
-    vqvae = None
-    vq_dir = Path(source) / "vqvae" if local else None
-    if (local and vq_dir.exists()) or (not local and layout == "folders" and _hub_has(model_id, "vqvae/config.json", revision)):
-        vqvae = _load_part(VQModel, model_id, revision, local, source, "vqvae", dtype, kwargs)
-        vqvae.eval().requires_grad_(False).to(device)
+    parts = {}
+    for name, part_class in (("vqvae", VQModel), ("vae", AutoencoderKL)):
+        if (Path(source) / name).is_dir() if local else (
+            layout == "folders" and _hub_has(model_id, f"{name}/config.json", revision)
+        ):
+            parts[name] = _load_part(part_class, model_id, revision, local, source, name, dtype, kwargs)
+            parts[name].eval().requires_grad_(False).to(device)
+    if conditional:
+        encoder, parts["tokenizer"] = load_text_parts(model_id, source, revision=revision, local=local, dtype=dtype)
+        parts["text_encoder"] = encoder.to(device)
     unet.eval().requires_grad_(False).to(device)
     return DiffusionModel(
         unet=unet,
         scheduler=scheduler,
-        vqvae=vqvae,
+        vqvae=parts.pop("vqvae", None),
         model_id=model_id,
         revision="local" if local else (revision or "main"),
+        **parts,
     )
+
+
+def _unet_config(source, subfolder: str | None, hub: dict) -> dict:
+    """The U-Net's config.json (from the hub with ``hub``'s revision), which says its class."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.load_config(source, subfolder=subfolder, **hub)
+
+
+def _model_source(model_id: str) -> tuple[str | Path, bool]:
+    """Where a model is read from and whether that is a local folder (one-line errors otherwise)."""
+    if model_id == EMBEDDED_MODEL_ID:
+        source = embedded_model_path()
+        if not (source / "unet" / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded model is missing from {source}; reinstall hmine or train it "
+                "with `hmine train-embedded ddpm configs/embedded-ddpm.yaml`"
+            )
+        return source, True
+    if Path(model_id).exists():
+        return model_id, True
+    if model_id.startswith((".", "/")) or model_id.count("/") != 1:
+        raise FileNotFoundError(
+            f"model.id {model_id!r} is neither an existing folder nor a hub id (owner/name); "
+            "fix the path or use a hub id such as google/ddpm-ema-celebahq-256"
+        )
+    return model_id, False
 
 
 def _load_part(model_class, model_id, revision, local, source, subfolder, dtype, kwargs):

@@ -20,6 +20,12 @@ google/ddpm-ema-celebahq-256 does), P_t is clipped to [-1, 1] exactly as diffuse
 DDIMScheduler does. With an edit, eps_P is the edited eps; eps_D is the edited eps too,
 unless ``asymmetric=True``, where it is the original eps (one extra U-Net pass per step).
 
+A text-conditional model (:mod:`hmine.conditioning`) conditions each image on its prompt,
+a function of its seed (:class:`hmine.prompts.TextConfig`), with classifier-free guidance
+as diffusers' ``StableDiffusionPipeline`` computes it; the DDIM step above then takes the
+guided eps. Its h is that of one guidance branch, its edits add the delta in the branches
+the config names.
+
 Every sampling call runs with one fixed torch thread count (``torch_threads``, the run's
 ``sample.torch_threads``; :func:`hmine.threads.model_threads`): torch's CPU kernels round
 differently at different thread counts, so this is what makes a sample the same bits in
@@ -29,6 +35,7 @@ the calling process, on a Dask worker, and when the edit and Jacobian stages reg
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +61,15 @@ class SampleOutput:
     timesteps : Tensor of shape (step,)
     trajectory : Tensor of shape (batch, step, C, H, W), or None
         The U-Net input x_t of every step (when asked for).
+    prompts : list of str, or None
+        Each image's prompt (a text-conditional model only).
     """
 
     images: torch.Tensor
     h: torch.Tensor | None
     timesteps: torch.Tensor
     trajectory: torch.Tensor | None = None
+    prompts: list[str] | None = None
 
 
 def resolve_etas(eta: float | Sequence[float], num_inference_steps: int) -> list[float]:
@@ -100,6 +110,9 @@ class Sampler:
         The U-Net's compute precision: below float32, every U-Net call runs under
         ``torch.autocast`` (weights, x_t and the DDIM arithmetic stay float32; h is
         recorded as computed).
+    text : hmine.prompts.TextConfig, optional
+        Prompts, negative prompt, guidance scale and branches; required for a
+        text-conditional model, refused for any other.
     """
 
     def __init__(
@@ -111,8 +124,19 @@ class Sampler:
         h_position: HPosition = "after",
         torch_threads: int = MODEL_THREADS,
         precision: str = "float32",
+        text=None,
     ):
         from diffusers import DDIMScheduler
+
+        from hmine.conditioning import TextConditioning
+
+        if model.text_conditional and text is None:
+            raise ValueError(
+                f"model.id {model.model_id!r} is text-conditional: give its prompts in sample.text "
+                "(prompts: [...] or template: with slots:)"
+            )
+        self.text = TextConditioning(model, text) if text is not None else None
+        self._context: tuple[int, torch.Tensor] | None = None
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}; set model.precision")
@@ -141,13 +165,63 @@ class Sampler:
             raise ValueError("dynamic thresholding is not supported; set thresholding=False in the scheduler config")
 
     def unet_output(self, x: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
-        """The U-Net's output at x_t, computed at the sampler's ``precision``, in x's dtype."""
+        """The U-Net's (guided) output at x_t, computed at the sampler's ``precision``, in x's dtype.
+
+        A text-conditional model is called inside :meth:`conditioned_on` the rows of ``x``.
+        """
+        if self.text is None:
+            return self._unet(x, t_batch)
+        if self._context is None or self._context[0] != x.shape[0]:
+            raise RuntimeError(f"call a text-conditional sampler's U-Net inside conditioned_on({x.shape[0]} rows)")
+        rows, states = self._context
+        branches = self.text.branches
+        out = self._unet(torch.cat([x] * branches), t_batch.repeat(branches), states)
+        return self.text.combine(out, rows)
+
+    def _unet(self, x, t_batch, encoder_hidden_states=None):
         unet = self.model.unet
+        kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
         if self.precision == "float32":
-            return unet(x, t_batch).sample
+            return unet(x, t_batch, **kwargs).sample
         with torch.autocast(device_type=x.device.type, dtype=getattr(torch, self.precision)):
-            out = unet(x, t_batch).sample
+            out = unet(x, t_batch, **kwargs).sample
         return out.to(x.dtype)
+
+    def prompts_for(self, seeds: Sequence[int]) -> list[str] | None:
+        """Each seed's prompt (:meth:`hmine.prompts.TextConfig.prompt_for`); None without text."""
+        return None if self.text is None else [self.text.config.prompt_for(int(s)) for s in seeds]
+
+    @contextmanager
+    def conditioned_on(self, seeds: Sequence[int], *, rows: int | None = None, prompts: Sequence[str] | None = None):
+        """Condition the U-Net calls inside on the seeds' prompts (or ``prompts``, one per seed).
+
+        ``rows`` is the batch of every call inside (padded beyond the seeds); nothing
+        happens for a model without text.
+        """
+        if self.text is None:
+            if prompts is not None:
+                raise ValueError(f"model.id {self.model.model_id!r} takes no prompts; sample it without prompts")
+            yield
+            return
+        prompts = list(prompts) if prompts is not None else self.prompts_for(seeds)
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds; give one prompt per seed")
+        rows = len(seeds) if rows is None else rows
+        param = next(self.model.unet.parameters())
+        previous = self._context
+        self._context = (rows, self.text.context(prompts, rows, like=param))
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def h_delta(self, delta: torch.Tensor, rows: int) -> torch.Tensor:
+        """A delta for h, (C, y, x) or (rows, C, y, x), laid out over one U-Net call's h rows."""
+        return delta if self.text is None else self.text.delta_rows(delta, rows)
+
+    def h_rows(self, h: torch.Tensor, rows: int) -> torch.Tensor:
+        """The recorded h of the images (the configured guidance branch) from one call's h."""
+        return h if self.text is None else self.text.branch_rows(h, rows)
 
     def _alphas(self, t: int) -> tuple[float, float]:
         sched = self.scheduler
@@ -212,6 +286,7 @@ class Sampler:
         asymmetric: bool = False,
         record_h: bool = True,
         return_trajectory: bool = False,
+        prompts: Sequence[str] | None = None,
     ) -> SampleOutput:
         """Generate (or regenerate) one image per seed, at ``torch_threads`` threads (module docstring).
 
@@ -226,9 +301,11 @@ class Sampler:
             Asyrp's step: the original eps in the direction term.
         record_h : bool, default=True
         return_trajectory : bool, default=False
+        prompts : sequence of str, optional
+            One prompt per seed instead of the config's (a text-conditional model only).
         """
-        with model_threads(self.torch_threads):
-            return self._sample(
+        with model_threads(self.torch_threads), self.conditioned_on(seeds, prompts=prompts):
+            out = self._sample(
                 seeds,
                 delta_h=delta_h,
                 edit_steps=edit_steps,
@@ -236,6 +313,8 @@ class Sampler:
                 record_h=record_h,
                 return_trajectory=return_trajectory,
             )
+        out.prompts = list(prompts) if prompts is not None else self.prompts_for(seeds)
+        return out
 
     @torch.inference_mode()
     def _sample(
@@ -279,13 +358,13 @@ class Sampler:
                 if not editing or asymmetric:
                     eps_original = self.eps(self.unet_output(x, t_batch), t, x)
                     if record_h:
-                        hs.append(hook.recorded.pop())
+                        hs.append(self.h_rows(hook.recorded.pop(), len(seeds)))
                 if editing:
-                    hook.delta = delta_h[i] if delta_h.ndim == 4 else delta_h[:, i]
+                    hook.delta = self.h_delta(delta_h[i] if delta_h.ndim == 4 else delta_h[:, i], len(seeds))
                     eps = self.eps(self.unet_output(x, t_batch), t, x)
                     hook.delta = None
                     if record_h:
-                        h_edit = hook.recorded.pop()
+                        h_edit = self.h_rows(hook.recorded.pop(), len(seeds))
                         if not asymmetric:
                             hs.append(h_edit)
                 eps_P = eps if editing else eps_original

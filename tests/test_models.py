@@ -153,8 +153,9 @@ def test_hub_ids_load_safetensors_only(monkeypatch, tiny_latent_model_dir):
     real_config = DDIMScheduler.load_config.__func__
     monkeypatch.setattr(DDIMScheduler, "load_config",
                         classmethod(lambda cls, source, subfolder=None, **k: real_config(cls, tiny_latent_model_dir, subfolder=subfolder)))
+    monkeypatch.setattr(models, "_unet_config", lambda source, subfolder, hub: UNet2DModel.load_config(tiny_latent_model_dir, subfolder=subfolder))
     monkeypatch.setattr(models, "_hub_layout", lambda model_id, revision: "folders")
-    monkeypatch.setattr(models, "_hub_has", lambda model_id, filename, revision: True)
+    monkeypatch.setattr(models, "_hub_has", lambda model_id, filename, revision: filename.startswith("vqvae/"))
 
     model = load_model("owner/ldm", revision="v1")
     assert model.kind == "latent" and model.revision == "v1"

@@ -26,7 +26,10 @@ def sample_settings(config: "RunConfig") -> dict:
     exclude = {"device"} | ({"precision"} if config.model.precision == "float32" else set())
     model = config.model.model_dump(mode="json", exclude=exclude)
     model["weights"] = model_identity(config.model.id, config.model.revision)
-    return {"model": model, "sample": config.sample.model_dump(mode="json")}
+    # sample.text joins the hash only when set (runs of unconditional models keep theirs);
+    # edit_branches changes edits, not samples: it is in the edit stage's settings
+    text = {"text"} if config.sample.text is None else {"text": {"edit_branches"}}
+    return {"model": model, "sample": config.sample.model_dump(mode="json", exclude=text)}
 
 
 def label_settings(config: "RunConfig") -> dict:
@@ -85,7 +88,10 @@ def learn_settings(config: "RunConfig") -> dict:
 def edit_settings(config: "RunConfig") -> dict:
     # the source joins the hash only when set, so edits of samples keep their hash
     exclude = {"batch_size", "strip_samples"} | ({"source"} if config.edit.source == "samples" else set())
-    return {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
+    settings = {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
+    if config.sample.text is not None:  # the guidance branches an edit adds its delta in
+        settings["edit_branches"] = config.sample.text.edit_branches
+    return settings
 
 
 # -- other inputs ----------------------------------------------------------------------
@@ -181,6 +187,12 @@ def check_model(config: "RunConfig") -> None:
     check_model_source(config.model.id)
 
 
+def check_text(config: "RunConfig") -> None:
+    from hmine.text_models import check_run_text
+
+    check_run_text(config)
+
+
 def check_labeller(config: "RunConfig") -> None:
     from hmine.labelling import labeller_attributes
 
@@ -220,7 +232,7 @@ SAMPLE = register(Stage(
     output="samples.zarr",
     settings=sample_settings,
     intact=samples_damaged,
-    preflight=(check_model,),
+    preflight=(check_model, check_text),
     report_section="hmine.report:sample_section",
 ))
 INVERT = register(Stage(  # reads nothing: only the model and the images of the images: section

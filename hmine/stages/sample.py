@@ -8,11 +8,14 @@ variable   dims                            meaning
 ``h``      (sample, step, channel, y, x)   bottleneck activations at every step
 ``x0``     (sample, color, height, width)  final images in [-1, 1]
 ``done``   (sample,)                       True once the sample's batch is written
+``prompt`` (sample,)                       each sample's prompt (text-conditional models)
 =========  ==============================  ===========================================
 
 Coordinates: ``sample`` holds each sample's seed, ``step`` the scheduler's timestep
 values, ``step_index`` the loop index. One chunk per batch along ``sample`` and one
-step per chunk along ``step`` (per-step PCA reads one step at a time).
+step per chunk along ``step`` (per-step PCA reads one step at a time). A text-conditional
+run's prompts are a function of the seeds (``sample.text``, :mod:`hmine.prompts`) and are
+written whole with the template; its guidance settings are in the store's attributes.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def make_sampler(config: RunConfig, model=None):
         h_position=config.model.h_position,
         torch_threads=config.sample.torch_threads,
         precision=config.model.precision,
+        text=config.sample.text,
     )
 
 
@@ -127,8 +131,8 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             {
                 "long_name": f"U-Net h-space activations ({config.model.h_position} the mid block)",
                 "units": "1",
-                # CF convention: xarray attaches step_index as a coordinate of h
-                "coordinates": "step_index",
+                # CF convention: xarray attaches step_index (and prompt) as coordinates of h
+                "coordinates": "step_index prompt" if sample.text is not None else "step_index",
             },
         ),
         ArraySpec(
@@ -149,6 +153,16 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
         "step": np.asarray(timesteps, dtype=np.int64),
         "step_index": np.arange(steps, dtype=np.int64),
     }
+    text = {}
+    if sample.text is not None:
+        # known before sampling (a function of the seed): written whole with the template
+        arrays.append(ArraySpec("prompt", (n,), (n,), str, ("sample",), {"long_name": "prompt of the sample"}, None, False))
+        coords["prompt"] = np.asarray([sample.text.prompt_for(seed) for seed in sample.seeds], dtype=str)
+        text = {
+            "hmine:negative_prompt": sample.text.negative_prompt or "",
+            "hmine:guidance_scale": sample.text.guidance_scale,
+            "hmine:h_branch": sample.text.h_branch,
+        }
     attrs = provenance_attrs(
         config.stage_inputs("sample"),
         config.stage_hash("sample"),
@@ -158,6 +172,7 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             "hmine:h_position": config.model.h_position,
             "hmine:eta": sample.eta,
             "hmine:num_inference_steps": steps,
+            **text,
         },
     )
     return arrays, attrs, coords
@@ -182,11 +197,7 @@ class SamplePlan:
 
 
 def _image_shape(model) -> tuple[int, ...]:
-    size = model.unet.config.sample_size
-    image_size = (size, size) if isinstance(size, int) else tuple(size)
-    if model.vqvae is not None:
-        image_size = tuple(s * 2 ** (len(model.vqvae.config.block_out_channels) - 1) for s in image_size)
-    return (3, *image_size)
+    return model.image_shape
 
 
 def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
