@@ -214,6 +214,25 @@ def test_sample_stage_stores_the_prompt_per_sample(tiny_sd_dir, tmp_path):
     assert other.stage_hash("edit") != config.stage_hash("edit")
 
 
+def test_a_grown_text_run_gets_the_prompts_of_its_new_seeds(tiny_sd_dir, tmp_path):
+    import xarray as xr
+
+    from hmine.config import load_config
+    from hmine.stages.sample import run_sample_stage
+
+    def config(n):
+        return load_config(None, [
+            f"model.id={tiny_sd_dir}", f"output_root={tmp_path}", "name=grow", f"sample.n_samples={n}",
+            "sample.batch_size=2", "sample.num_inference_steps=2", "sample.torch_threads=1",
+            f"sample.text={json.dumps({'prompts': PROMPTS, 'guidance_scale': 3.0})}",
+        ])
+
+    run_sample_stage(config(3), show_progress=False)
+    result = run_sample_stage(config(5), show_progress=False)
+    ds = xr.open_zarr(result.path, consolidated=False)
+    assert list(ds["prompt"].values) == [PROMPTS[s % 3] for s in range(5)] and bool(ds["done"].all())
+
+
 def test_unconditional_runs_keep_their_sample_hash():
     from hmine.config import load_config
     from hmine.stages.builtin import sample_settings

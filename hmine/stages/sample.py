@@ -144,20 +144,17 @@ def _store_template(config: RunConfig, h_shape, image_shape, timesteps) -> tuple
             {"long_name": "generated image", "units": "pixel value in [-1, 1]"},
         ),
         ArraySpec("done", (n,), (b,), "bool", ("sample",), {"long_name": "batch written"}, False, False),
-        _seed_spec(n),
+        *(spec for spec, _ in per_sample_coordinates(config)),
         ArraySpec("step", (steps,), (steps,), "int64", ("step",), {"long_name": "scheduler timestep"}, None, False),
         ArraySpec("step_index", (steps,), (steps,), "int64", ("step",), {"long_name": "denoising step index"}, None, False),
     ]
     coords = {
-        "sample": np.asarray(sample.seeds, dtype=np.int64),
+        **{spec.name: values for spec, values in per_sample_coordinates(config)},
         "step": np.asarray(timesteps, dtype=np.int64),
         "step_index": np.arange(steps, dtype=np.int64),
     }
     text = {}
     if sample.text is not None:
-        # known before sampling (a function of the seed): written whole with the template
-        arrays.append(ArraySpec("prompt", (n,), (n,), str, ("sample",), {"long_name": "prompt of the sample"}, None, False))
-        coords["prompt"] = np.asarray([sample.text.prompt_for(seed) for seed in sample.seeds], dtype=str)
         text = {
             "hmine:negative_prompt": sample.text.negative_prompt or "",
             "hmine:guidance_scale": sample.text.guidance_scale,
@@ -335,8 +332,15 @@ _GROWN_ARRAYS = ("h", "x0", "done")  # resized along sample; the coordinates are
 
 def per_sample_coordinates(config: RunConfig) -> list[tuple[ArraySpec, np.ndarray]]:
     """The store's arrays along ``sample`` known before sampling, with their values: written
-    anew whole (one chunk, as in a fresh store) when the store grows. Each sample's seed."""
-    return [(_seed_spec(config.sample.n_samples), np.asarray(config.sample.seeds, dtype=np.int64))]
+    anew whole (one chunk, as in a fresh store) when the store grows. Each sample's seed,
+    and a text-conditional run's prompt (a function of the seed, :mod:`hmine.prompts`)."""
+    sample = config.sample
+    coordinates = [(_seed_spec(sample.n_samples), np.asarray(sample.seeds, dtype=np.int64))]
+    if sample.text is not None:
+        n = sample.n_samples
+        spec = ArraySpec("prompt", (n,), (n,), str, ("sample",), {"long_name": "prompt of the sample"}, None, False)
+        coordinates.append((spec, np.asarray([sample.text.prompt_for(seed) for seed in sample.seeds], dtype=str)))
+    return coordinates
 
 
 def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False) -> list[int]:
