@@ -170,15 +170,16 @@ class Sampler:
         A text-conditional model is called inside :meth:`conditioned_on` the rows of ``x``.
         """
         if self.text is None:
-            return self._unet(x, t_batch)
+            return self.unet_forward(x, t_batch)
         if self._context is None or self._context[0] != x.shape[0]:
             raise RuntimeError(f"call a text-conditional sampler's U-Net inside conditioned_on({x.shape[0]} rows)")
         rows, states = self._context
         branches = self.text.branches
-        out = self._unet(torch.cat([x] * branches), t_batch.repeat(branches), states)
+        out = self.unet_forward(torch.cat([x] * branches), t_batch.repeat(branches), states)
         return self.text.combine(out, rows)
 
-    def _unet(self, x, t_batch, encoder_hidden_states=None):
+    def unet_forward(self, x, t_batch, encoder_hidden_states=None) -> torch.Tensor:
+        """The U-Net's raw output (every row of the call, no guidance) at the sampler's precision."""
         unet = self.model.unet
         kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
         if self.precision == "float32":
