@@ -17,6 +17,9 @@ delta), packed into U-Net calls of a fixed ``batch_size``:
   the rest for both (then ``batch_size`` counts the rows of that call: half as many x_t
   go down; on a CPU keep that half at 8 or more, where the kernels stop changing with
   the batch size, for the plain sampler's bits).
+- **Text-conditional models.** Each row is conditioned on its seed's prompt
+  (:meth:`hmine.sampling.Sampler.conditioned_on`) and its delta goes into the guidance
+  branches ``sample.text.edit_branches`` names (:meth:`hmine.sampling.Sampler.h_delta`).
 
 - **Any trajectory source.** A row's key is a seed, whose x_T and per-step noise the
   sampler draws (:class:`SeedNoise`, the default); ``noise_source`` gives another source:
@@ -116,14 +119,14 @@ def _run_steps(
             eps = eps_original = sampler.eps(sampler.unet_output(x, t_batch), t, x)
         elif branch and asymmetric_here:
             with BranchedForward(unet, sampler.h_position) as branched:
-                branched.delta = deltas[:, i]
+                branched.delta = sampler.h_delta(deltas[:, i], x.shape[0])
                 both = sampler.unet_output(x, t_batch)
             eps_original = sampler.eps(both[: x.shape[0]], t, x)
             eps = sampler.eps(both[x.shape[0] :], t, x)
         else:
             with HSpaceHook(unet, sampler.h_position, record=False) as hook:
                 eps_original = sampler.eps(sampler.unet_output(x, t_batch), t, x) if asymmetric_here else None
-                hook.delta = deltas[:, i]
+                hook.delta = sampler.h_delta(deltas[:, i], x.shape[0])
                 eps = sampler.eps(sampler.unet_output(x, t_batch), t, x)
         eps_P = eps
         eps_D = eps_original if (asymmetric_here or not editing) else eps
@@ -148,7 +151,8 @@ def unedited_states(
             if stop > 0:
                 x = _pad(x.to(param), batch_size)
                 noise = _pad(noise.to(param), batch_size, axis=1)
-                x = _run_steps(sampler, x, noise, None, range(stop), [False] * stop, False)[: len(chunk)]
+                with sampler.conditioned_on(chunk, rows=batch_size):  # a text model's prompts
+                    x = _run_steps(sampler, x, noise, None, range(stop), [False] * stop, False)[: len(chunk)]
             states.append(x.cpu())
     return torch.cat(states) if states else torch.empty((0, *sampler.model.sample_shape))
 
@@ -214,7 +218,8 @@ def regenerate(
             x = _pad(x.to(param), per_call)
             noise = _pad(noise.to(param), per_call, axis=1)
             row_deltas = _pad(deltas[torch.from_numpy(delta_index[rows])].to(param), per_call)
-            x = _run_steps(sampler, x, noise, row_deltas, range(first, sampler.num_inference_steps), edit_steps, asymmetric)
+            with sampler.conditioned_on(chunk, rows=per_call):  # a text model's prompts
+                x = _run_steps(sampler, x, noise, row_deltas, range(first, sampler.num_inference_steps), edit_steps, asymmetric)
             residual = noise_source.residual(chunk)
             if residual is not None:  # an edit-friendly inversion's, after the last step
                 x = x + _pad(residual.to(param), per_call)

@@ -332,3 +332,25 @@ def test_hub_ids_of_the_sd_layout_load_every_part_through_from_pretrained(monkey
         ("UNet2DConditionModel", hub, "unet", True, "v1"), ("AutoencoderKL", hub, "vae", True, "v1"),
         ("CLIPTokenizer", hub, "tokenizer", None, "v1"), ("CLIPTextModel", hub, "text_encoder", True, "v1"),
     ]
+
+
+@pytest.mark.parametrize(("asymmetric", "edit_branches"), [(False, "both"), (True, "both"), (True, "conditional")])
+def test_the_edit_engine_regenerates_text_samples_as_the_sampler(tiny_sd, asymmetric, edit_branches):
+    """hmine.regeneration (the edit stage's engine) conditions each row on its seed's prompt and
+    adds the delta in the configured branches: its images equal the sampler's with that delta."""
+    from hmine.regeneration import regenerate
+    from hmine.sampling import Sampler
+
+    text = TextConfig(prompts=PROMPTS, guidance_scale=4.0, edit_branches=edit_branches)
+    sampler = Sampler(tiny_sd, num_inference_steps=STEPS, torch_threads=1, text=text)
+    seeds = [7, 8, 9]
+    deltas = torch.randn((2, STEPS, 16, 4, 4), generator=torch.Generator().manual_seed(3))
+    delta_index = [0, 1, 1]
+    edit_steps = [False, True, True, True]
+    images = np.zeros((3, 3, 16, 16), dtype=np.float32)
+    for rows, row_images in regenerate(sampler, seeds, deltas, delta_index, edit_steps=edit_steps,
+                                       asymmetric=asymmetric, batch_size=4):
+        images[rows] = row_images
+    expected = sampler.sample(seeds, delta_h=deltas[delta_index], edit_steps=edit_steps, asymmetric=asymmetric).images
+    assert np.abs(images - expected.numpy()).max() <= 1e-5
+    assert np.abs(images - sampler.sample(seeds).images.numpy()).max() > 1e-3
