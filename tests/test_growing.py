@@ -245,3 +245,35 @@ def test_downstream_stages_are_stale_until_computed_from_the_grown_stores(tiny_p
     assert list(a["name"].values) == list(b["name"].values) and a.sizes["direction"] >= 4
     np.testing.assert_allclose(a["direction"].values, b["direction"].values, rtol=0, atol=1e-5)
     assert json.loads(a.attrs["hmine:input_reads"]).keys() == {"sample", "label"}
+
+
+@pytest.mark.slow
+def test_the_command_line_grows_a_run_and_refuses_to_shrink_it(tiny_pixel_model_dir, tmp_path):
+    """As a user does it: `hmine sample`, then again with more samples, then with fewer."""
+    import os
+    import subprocess
+    import sys
+
+    config, more = tmp_path / "run.yaml", tmp_path / "more.yaml"
+    for path, n in ((config, 6), (more, 9)):
+        path.write_text(
+            f"name: cli\noutput_root: {tmp_path / 'stores'}\nmodel:\n  id: {tiny_pixel_model_dir}\n"
+            f"sample:\n  n_samples: {n}\n  batch_size: 3\n  num_inference_steps: 2\n"
+        )
+
+    def hmine(*args):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "hmine.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    run_dir = tmp_path / "stores" / "cli"
+    assert hmine("sample", str(config), "--no-prefect").returncode == 0
+    status = hmine("status", str(run_dir), "--config", str(more))
+    assert "holds 6 samples, sample.n_samples=9: a rerun grows it" in status.stdout, status.stdout
+    grown = hmine("sample", str(more), "--no-prefect")
+    assert grown.returncode == 0, grown.stderr
+    assert open_group(run_dir / "samples.zarr")["sample"][...].tolist() == list(range(9))
+    assert json.loads((run_dir / "config.json").read_text())["sample"]["n_samples"] == 9
+    out = hmine("sample", str(config), "--no-prefect")  # 6 again
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "holds 9 samples and sample.n_samples=6 would drop some; a run only grows" in out.stderr
