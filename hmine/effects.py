@@ -5,7 +5,10 @@ change against the scale-0 images (the unedited regeneration of the same seeds),
 change in units of the std of the unedited scores, and for binary attributes the share of
 samples whose decision (score > threshold) flipped, either way and in each direction —
 the analogue of Haas et al. Table I (diagonal: the intended effect; off-diagonal:
-leakage). :mod:`hmine.strength` reads these at a matched edit strength.
+leakage). Each row also carries the image quality of its (direction, scale)
+(:mod:`hmine.quality`: ``confident_share``, ``frechet_distance`` to the unedited images;
+the same value on every attribute's row of that direction and scale). :mod:`hmine.strength`
+reads these at a matched edit strength.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pandas as pd
 #: The effects table's columns, in order.
 EFFECT_COLUMNS = (
     "direction", "scale", "attribute", "mean_score", "mean_change", "mean_change_std",
-    "flip_to_positive", "flip_to_negative", "changed_decision",
+    "flip_to_positive", "flip_to_negative", "changed_decision", "confident_share", "frechet_distance",
 )  # fmt: skip
 
 
@@ -35,22 +38,31 @@ def measure_effects(group, names, scales, labeller, thresholds: dict[str, float]
       it, among those that were negative; ``flip_to_negative`` the reverse; and
       ``changed_decision``, the fraction of all edited samples whose decision differs from
       the unedited one. NaN for the other attributes.
+
+    and per (direction, scale) the image quality of the edited images
+    (:class:`hmine.quality.QualityMeter`: ``confident_share``, ``frechet_distance`` to the
+    scale-0 images of the same samples; NaN where the labeller has no class heads or feature
+    space).
     """
+    from hmine.quality import QualityMeter
+
     zero = scales.index(0.0)
+    quality = QualityMeter(labeller)
     rows = []
     for d, name in enumerate(names):
         # only the samples that have the direction (a per-image Jacobian direction exists for
         # the analysed samples alone); stores from before the "edited" array: all of them
         edited = np.asarray(group["edited"][d], dtype=bool) if "edited" in group else slice(None)
-        per_scale = [
-            labeller.score(np.asarray(group["images"][d, s])[edited]).reset_index(drop=True) for s in range(len(scales))
-        ]
+        images = [np.asarray(group["images"][d, s])[edited] for s in range(len(scales))]
+        per_scale = [labeller.score(batch).reset_index(drop=True) for batch in images]
+        quality.reference(images[zero])
         base = per_scale[zero]
         for s, scale in enumerate(scales):
+            measured = quality.measure(images[s], per_scale[s])
             for attribute in per_scale[s].columns:
                 before, after = base[attribute].to_numpy(), per_scale[s][attribute].to_numpy()
                 rows.append({"direction": name, "scale": scale, "attribute": attribute,
-                             **_changes(before, after, thresholds.get(attribute))})  # fmt: skip
+                             **_changes(before, after, thresholds.get(attribute)), **measured})  # fmt: skip
     return pd.DataFrame(rows, columns=list(EFFECT_COLUMNS))
 
 

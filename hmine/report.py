@@ -399,7 +399,10 @@ def matched_strength_html(effects: pd.DataFrame, attributes: list[str]) -> str:
         "(linear interpolation between the edited scales, scale 0 counting as no flip; <i>not reached</i> when no "
         "edited scale gets there), and the leakage at that scale: the share of edited samples whose other "
         "decisions change (largest, then per attribute) and the largest mean change of another score in stds of "
-        f"its unedited scores. <i>Clean</i>: reached with at most {MAX_LEAKAGE:.0%} of any other decision "
+        "its unedited scores; and the image quality there: the share of edited images the classifier still scores "
+        "confidently (largest class probability &ge; 0.9 on every class head) and the Fr&eacute;chet distance of the "
+        "edited to the unedited images in the labeller's feature space (hmine.quality). "
+        f"<i>Clean</i>: reached with at most {MAX_LEAKAGE:.0%} of any other decision "
         f"changed; {clean} of {len(shown)} direction-sides are.</p>" + _table(shown, "{:.2f}")
     )
 

@@ -10,7 +10,9 @@ samples on its far side — positive samples turning negative at negative scales
 (``flip_to_negative``), negative ones turning positive at positive scales
 (``flip_to_positive``) — and the leakage there: for every other attribute the share of
 samples whose decision changes (``changed_decision``) and the mean change of its score in
-units of the std of its unedited scores (``mean_change_std``).
+units of the std of its unedited scores (``mean_change_std``) — and the image quality there
+(:mod:`hmine.quality`: ``confident_share``, the share of edited images the classifier still
+scores confidently, and ``frechet_distance`` to the unedited images in its feature space).
 
 Interpolation: between the edited scales of one side, including scale 0 (the unedited
 regeneration: no flips, no change), every quantity is taken as linear in |scale|. The
@@ -30,6 +32,7 @@ LEVEL = 0.9
 MAX_LEAKAGE = 0.1
 SIDES = {"-": "flip_to_negative", "+": "flip_to_positive"}
 _VALUES = ("flip_to_positive", "flip_to_negative", "changed_decision", "mean_change_std")
+_QUALITY = ("confident_share", "frechet_distance")  # per (direction, scale): read off the own attribute's rows
 
 
 def direction_attribute(name: str) -> str:
@@ -67,10 +70,11 @@ def _side(rows: pd.DataFrame, attribute: str, others: list[str], side: str, leve
     """One direction's matched strength on one side; None when the side has no far-side samples."""
     sign = -1.0 if side == "-" else 1.0
     on_side = rows[(np.sign(rows["scale"]) == sign) | (rows["scale"] == 0)]
-    table = on_side.assign(scale=on_side["scale"].abs()).set_index(["scale", "attribute"])[list(_VALUES)]
+    table = on_side.assign(scale=on_side["scale"].abs()).set_index(["scale", "attribute"])[[*_VALUES, *_QUALITY]]
     table = table.unstack("attribute").sort_index()  # columns (value, attribute); rows |scale|
-    if 0.0 not in table.index:  # the unedited point, by definition
+    if 0.0 not in table.index:  # the unedited point, by definition (its confident share unknown)
         table.loc[0.0] = 0.0
+        table.loc[0.0, "confident_share"] = np.nan
         table = table.sort_index()
     rates = table[(SIDES[side], attribute)].to_numpy(dtype=float) if (SIDES[side], attribute) in table else None
     edited = table.index.to_numpy() > 0
@@ -90,6 +94,8 @@ def _side(rows: pd.DataFrame, attribute: str, others: list[str], side: str, leve
         for other in others:
             values = table[(column, other)].to_numpy(dtype=float) if (column, other) in table else np.full(len(scales), np.nan)
             row[f"{column}:{other}"] = _at(scales, values, matched)
+    for column in _QUALITY:
+        row[column] = _at(scales, table[(column, attribute)].to_numpy(dtype=float), matched)
     decisions = [row[f"changed_decision:{o}"] for o in others]
     changes = [abs(row[f"mean_change_std:{o}"]) for o in others]
     row["leak_decision"] = max((v for v in decisions if np.isfinite(v)), default=float("nan"))
@@ -123,7 +129,7 @@ def matched_strength(effects: pd.DataFrame, attributes: list[str] | None = None,
         Directions whose own attribute is not binary in the table (PCA, Jacobian) are left out.
     """
     effects = effects.copy()
-    for column in _VALUES:
+    for column in (*_VALUES, *_QUALITY):
         if column not in effects:
             effects[column] = np.nan
     attributes = list(dict.fromkeys(effects["attribute"])) if attributes is None else list(attributes)
@@ -143,7 +149,7 @@ def matched_strength(effects: pd.DataFrame, attributes: list[str] | None = None,
 
 def matched_strength_display(table: pd.DataFrame, max_leakage: float = MAX_LEAKAGE) -> pd.DataFrame:
     """:func:`matched_strength`'s table for reading: the scale or "not reached (best r at s)",
-    the leakage, whether the edit is clean (reached with ``leak_decision`` <= ``max_leakage``),
+    the leakage, the image quality, whether the edit is clean (reached with ``leak_decision`` <= ``max_leakage``),
     and the other attributes' changed decisions."""
     if table.empty:
         return table
@@ -155,6 +161,8 @@ def matched_strength_display(table: pd.DataFrame, max_leakage: float = MAX_LEAKA
     ]
     shown["max changed decision"] = table["leak_decision"]
     shown["max |change| / std"] = table["leak_std"]
+    shown["confident"] = table["confident_share"]
+    shown["Fréchet distance"] = table["frechet_distance"]
     shown["clean"] = np.where(table["reached"] & (table["leak_decision"] <= max_leakage), "yes", "no")
     for column in (c for c in table.columns if c.startswith("changed_decision:")):
         shown[column.split(":", 1)[1]] = table[column]
