@@ -218,3 +218,15 @@ def _sample_sega(sampler: Sampler, seeds: list[int], sega: Sega, edit_states, re
         h=torch.stack(hs, dim=1) if record_h else None,
         timesteps=sampler.timesteps,
     )
+
+
+def sega_edit(sampler: Sampler, seeds: Sequence[int], config, name: str, scale: float, *, record_h: bool = False) -> SampleOutput:
+    """The seeds' images with SEGA concept ``name`` of ``config`` (:class:`hmine.sega_config.SegaConfig`)
+    at signed edit scale ``scale`` (:meth:`~hmine.sega_config.SegaConfig.scaled`): scale 0 is the
+    unedited sample, a negative scale guides away from the concept."""
+    sega = Sega(
+        concepts=(SegaConcept(**config.scaled(name, scale)),),
+        momentum_scale=config.momentum_scale,
+        momentum_beta=config.momentum_beta,
+    )
+    return sample_sega(sampler, seeds, sega, record_h=record_h)

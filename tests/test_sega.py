@@ -111,3 +111,27 @@ def test_sega_is_refused_without_guidance_or_with_a_long_editing_prompt(tiny_sd)
         sample_sega(guided, [0], Sega(concepts=(SegaConcept(" ".join(["red"] * 30)),)))
     with pytest.raises(ValueError, match="threshold must lie in"):
         SegaConcept("red", threshold=1.5)
+
+
+def test_sega_edits_at_signed_scales_sweep_a_concept_like_a_direction(tiny_sd):
+    from hmine.sampling import Sampler
+    from hmine.sega import sega_edit
+    from hmine.sega_config import SegaConfig
+
+    config = SegaConfig(concepts={"blue": {"prompt": "a blue circle", "warmup_steps": 1, "guidance_scale": 4.0,
+                                           "threshold": 0.8}}, momentum_scale=0.3, momentum_beta=0.6)
+    sampler = Sampler(tiny_sd, num_inference_steps=STEPS, torch_threads=1, text=TextConfig(prompts=PROMPTS, guidance_scale=6.0))
+    seeds = [21, 22]
+    plain = sampler.sample(seeds).images
+    assert (sega_edit(sampler, seeds, config, "blue", 0.0).images - plain).abs().max().item() <= 1e-5
+    # scale 1 is the concept as configured (ONE_CONCEPT), scale -2 the reversed concept at twice the guidance
+    assert torch.equal(sega_edit(sampler, seeds, config, "blue", 1.0).images, sample_sega(sampler, seeds, ONE_CONCEPT).images)
+    doubled = Sega(concepts=(SegaConcept("a blue circle", reverse=True, warmup_steps=1, guidance_scale=8.0, threshold=0.8),),
+                   momentum_scale=0.3, momentum_beta=0.6)
+    assert torch.equal(sega_edit(sampler, seeds, config, "blue", -2.0).images, sample_sega(sampler, seeds, doubled).images)
+    with pytest.raises(KeyError, match=r"sega/red: no concept 'red'"):
+        sega_edit(sampler, seeds, config, "red", 1.0)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cooldown_steps .* must be above warmup_steps"):
+        SegaConfig(concepts={"x": {"prompt": "x", "warmup_steps": 3, "cooldown_steps": 2}})
