@@ -128,7 +128,7 @@ def _hub_index(model_id: str, revision: str | None) -> dict:
 
 def token_count(tokenizer, prompt: str) -> int:
     """Tokens of ``prompt`` with the start and end tokens, untruncated."""
-    return len(tokenizer(prompt, truncation=False).input_ids)
+    return len(tokenizer(prompt, truncation=False, verbose=False).input_ids)  # verbose: our own error says it
 
 
 def check_prompt_length(tokenizer, prompt: str, field: str) -> None:
