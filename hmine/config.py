@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hmine.benchmark.settings import BenchmarkConfig
 from hmine.learning.config import LearnConfig
 from hmine.prompts import TextConfig
 
@@ -341,6 +342,7 @@ class RunConfig(_Frozen):
     images: ImagesConfig | None = None  # real images: the invert stage runs only when set
     invert: InvertConfig = InvertConfig()
     learn: LearnConfig = LearnConfig()  # learned edits (Asyrp): the learn stage runs only with targets
+    benchmark: BenchmarkConfig = BenchmarkConfig()  # the ground-truth benchmark (hmine benchmark CONFIG)
     runner: RunnerConfig = RunnerConfig()  # how, not what: left out of stage_inputs
 
     @field_validator("name")

@@ -94,6 +94,17 @@ def edit_settings(config: "RunConfig") -> dict:
     return settings
 
 
+def benchmark_settings(config: "RunConfig") -> dict:
+    # enabled says only whether `hmine run` runs it; batch_size only how rows share a U-Net call
+    edit = config.edit.model_dump(mode="json", include={"t_edit", "t_edit_max", "asymmetric"})
+    return {"benchmark": {**config.benchmark.model_dump(mode="json", exclude={"enabled", "batch_size"}), "edit": edit}}
+
+
+def benchmark_applies(config: "RunConfig") -> bool:
+    # asked for in every run, or run once by `hmine benchmark` in this run directory
+    return config.benchmark.enabled or (config.run_dir / "benchmark.parquet").exists()
+
+
 # -- other inputs ----------------------------------------------------------------------
 
 
@@ -219,6 +230,12 @@ def check_images(config: "RunConfig") -> None:
         read_labels(config.images.labels)
 
 
+def check_benchmark(config: "RunConfig") -> None:
+    from hmine.stages.benchmark import check_benchmark as check
+
+    check(config)
+
+
 def check_masks(config: "RunConfig") -> None:
     from hmine.masks import check_mask_files
 
@@ -304,6 +321,17 @@ EDIT = register(Stage(
     complete=edits_complete,
     preflight=(check_model, check_labeller),
     report_section="hmine.report:edit_section",
+))
+BENCHMARK = register(Stage(  # after the edit stage: its window and step rule; runs on demand (applies)
+    name="benchmark",
+    summary="benchmark every direction method against the world's known factors (strength to flip, leakage, quality)",
+    run="hmine.stages.benchmark:run_benchmark_stage",
+    output="benchmark.parquet",
+    settings=benchmark_settings,
+    reads=("sample", "label", "directions"),
+    preflight=(check_model, check_labeller, check_benchmark),
+    report_section="hmine.benchmark.report:benchmark_section",
+    applies=benchmark_applies,
 ))
 REPORT = register(Stage(
     name="report",
