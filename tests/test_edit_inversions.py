@@ -121,3 +121,35 @@ def test_inverted_edits_are_refused_with_the_fix(tiny_pixel_model_dir, tmp_path)
     run_invert_stage(config, show_progress=False)
     with pytest.raises(ValueError, match="edit.n_samples is 6 but .* has 5 inverted images; lower edit.n_samples"):
         run_edit_stage(config, labeller=labeller, show_progress=False)
+
+
+def test_the_readmes_edit_your_own_images_config_edits_the_folders_images(tiny_pixel_model_dir, tiny_clip_dir, tmp_path):
+    """README "Edit your own images" added to "On a real model" (local models, fewer samples)."""
+    from test_faults import _readme_yaml
+    from test_inversion import _image_folder
+
+    from hmine.config import RunConfig
+
+    own = _readme_yaml("Edit your own images")
+    assert own["edit"]["source"] == "inversions" and own["edit"]["directions"] == ["probe/smiling"]
+    config = _readme_yaml("On a real model") | own
+    folder = _image_folder(tmp_path)  # five 16x16 PNGs, two in a subfolder, and labels.csv with 'smiling'
+    config["images"] = {"folder": str(folder), "labels": str(tmp_path / "labels.csv")}
+    config["model"].update(id=str(tiny_pixel_model_dir), device="cpu")
+    config["label"]["clip_model_id"] = str(tiny_clip_dir)
+    config["sample"].update(n_samples=12, batch_size=4, num_inference_steps=2)
+    config["directions"].update(top_k=3, pca_components=2, probe_components=4)
+    config["edit"]["n_samples"] = 5
+    config.update(output_root=str(tmp_path / "stores"), report_root=str(tmp_path / "reports"))
+    config = RunConfig.model_validate(config)
+    run_sample_stage(config, show_progress=False)
+    run_label_stage(config, show_progress=False)
+    run_directions_stage(config)
+    run_invert_stage(config, show_progress=False)
+    assert run_edit_stage(config, show_progress=False).computed == 1
+    edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
+    inversions = xr.open_zarr(config.run_dir / "inversions.zarr", consolidated=False)
+    assert [str(i) for i in edits["sample"].values] == ["im0.png", "im2.png", "im4.png", "sub/im1.png", "sub/im3.png"]
+    np.testing.assert_array_equal(edits["images"].sel(direction="probe/smiling", scale=0.0).values, inversions["x0"].values)
+    assert float(inversions["reconstruction_error"].max()) <= 1e-4  # edit-friendly: scale 0 is the image itself
+    assert (config.run_dir / STRIPS_DIR / strip_filename("probe/smiling")).exists()
