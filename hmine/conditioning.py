@@ -24,6 +24,9 @@ import torch
 from hmine.prompts import TextConfig
 from hmine.text_models import encode_prompt
 
+#: Prompt embeddings kept per sampler (SD 1.x: 77 x 768 float32, 0.24 MB each).
+CACHED_PROMPTS = 1024
+
 
 class TextConditioning:
     """Prompt embeddings and guidance for a text-conditional model.
@@ -63,6 +66,8 @@ class TextConditioning:
     def embed(self, prompt: str, field: str | None = None) -> torch.Tensor:
         """The text encoder's states (1, tokens, hidden) of one prompt, cached."""
         if prompt not in self._cache:
+            if len(self._cache) >= CACHED_PROMPTS:  # drop the oldest: an embedding is the same bits when redone
+                self._cache.pop(next(iter(self._cache)))
             self._cache[prompt] = encode_prompt(
                 self.model.text_encoder, self.model.tokenizer, prompt, field=field or self.prompt_field
             )
