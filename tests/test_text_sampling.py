@@ -354,3 +354,27 @@ def test_the_edit_engine_regenerates_text_samples_as_the_sampler(tiny_sd, asymme
     expected = sampler.sample(seeds, delta_h=deltas[delta_index], edit_steps=edit_steps, asymmetric=asymmetric).images
     assert np.abs(images - expected.numpy()).max() <= 1e-5
     assert np.abs(images - sampler.sample(seeds).images.numpy()).max() > 1e-3
+
+
+def test_the_run_preflight_refuses_text_settings_that_do_not_fit_the_model(tiny_sd_dir, tiny_pixel_model_dir, tmp_path):
+    """Before anything is written (hmine.preflight, as `hmine run` calls it): a text model without
+    sample.text, sample.text for a model without text, an over-long negative prompt."""
+    from hmine.config import load_config
+    from hmine.preflight import check_run_inputs
+
+    def config(model, text=None):
+        extra = [] if text is None else [f"sample.text={json.dumps(text)}"]
+        return load_config(None, [f"model.id={model}", f"output_root={tmp_path}", *extra])
+
+    cases = [
+        (config(tiny_sd_dir), r"is text-conditional: give its prompts in sample\.text"),
+        (config(tiny_pixel_model_dir, {"prompts": ["red"]}), r"sample\.text is set but model\.id .* is not text-conditional"),
+        (config(tiny_sd_dir, {"prompts": ["red"], "negative_prompt": " ".join(["red"] * 30), "guidance_scale": 3}),
+         r"^sample\.text\.negative_prompt: the prompt .* over the tokenizer's limit of 24"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            check_run_inputs(bad, ["sample"])
+        assert "\n" not in str(error.value)
+    check_run_inputs(config(tiny_sd_dir, {"prompts": PROMPTS}), ["sample"])
+    assert not (tmp_path / "run").exists()
