@@ -339,6 +339,9 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
             + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
         )
     parts.append(matched_strength_html(effects, attributes))
+    from hmine.sweeps import edit_sweep_html
+
+    parts.append(edit_sweep_html(run_dir, img))
     flips = best_flip_rates(effects)
     if len(flips):
         step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"

@@ -134,6 +134,7 @@ def test_the_benchmark_stage_on_the_embedded_world(world_benchmark):
     assert reached["confident_share"].between(0, 1).all() and reached["best_rate"].ge(0.9).all()
     assert table[["changed_decision:is_red", "mean_change_std:size"]].shape[1] == 2  # per-attribute leakage kept
     assert up_to_date(config, "benchmark") and "benchmark" in applicable_stage_names(config)  # ran here once
+    assert (config.run_dir / "benchmark_sweep.png").stat().st_size > 1000  # every direction x every scale, sample 0
 
 
 @pytest.mark.slow  # a whole small run of the embedded world (about 2 minutes on the loaded 2-core machine)
@@ -146,6 +147,7 @@ def test_a_rerun_computes_nothing_and_the_report_section_draws_the_heat_maps(wor
     section = benchmark_section(config, config.run_dir, tmp_path)
     assert (tmp_path / "benchmark.png").stat().st_size > 1000
     assert "Best direction per attribute and side" in section and "random" in section
+    assert (tmp_path / "benchmark_sweep.png").exists() and "benchmark_sweep.png" in section
 
 
 def test_the_benchmark_refuses_a_clip_run(tmp_path):

@@ -6,7 +6,8 @@ batch (so the images are the edit stage's bits for the same direction, scale, wi
 step rule); scale 0 is the stored ``x0``. A candidate's images are scored as soon as its
 rows are done (:func:`hmine.effects.measure_effects`: decisions, score changes, image
 quality) and then dropped, so memory holds one candidate's images at a time, plus the rows
-in flight.
+in flight; only the first sample's are kept, for the sweep figure (rows directions, columns
+scales).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def signed_scales(strengths) -> list[float]:
 
 
 def edit_and_measure(sampler, seeds, originals, candidates, strengths, labeller, thresholds, *,
-                     edit_steps, asymmetric: bool, batch_size: int) -> dict[str, pd.DataFrame]:  # fmt: skip
-    """Each candidate's effects table (rows scale x attribute, scales :func:`signed_scales`).
+                     edit_steps, asymmetric: bool, batch_size: int) -> tuple[dict[str, pd.DataFrame], dict]:  # fmt: skip
+    """Each candidate's effects table (rows scale x attribute, scales :func:`signed_scales`), and
+    each one's images of the first sample (scale, C, H, W) for the sweep figure.
 
     Parameters
     ----------
@@ -61,7 +63,7 @@ def edit_and_measure(sampler, seeds, originals, candidates, strengths, labeller,
     row_seeds = np.tile(seeds, len(candidates) * len(edited)).tolist()
     images: dict[int, np.ndarray] = {}
     remaining = {c: per_candidate for c in range(len(candidates))}
-    effects = {}
+    effects, sweep = {}, {}
     rows = regenerate(sampler, row_seeds, deltas, delta_index, edit_steps=edit_steps, asymmetric=asymmetric,
                       batch_size=batch_size, start_states=starts)  # fmt: skip
     for done, batch in rows:
@@ -72,7 +74,8 @@ def edit_and_measure(sampler, seeds, originals, candidates, strengths, labeller,
             slab[scales.index(edited[k]), sample] = image
             remaining[c] -= 1
             if remaining[c] == 0:
-                name = candidates[c].name
-                effects[name] = measure_effects({"images": images.pop(c)[None]}, [name], scales, labeller, thresholds)
+                name, done_images = candidates[c].name, images.pop(c)
+                effects[name] = measure_effects({"images": done_images[None]}, [name], scales, labeller, thresholds)
+                sweep[name] = done_images[:, 0].copy()
                 logger.info("benchmark: %s edited and measured (%d of %d)", name, len(effects), len(candidates))
-    return effects
+    return effects, sweep

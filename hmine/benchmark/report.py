@@ -78,8 +78,17 @@ def benchmark_section(config, run_dir: Path, img: Path) -> str:
     table = read_benchmark(run_dir)
     if table.empty:
         return "<h2>Benchmark stage</h2><p>No direction to benchmark.</p>"
+    import shutil
+
+    from hmine.stages.benchmark import SWEEP_FIGURE
+
     write_heat_maps(table, img / "benchmark.png")
     settings = config.benchmark
+    sweep = ""
+    if (Path(run_dir) / SWEEP_FIGURE).exists():
+        shutil.copy(Path(run_dir) / SWEEP_FIGURE, img / SWEEP_FIGURE)
+        sweep = ("<h3>The first sample along every benchmarked direction</h3><p>Rows: directions (PCA components "
+                 "unoriented, the random baseline last), columns: scales.</p>" + _img(f"img/{SWEEP_FIGURE}", "benchmark sweep"))
     return (
         "<h2>Benchmark stage</h2><p>Every direction method against the world's known factors: each direction edited "
         f"at &plusmn;{', '.join(f'{s:g}' for s in settings.scales)} std on the first {settings.n_samples} samples; "
@@ -96,4 +105,5 @@ def benchmark_section(config, run_dir: Path, img: Path) -> str:
         + "<h3>Margin over the random baseline</h3>" + _table(margins(table), "{:.2f}")
         + f"<details><summary>the whole table ({len(table)} rows, <code>{html.escape(str(run_dir))}/benchmark.parquet"
         "</code>)</summary>" + _table(table.drop(columns=[c for c in table.columns if ":" in c]), "{:.3f}") + "</details>"
+        + sweep
     )

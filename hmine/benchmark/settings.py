@@ -20,8 +20,8 @@ class BenchmarkConfig(BaseModel):
     enabled: bool = Field(False, description="run the benchmark in every `hmine run` (`hmine benchmark` runs it anyway)")
     n_samples: int = Field(32, ge=2, le=_MAX_SAMPLES, description="the first N samples of the run are edited")
     scales: list[float] = Field(
-        [5.0, 10.0, 20.0, 40.0],
-        description="edit strengths in std of the data along each direction; each is edited at +s and -s",
+        [2.5, 5.0, 10.0, 20.0, 40.0],
+        description="edit strengths in std of the data along each direction; each is edited at +s and -s (the matched strength is interpolated between them)",
     )
     pca_components: int = Field(8, ge=0, le=4096, description="the first K per-step PCA components are matched to factors")
     random_seed: int = Field(0, ge=0, description="seed of the norm-matched random direction")

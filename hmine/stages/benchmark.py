@@ -6,8 +6,9 @@
 ``edit.t_edit_max``, ``edit.asymmetric``), and writes ``benchmark.parquet``: per (method,
 binary attribute, side), the strength that flips 90 % of the far side, the leakage and the
 image quality there and the random baseline's flip rate at the same ||delta h||
-(:func:`hmine.benchmark.table.benchmark_table`). The report's benchmark section draws it as
-heat maps (:func:`hmine.benchmark.report.benchmark_section`).
+(:func:`hmine.benchmark.table.benchmark_table`), and ``benchmark_sweep.png``, the first
+sample along every benchmarked direction (:mod:`hmine.sweeps`). The report's benchmark
+section draws the table as heat maps (:func:`hmine.benchmark.report.benchmark_section`).
 
 Only for the world labeller: the benchmark needs attributes whose truth the labeller knows,
 and continuous factors to measure leakage on.
@@ -19,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from hmine.config import RunConfig
@@ -28,6 +30,7 @@ from hmine.stores import open_group, store_state, write_table
 logger = logging.getLogger(__name__)
 
 BENCHMARK_TABLE = "benchmark.parquet"
+SWEEP_FIGURE = "benchmark_sweep.png"  # the first sample along every benchmarked direction
 
 
 def benchmark_path(config: RunConfig) -> Path:
@@ -46,7 +49,7 @@ def check_benchmark(config: RunConfig) -> None:
 def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> StageResult:
     """Write ``benchmark.parquet`` (module docstring); skip when it is up to date."""
     from hmine.benchmark.candidates import norm_per_scale, random_candidate, stored_candidates
-    from hmine.benchmark.measure import edit_and_measure
+    from hmine.benchmark.measure import edit_and_measure, signed_scales
     from hmine.benchmark.table import benchmark_table
     from hmine.directions import open_directions
     from hmine.editing import edit_steps_from
@@ -54,6 +57,7 @@ def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> Stag
     from hmine.stages import identity_record, up_to_date
     from hmine.stages.directions import directions_path
     from hmine.stages.label import read_labels
+    from hmine.sweeps import write_sweep
     from hmine.world.classifier import THRESHOLDED_ATTRIBUTES
 
     started = time.perf_counter()
@@ -82,13 +86,15 @@ def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> Stag
     edit_steps = edit_steps_from(sampler.timesteps.tolist(), config.edit.t_edit, config.edit.t_edit_max)
     logger.info("benchmark stage: %d directions x %d scales x %d samples", len(candidates),
                 2 * len(settings.scales), len(seeds))  # fmt: skip
-    effects = edit_and_measure(
+    effects, sweep = edit_and_measure(
         sampler, seeds, originals, candidates, settings.scales, labeller, thresholds,
         edit_steps=edit_steps, asymmetric=config.edit.asymmetric, batch_size=settings.batch_size,
     )  # fmt: skip
     norms = {c.name: norm_per_scale(c, edit_steps) for c in candidates}
     own_factor = {a: factor for a, (factor, _, _) in THRESHOLDED_ATTRIBUTES.items()}
     table = benchmark_table(candidates, effects, norms, binary, continuous, own_factor)
+    write_sweep(np.stack([sweep[c.name] for c in candidates]), [c.name for c in candidates],
+                signed_scales(settings.scales), config.run_dir / SWEEP_FIGURE)  # fmt: skip
     write_table(table, path, {"hmine:config_hash": config.stage_hash("benchmark"), **identity_record(config, "benchmark")})
     seconds = time.perf_counter() - started
     logger.info("benchmark stage: %d rows in %.1f s", len(table), seconds)
