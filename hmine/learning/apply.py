@@ -90,6 +90,8 @@ def regenerate_learned(
         unique = sorted({int(s) for s in seeds})
         start_states = dict(zip(unique, unedited_states(sampler, unique, first, batch_size)))
     param = next(sampler.model.unet.parameters())
+    if isinstance(editor, torch.nn.Module):
+        editor.to(param.device)
     per_call = rows_per_call(sampler, batch_size, asymmetric)
     coefficients = torch.as_tensor(np.asarray(coefficients, dtype=np.float32))
     with model_threads(sampler.torch_threads):

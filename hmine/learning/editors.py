@@ -82,7 +82,7 @@ class DeltaH(nn.Module):
         out = self.delta.new_zeros((len(self.edit_steps), *self.delta.shape[1:]))
         for i, slot in self._slot.items():
             out[i] = self.delta[slot]
-        return out.detach()
+        return out.detach().cpu()
 
 
 class BlockEditor(nn.Module):

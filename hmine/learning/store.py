@@ -128,9 +128,9 @@ def load_block_editor(path: Path, timesteps: list[int] | None = None) -> BlockEd
 @torch.no_grad()
 def block_mean_delta(editor: BlockEditor, h: np.ndarray, timesteps) -> np.ndarray:
     """mean_n f_t(h_{n,t}, t) per step over h (sample, step, channel, y, x): (step, channel, y, x), zero off the window."""
-    steps = h.shape[1]
+    steps, device = h.shape[1], next(editor.parameters()).device
     out = np.zeros(h.shape[1:], dtype=np.float64)
     for i in range(steps):
-        h_i = torch.from_numpy(np.asarray(h[:, i], dtype=np.float32))
-        out[i] = editor(h_i, i, timesteps[i]).double().mean(dim=0).numpy()
+        h_i = torch.from_numpy(np.asarray(h[:, i], dtype=np.float32)).to(device)
+        out[i] = editor(h_i, i, timesteps[i]).double().mean(dim=0).cpu().numpy()
     return out

@@ -137,6 +137,7 @@ def train_editor(
     from hmine.world.training import Schedule, Trainee, train_loop
 
     sampler.model.unet.requires_grad_(False)
+    editor.to(next(sampler.model.unet.parameters()).device)
     parameters = [p for p in editor.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
 
