@@ -134,3 +134,26 @@ def test_matched_strength_reads_the_quality_at_the_matched_scale():
     # a table from before the quality columns: NaN, not an error
     old = pd.DataFrame(rows).drop(columns=["confident_share", "frechet_distance"])
     assert np.isnan(matched_strength(old).loc[("probe/a", "+"), "frechet_distance"])
+
+
+def test_a_clip_labeller_measures_quality_in_its_image_embeddings(tiny_clip_dir):
+    from conftest import TINY_CLIP_IMAGE_SIZE
+
+    from hmine.clip import ClipLabeller
+    from hmine.clip.labeller import _projected
+    from hmine.quality import ClipImageFeatures, QualityMeter, feature_extractor
+
+    labeller = ClipLabeller({"smiling": ("a smiling face", "a face")}, model_id=str(tiny_clip_dir), batch_size=3)
+    extractor = feature_extractor(labeller)
+    assert isinstance(extractor, ClipImageFeatures)
+    images = np.random.default_rng(4).uniform(-1, 1, size=(6, 3, TINY_CLIP_IMAGE_SIZE, TINY_CLIP_IMAGE_SIZE)).astype(np.float32)
+    with torch.no_grad():
+        expected = _projected(labeller.model.get_image_features(pixel_values=labeller.preprocess(images))).double()
+    features = extractor(torch.from_numpy(images))
+    np.testing.assert_allclose(features.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    meter = QualityMeter(labeller)
+    meter.reference(images)
+    shifted = np.clip(images[::-1] * 0.2, -1, 1).copy()
+    measured = meter.measure(shifted, labeller.score(shifted))
+    assert np.isnan(measured["confident_share"])  # CLIP pairs are no class heads
+    assert measured["frechet_distance"] == pytest.approx(frechet_distance(expected, extractor(torch.from_numpy(shifted))), rel=1e-6)
