@@ -1,6 +1,10 @@
-"""Figures of issue 14's "Done means": inversion of rendered world images (CPU, ~15 min on 2 busy cores).
+"""Figures of issue 14's "Done means": inversion of rendered world images (CPU; docs/inversion.md).
 
-    .venv/bin/python scripts/inversion_figures.py --out stores/inversion-figures/figures.json
+    .venv/bin/python scripts/inversion_figures.py --run stores/demo-inversion-figures-1024 \
+        --out stores/inversion-figures/figures.json
+
+``--run`` is a demo-like run (configs/demo.yaml's sample, label and directions stages) whose
+directions.zarr, samples.zarr and labels.parquet are "the demo's".
 
 1. Reproduction max abs error of edit-friendly inversion then regeneration (scale 0) on the
    embedded model (256 rendered world images, 10 steps), a tiny random pixel U-Net and a
@@ -14,8 +18,11 @@
    Edit-friendly and DDIM inversion both.
 4. Probe directions fitted on the edit-friendly inversions' h with the images' *true*
    labels against the demo's (fitted on samples with classifier labels): the angle between
-   them per step, and the flip rate of the inversion-fitted directions on the demo's first
-   64 samples (same far-side rule).
+   them per step (with, for scale, the angle between the demo's probes and probes fitted
+   on only its first N samples with their classifier labels), and flip rates of each set
+   on the other's images and on its own (same far-side rule): the inversion-fitted probes
+   on the demo's first 64 samples and on the first 64 edit-friendly inverted images, the
+   demo's on its first 64 samples (its on the inverted images are 3.).
 """
 
 from __future__ import annotations
@@ -106,12 +113,16 @@ def _far_side_flips(sampler, inversion, directions, name, attribute, scale, labe
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("stores/inversion-figures/figures.json"))
-    parser.add_argument("--directions", type=Path, default=Path("stores/demo-baseline-45607a4/directions.zarr"))
-    parser.add_argument("--samples", type=Path, default=Path("stores/demo-baseline-45607a4/samples.zarr"))
+    parser.add_argument("--run", type=Path, default=Path("stores/demo-inversion-figures-1024"),
+                        help="a demo-like run directory: its directions.zarr, samples.zarr and labels.parquet")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--scale", type=float, default=20.0, help="edit scale (the demo's largest)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: reproduction psnr flips fitted")
+    parser.add_argument("--markdown", nargs="+", type=Path, help="print these figures files as markdown tables and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     from hmine import world
     from hmine.config import LabelConfig
     from hmine.directions import fit_directions, open_directions
@@ -121,7 +132,8 @@ def main() -> None:
     from hmine.sampling import Sampler
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"n_images": args.n, "world_seed": 0}
+    figures: dict = {"n_images": args.n, "world_seed": 0, "run": str(args.run), "scale": args.scale}
+    args.directions, args.samples = args.run / "directions.zarr", args.run / "samples.zarr"
 
     def save():
         args.out.write_text(json.dumps(figures, indent=2))
@@ -178,6 +190,10 @@ def main() -> None:
         save()
         print("psnr", out, flush=True)
 
+    if {"flips", "fitted"} <= set(args.skip):
+        figures["seconds_total"] = round(time.perf_counter() - started, 1)
+        save()
+        return
     labeller = make_labeller(LabelConfig())
     demo = open_directions(args.directions)
     if "flips" not in args.skip:
@@ -204,18 +220,27 @@ def main() -> None:
                          coords={"sample": ids, "step": ef_sampler.timesteps.numpy()})
         labels = pd.DataFrame({a: truth[a].astype(np.float64) for a in ATTRIBUTES}, index=ids)
         fitted = fit_directions(h, labels, pca_components=2, attributes=ATTRIBUTES, regression=False, top_k=64)
-        from hmine.directions import direction_by_name
-
-        angles = {}
-        for attribute in ATTRIBUTES:
-            ours = direction_by_name(fitted, f"probe/{attribute}")["direction"].values.reshape(10, -1)
-            theirs = direction_by_name(demo, f"probe/{attribute}")["direction"].values.reshape(10, -1)
-            cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-            angles[attribute] = [round(float(np.degrees(np.arccos(np.clip(c, -1, 1)))), 1) for c in cos]
+        angles = {attribute: _angles(fitted, demo, f"probe/{attribute}") for attribute in ATTRIBUTES}
         figures["probe_angle_inverted_true_labels_vs_demo_degrees_per_step"] = {
             "steps": ef_sampler.timesteps.tolist(), **angles}
+        # for scale: the demo's probes against probes fitted on only its first n samples
+        demo_h = xr.open_zarr(args.samples, consolidated=False)["h"].isel(sample=slice(0, args.n)).astype("float32")
+        demo_labels = pd.read_parquet(args.run / "labels.parquet").loc[demo_h["sample"].values, ATTRIBUTES]
+        subset = fit_directions(demo_h.load(), demo_labels, pca_components=2, attributes=ATTRIBUTES, regression=False,
+                                top_k=64)
+        figures[f"probe_angle_first_{args.n}_samples_vs_demo_degrees_per_step"] = {
+            "steps": ef_sampler.timesteps.tolist(),
+            **{a: _angles(subset, demo, f"probe/{a}") for a in ATTRIBUTES}}
         save()
-        print("angles", angles, flush=True)
+        print("angles", angles, figures[f"probe_angle_first_{args.n}_samples_vs_demo_degrees_per_step"], flush=True)
+        # each set of probes on its own images too (the demo's on the inverted images: section 3)
+        own, first = {}, _slice(edit_friendly, 0, 64)
+        for attribute in ATTRIBUTES:
+            own[f"probe/{attribute}"] = _far_side_flips(
+                ef_sampler, first, fitted, f"probe/{attribute}", attribute, args.scale, labeller)
+            print("fitted-on-inversions", attribute, own[f"probe/{attribute}"], flush=True)
+            figures["inversion_fitted_probe_flips_on_first_64_inverted_images"] = own
+            save()
         # the inversion-fitted probes edited onto the demo's first 64 samples (their own seeds' noise)
         samples = xr.open_zarr(args.samples, consolidated=False)
         seeds = samples["sample"].values[:64].tolist()
@@ -233,9 +258,85 @@ def main() -> None:
             print("fitted-on-samples", attribute, on_samples[f"probe/{attribute}"], flush=True)
             figures["inversion_fitted_probe_flips_on_demo_samples"] = on_samples
             save()
+        demo_on_samples = {}
+        for attribute in ATTRIBUTES:
+            demo_on_samples[f"probe/{attribute}"] = _far_side_flips(
+                demo_sampler, as_inversion, demo, f"probe/{attribute}", attribute, args.scale, labeller)
+            figures["demo_probe_flips_on_demo_samples"] = demo_on_samples
+            save()
+        print("demo-on-samples", demo_on_samples, flush=True)
     figures["seconds_total"] = round(time.perf_counter() - started, 1)
     save()
     print(json.dumps(figures, indent=2))
+
+
+def markdown(paths: list[Path]) -> str:
+    """The figures of one or more figures JSON files as markdown tables (docs/inversion.md)."""
+    figures = {}
+    for path in paths:
+        figures.update(json.loads(Path(path).read_text()))
+    out = []
+
+    def table(header, rows):
+        out.extend(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+        out.append("")
+
+    if "edit_friendly_reproduction_max_abs" in figures:
+        rep = figures["edit_friendly_reproduction_max_abs"]
+        table(["model", "max abs error (pixel units in [-1, 1])"], [
+            [f"embedded, {figures['n_images']} rendered world images, 10 steps", f"{rep['embedded_256_world_images']:.2g}"],
+            ["tiny random pixel U-Net, 8 images", f"{rep['tiny_pixel']:.2g}"],
+            ["tiny random latent (VQ, scaling_factor 0.5), 8 images: against decode(encode(image))",
+             f"{rep['tiny_latent_vs_decoded_target']:.2g}"],
+            ["the same: the random autoencoder's own error", f"{rep['tiny_latent_autoencoder_error']:.2g}"],
+        ])
+    if "ddim_reconstruction" in figures:
+        table(["DDIM inversion", "PSNR median", "min", "10th pct", "mean", "max abs error (median)"], [
+            [k.replace("ddim_", "").replace("_", " "), *(f"{v[c]:.1f}" for c in ("psnr_median", "psnr_min", "psnr_p10", "psnr_mean")),
+             f"{v['max_abs_error_median']:.2f}"] for k, v in figures["ddim_reconstruction"].items()])
+    flips = figures.get("demo_probe_flips_on_inverted_world_images", {})
+    if flips:
+        methods = list(flips)
+        rows = []
+        for a in ATTRIBUTES:
+            if all(f"probe/{a}" in flips[m] for m in methods):
+                rows.append([f"probe/{a}", *(_flip_cell(flips[m][f"probe/{a}"]) for m in methods)])
+        table(["demo's probe, scale +-%g" % figures.get("scale", 20), *methods], rows)
+    cells = [("inversion_fitted_probe_flips_on_demo_samples", "inversion-fitted on 64 demo samples"),
+             ("inversion_fitted_probe_flips_on_first_64_inverted_images", "inversion-fitted on 64 inverted images"),
+             ("demo_probe_flips_on_demo_samples", "demo's on 64 demo samples")]
+    present = [(k, label) for k, label in cells if k in figures]
+    if present:
+        table(["probe", *(label for _, label in present)],
+              [[f"probe/{a}", *(_flip_cell(figures[k].get(f"probe/{a}")) for k, _ in present)] for a in ATTRIBUTES])
+    for key in sorted(k for k in figures if k.startswith("probe_angle")):
+        angles = figures[key]
+        table(["degrees, " + key.replace("probe_angle_", "").replace("_", " "), *(str(t) for t in angles["steps"])],
+              [[a, *angles[a]] for a in ATTRIBUTES if a in angles])
+    return "\n".join(out)
+
+
+def _flip_cell(result) -> str:
+    """'rate (to positive / to negative)' of a far-side flip result."""
+    if not result:
+        return "-"
+
+    def rate(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    return f"{result['flip_rate']:.2f} ({rate(result['to_positive'])} / {rate(result['to_negative'])})"
+
+
+def _angles(a, b, name) -> list[float]:
+    """Degrees between direction ``name`` of two directions datasets, per step."""
+    from hmine.directions import direction_by_name
+
+    ours = direction_by_name(a, name)["direction"].values
+    theirs = direction_by_name(b, name)["direction"].values
+    ours, theirs = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
+    cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    return [round(float(np.degrees(np.arccos(np.clip(c, -1, 1)))), 1) for c in cos]
 
 
 def _slice(inversion, start, stop):
@@ -243,7 +344,8 @@ def _slice(inversion, start, stop):
 
     rows = slice(start, stop)
     return Inversion(inversion.method, inversion.x_T[rows], None if inversion.z is None else inversion.z[rows],
-                     inversion.etas, inversion.timesteps, None if inversion.residual is None else inversion.residual[rows])
+                     inversion.etas, inversion.timesteps, None if inversion.residual is None else inversion.residual[rows],
+                     images=None if inversion.images is None else inversion.images[rows])
 
 
 if __name__ == "__main__":
