@@ -79,6 +79,7 @@ Modules
 =====================================  =============================================================
 :mod:`~hmine.directions.plumbing`      input checks, label alignment, h as (samples, features)
 :mod:`~hmine.directions.eigen`         the exact eigensolver :func:`top_eigenpairs` and its settings
+:mod:`~hmine.directions.rows`          one step as rows: read once or streamed, the memory estimate
 :mod:`~hmine.directions.pca`           :class:`StepwisePCA`
 :mod:`~hmine.directions.supervised`    :func:`mean_difference_direction`, :class:`LinearProbe`
 :mod:`~hmine.directions.conditional`   :func:`conditional_direction`
@@ -105,9 +106,10 @@ from hmine.directions.eigen import (
     top_eigenpairs,
 )
 from hmine.directions.fit import all_others, fit_directions
-from hmine.directions.pca import MEMORY_SAFETY_FACTOR, StepwisePCA
+from hmine.directions.pca import StepwisePCA
 from hmine.directions.plumbing import H_DIMS, VECTOR_DIMS, align_labels
 from hmine.directions.regression import regression_directions
+from hmine.directions.rows import StepPlan, StepRows, plan_step, step_memory_bytes
 from hmine.directions.scale import normalise_direction, normalise_directions, projection_std
 from hmine.directions.store import (
     METHODS,
@@ -128,7 +130,6 @@ from hmine.directions.supervised import _split as _split
 
 __all__ = [
     "H_DIMS",
-    "MEMORY_SAFETY_FACTOR",
     "METHODS",
     "PCA_DEGENERATE_GAP",
     "PCA_MAX_ITER",
@@ -141,6 +142,8 @@ __all__ = [
     "Eigenpairs",
     "IncompleteStoreError",
     "LinearProbe",
+    "StepPlan",
+    "StepRows",
     "StepwisePCA",
     "align_labels",
     "all_others",
@@ -152,8 +155,10 @@ __all__ = [
     "normalise_direction",
     "normalise_directions",
     "open_directions",
+    "plan_step",
     "projection_std",
     "regression_directions",
+    "step_memory_bytes",
     "top_eigenpairs",
     "write_directions",
 ]

@@ -11,16 +11,10 @@ import xarray as xr
 from sklearn.base import BaseEstimator
 
 from hmine.directions.eigen import PCA_MAX_ITER, PCA_OVERSAMPLES, PCA_TOL_DEGREES, Eigenpairs, top_eigenpairs
-from hmine.directions.plumbing import VECTOR_DIMS, _check_h, _dask_matrix, _n_features, _step_matrix, _wrap
+from hmine.directions.plumbing import VECTOR_DIMS, _check_h, _dask_matrix, _n_features, _wrap
+from hmine.directions.rows import StepRows, loaded_dtype, plan_step
 
 logger = logging.getLogger(__package__)  # "hmine.directions", as before the split into modules
-
-#: A float64 (samples x features) matrix is needed up to three times over during an
-#: in-memory PCA: the loaded copy (centred in place), and the Krylov basis and its image
-#: under the covariance, each (features x basis columns) with at most as many columns as
-#: the data's rank.
-MEMORY_SAFETY_FACTOR = 3
-
 
 @dataclass(frozen=True)
 class _PCAFit:
@@ -31,26 +25,16 @@ class _PCAFit:
     eigenpairs: Eigenpairs
 
 
-def _pca_of_matrix(matrix: np.ndarray, k: int, **solver) -> _PCAFit:
-    """Exact top-k PCA of an in-memory (samples, features) float64 matrix.
+def _pca_of_rows(rows: StepRows, k: int, *, mask: np.ndarray | None = None, **solver) -> _PCAFit:
+    """Exact top-k PCA of the (masked) rows of a :class:`StepRows`, in float64.
 
-    ``matrix`` is centred in place when it owns its data (it is then the caller's to
-    drop), otherwise copied. ``solver``: :func:`top_eigenpairs`' settings.
+    The rows are centred on their float64 mean inside every pass, block by block; the
+    first pass also sums the total variance. ``solver``: :func:`top_eigenpairs`' settings.
     """
-    if matrix.dtype != np.float64 or matrix.base is not None:
-        matrix = np.array(matrix, dtype=np.float64)
-    n, n_features = matrix.shape
-    mean = matrix.mean(axis=0)
-    matrix -= mean
-    total_variance = float(np.vdot(matrix, matrix)) / (n - 1)
-    root = math.sqrt(n - 1)
-
-    def product(block):
-        z = matrix @ block / root
-        return z, matrix.T @ z / root
-
-    pairs = top_eigenpairs(product, n_features, k, **solver)
-    return _PCAFit(_fix_signs(pairs.vectors.T), pairs.values, pairs.values / total_variance, mean, pairs)
+    mean = rows.mean(mask)
+    total_variance: list[float] = []
+    pairs = top_eigenpairs(rows.covariance_product(mean, mask, total_variance), rows.n_features, k, **solver)
+    return _PCAFit(_fix_signs(pairs.vectors.T), pairs.values, pairs.values / total_variance[0], mean, pairs)
 
 
 def _fix_signs(components: np.ndarray) -> np.ndarray:
@@ -84,10 +68,12 @@ class StepwisePCA(BaseEstimator):
     iteration on the covariance, in float64) runs until the residuals bound each
     component's angle to the exact principal axis, the one an exact SVD such as
     ``PCA(svd_solver="full")`` gives, by ``tol_degrees``; the bound is kept in
-    ``angle_bound_``. The covariance products run in memory when one fit's float64
-    matrix, times :data:`MEMORY_SAFETY_FACTOR`, fits ``memory_budget_bytes``; otherwise
-    out of core with dask straight from the (lazy) data, one pass over it per Krylov
-    block instead of holding it.
+    ``angle_bound_``. The covariance products run in memory, on one read of each fit's
+    matrix (float32 for a float16 or float32 h, exact; float64 products block by block,
+    :class:`~hmine.directions.rows.StepRows`), when its measured working set
+    (:func:`~hmine.directions.rows.step_memory_bytes`) fits ``memory_budget_bytes``;
+    otherwise out of core with dask straight from the (lazy) data, one pass over it per
+    Krylov block instead of holding it.
 
     Parameters
     ----------
@@ -181,7 +167,7 @@ class StepwisePCA(BaseEstimator):
         """
         h = _check_h(h)
         n_features = self._check_sizes(h)
-        self._choose_path(h.sizes["sample"], n_features)
+        self._choose_path(h.sizes["sample"], n_features, loaded_dtype(h).itemsize)
         fit_one = self._fit_in_memory if self.solver_ == "memory" else self._fit_with_dask
         if self.mode == "per_step":
             fits = [fit_one(h, t) for t in range(h.sizes["step"])]
@@ -207,10 +193,11 @@ class StepwisePCA(BaseEstimator):
             )
         return n_features
 
-    def _choose_path(self, n: int, n_features: int) -> None:
-        """In memory when a fit's float64 matrix (times the safety factor) fits the budget."""
-        self.memory_required_bytes_ = n * n_features * 8 * MEMORY_SAFETY_FACTOR
-        self.solver_ = "memory" if self.memory_required_bytes_ <= self.memory_budget_bytes else "dask"
+    def _choose_path(self, n: int, n_features: int, itemsize: int) -> None:
+        """In memory when a fit's loaded matrix and working set fit the budget."""
+        plan = plan_step(n, n_features, itemsize, int(self.n_components), self.memory_budget_bytes)
+        self.memory_required_bytes_, self._max_basis = plan.estimate_bytes, plan.max_basis
+        self.solver_ = "memory" if plan.load else "dask"
         logger.info(
             "PCA (%s, %d x %d): %s path (needs ~%.2f GiB, budget %.2f GiB)",
             self.mode, n, n_features, self.solver_,
@@ -263,7 +250,24 @@ class StepwisePCA(BaseEstimator):
         }
 
     def _fit_in_memory(self, h: xr.DataArray, step: int | None) -> _PCAFit:
-        return _pca_of_matrix(_step_matrix(h, step, np.float64), self.n_components, **self._solver_settings())
+        return self._fit_rows(StepRows(h, step, load=True))
+
+    def _fit_rows(self, rows: StepRows, max_basis: int | None = None) -> _PCAFit:
+        """One fit on a step's rows (in memory or streamed), its Krylov basis capped at ``max_basis`` columns."""
+        max_basis = self._max_basis if max_basis is None else max_basis
+        return _pca_of_rows(rows, int(self.n_components), max_basis=max_basis, **self._solver_settings())
+
+    def _fit_from_steps(self, h: xr.DataArray, fits: list[_PCAFit], solver: str) -> StepwisePCA:
+        """A per-step fit from one :meth:`_fit_rows` per step, made by the caller on rows it shares."""
+        h = _check_h(h)
+        n_features = self._check_sizes(h)
+        if self.mode != "per_step" or len(fits) != h.sizes["step"]:
+            raise ValueError("_fit_from_steps needs mode='per_step' and one fit per step")
+        self._choose_path(h.sizes["sample"], n_features, loaded_dtype(h).itemsize)
+        self.solver_ = solver
+        vectors = _align_signs_to_reference(np.stack([f.components for f in fits], axis=1))
+        self._set_fitted(h, fits, vectors, np.stack([f.mean for f in fits]))
+        return self
 
     def _fit_with_dask(self, h: xr.DataArray, step: int | None) -> _PCAFit:
         import dask

@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from hmine.directions.plumbing import VECTOR_DIMS, _check_h, _step_matrix, _wrap, align_labels
+from hmine.directions.plumbing import VECTOR_DIMS, _check_h, _wrap, align_labels
+from hmine.directions.rows import StepRows
 
 
 def regression_directions(h: xr.DataArray, scores: pd.DataFrame, *, alpha: float = 1e-3) -> dict[str, xr.DataArray]:
@@ -41,9 +42,25 @@ def regression_directions(h: xr.DataArray, scores: pd.DataFrame, *, alpha: float
         Per attribute, in the columns' order: the raw (unnormalised) coefficient vector
         B_t[a] at every step, float64, in h per unit of score.
     """
-    from sklearn.linear_model import Ridge
-
     h = _check_h(h)
+    attributes = [str(c) for c in scores.columns]
+    design = _checked_design(h, scores, alpha)
+    n_steps = h.sizes["step"]
+    shape = (h.sizes["channel"], h.sizes["y"], h.sizes["x"])
+    coefficients = np.empty((len(attributes), n_steps, *shape))
+    for t in range(n_steps):
+        coefficients[:, t] = regression_of_rows(StepRows(h, t, load=False), design, alpha).reshape(len(attributes), *shape)
+    return {
+        a: _wrap(
+            coefficients[i], VECTOR_DIMS, h, name="regression",
+            attrs={"method": "regression", "attribute": a, "alpha": float(alpha), "regressors": ",".join(attributes)},
+        )  # fmt: skip
+        for i, a in enumerate(attributes)
+    }
+
+
+def _checked_design(h: xr.DataArray, scores: pd.DataFrame, alpha: float) -> np.ndarray:
+    """The scores as a float64 (samples, attributes) design in ``h.sample`` order, checked."""
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     attributes = [str(c) for c in scores.columns]
@@ -53,16 +70,18 @@ def regression_directions(h: xr.DataArray, scores: pd.DataFrame, *, alpha: float
     constant = [a for a, sd in zip(attributes, design.std(axis=0)) if not sd > 0]
     if constant:
         raise ValueError(f"attributes {constant} have the same score for every sample; they cannot be regressed on")
-    n_steps = h.sizes["step"]
-    shape = (h.sizes["channel"], h.sizes["y"], h.sizes["x"])
-    coefficients = np.empty((len(attributes), n_steps, *shape))
-    for t in range(n_steps):
-        model = Ridge(alpha=alpha, fit_intercept=True).fit(design, _step_matrix(h, t, np.float64))
-        coefficients[:, t] = np.asarray(model.coef_).T.reshape(len(attributes), *shape)  # coef_: (features, attributes)
-    return {
-        a: _wrap(
-            coefficients[i], VECTOR_DIMS, h, name="regression",
-            attrs={"method": "regression", "attribute": a, "alpha": float(alpha), "regressors": ",".join(attributes)},
-        )  # fmt: skip
-        for i, a in enumerate(attributes)
-    }
+    return design
+
+
+def regression_of_rows(rows: StepRows, design: np.ndarray, alpha: float) -> np.ndarray:
+    """B = (S_cᵀS_c + alpha I)⁻¹ S_cᵀ H_c for one step's rows: (attributes, features), one pass.
+
+    What :class:`sklearn.linear_model.Ridge` (intercept fitted, Cholesky solver) computes,
+    without a float64 copy of the rows: S_cᵀH and the column sums of H come from one pass
+    over row blocks, and S_cᵀH_c = S_cᵀH - (S_cᵀ1) meanᵀ.
+    """
+    centred = design - design.mean(axis=0)
+    sums = rows.cross(np.column_stack([centred, np.ones(rows.n)]))  # (attributes + 1, features)
+    cross = sums[:-1] - np.outer(centred.sum(axis=0), sums[-1] / rows.n)
+    gram = centred.T @ centred + alpha * np.eye(design.shape[1])
+    return np.linalg.solve(gram, cross)

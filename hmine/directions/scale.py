@@ -18,10 +18,10 @@ from hmine.directions.plumbing import (
     _check_same_steps,
     _dask_h,
     _is_dask,
-    _step_matrix,
     _vector_values,
     _wrap,
 )
+from hmine.directions.rows import StepRows
 
 
 def projection_std(units: np.ndarray, h: xr.DataArray) -> np.ndarray:
@@ -41,8 +41,9 @@ def projection_std(units: np.ndarray, h: xr.DataArray) -> np.ndarray:
         data = _dask_h(h)
         blocks = [data[:, t].reshape(n, -1).astype(np.float64) @ flat[:, t].T for t in range(n_steps)]
         projections = np.stack(dask.compute(*blocks), axis=2)
-    else:
-        projections = np.stack([_step_matrix(h, t, np.float64) @ flat[:, t].T for t in range(n_steps)], axis=2)
+    else:  # row block by row block: no float64 copy of a step
+        origin = np.zeros(flat.shape[2])
+        projections = np.stack([StepRows(h, t, load=False).project(flat[:, t], origin) for t in range(n_steps)], axis=2)
     return projections.std(axis=0, ddof=1)
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import xarray as xr
 from sklearn.base import BaseEstimator
 
-from hmine.directions.pca import _pca_of_matrix
-from hmine.directions.plumbing import VECTOR_DIMS, _aligned_scores, _check_h, _n_features, _step_matrix, _wrap
+from hmine.directions.pca import _pca_of_rows
+from hmine.directions.plumbing import VECTOR_DIMS, _aligned_scores, _check_h, _n_features, _wrap
+from hmine.directions.rows import StepRows
 
 
 def mean_difference_direction(h: xr.DataArray, scores, top_k: int) -> xr.DataArray:
@@ -33,14 +34,7 @@ def mean_difference_direction(h: xr.DataArray, scores, top_k: int) -> xr.DataArr
     """
     h = _check_h(h)
     values, attribute = _aligned_scores(h, scores)
-    n = len(values)
-    if not 1 <= top_k <= n // 2:
-        raise ValueError(
-            f"top_k={top_k} needs 1 <= top_k <= n_samples // 2 = {n // 2} so the top and bottom "
-            "groups do not overlap; lower directions.top_k or sample more"
-        )
-    order = np.argsort(values, kind="stable")
-    bottom, top = np.sort(order[:top_k]), np.sort(order[-top_k:])
+    bottom, top = _top_and_bottom(values, top_k)
 
     def group_mean(index):
         return np.asarray(h.isel(sample=index).astype(np.float64).mean("sample").values)
@@ -48,6 +42,30 @@ def mean_difference_direction(h: xr.DataArray, scores, top_k: int) -> xr.DataArr
     difference = group_mean(top) - group_mean(bottom)
     attrs = {"method": "mean_difference", "attribute": attribute, "top_k": int(top_k)}
     return _wrap(difference, VECTOR_DIMS, h, name="mean_difference", attrs=attrs)
+
+
+def _top_and_bottom(values: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions of the ``top_k`` lowest and highest scores (ties broken by position)."""
+    n = len(values)
+    if not 1 <= top_k <= n // 2:
+        raise ValueError(
+            f"top_k={top_k} needs 1 <= top_k <= n_samples // 2 = {n // 2} so the top and bottom "
+            "groups do not overlap; lower directions.top_k or sample more"
+        )
+    order = np.argsort(values, kind="stable")
+    return np.sort(order[:top_k]), np.sort(order[-top_k:])
+
+
+def mean_differences_of_rows(rows: StepRows, groups: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Per (bottom, top) pair of positions, mean(top rows) - mean(bottom rows), float64, in one pass."""
+    masks = []
+    for bottom, top in groups:
+        for index in (bottom, top):
+            mask = np.zeros(rows.n, dtype=bool)
+            mask[index] = True
+            masks.append(mask)
+    means = rows.means(masks)
+    return [means[2 * i + 1] - means[2 * i] for i in range(len(groups))]
 
 
 def _split(labels: np.ndarray, test_fraction: float, random_state: int, attribute: str):
@@ -174,26 +192,31 @@ class LinearProbe(BaseEstimator):
             When the binarised scores have a single class.
         """
         h = _check_h(h)
+        self._prepare(h, scores)
+        if self.per_step:
+            fits = [self._fit_rows(StepRows(h, t, load=True)) for t in range(h.sizes["step"])]
+        else:
+            fits = [self._fit_rows(StepRows(h, None, load=True))]
+        return self._finish(h, fits)
+
+    def _prepare(self, h: xr.DataArray, scores) -> None:
+        """Everything before the fits: binarised labels, the split, the components (``_setup``)."""
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         values, attribute = _aligned_scores(h, scores)
         labels, n_positive = self._binarised(values, attribute)
         train, test, self.stratified_ = _split(labels, self.test_fraction, self.random_state, attribute)
-        n_components = self._clipped_components(h, len(train))
-        pca_angle_bounds = []
+        self.attribute_ = attribute
+        self.n_positive_ = n_positive
+        self.n_train_, self.n_heldout_ = len(train), len(test)
+        self.n_components_ = self._clipped_components(h, len(train))
+        self._setup = (labels, train, test)
 
-        def fit_block(matrix):
-            return self._fit_block(matrix, labels, train, test, n_components, pca_angle_bounds)
-
+    def _finish(self, h: xr.DataArray, fits: list) -> LinearProbe:
+        """The fitted attributes from one :meth:`_fit_rows` result per step (or one)."""
         vector_shape = (h.sizes["step"], h.sizes["channel"], h.sizes["y"], h.sizes["x"])
-        if self.per_step:
-            fits = [fit_block(_step_matrix(h, t, np.float32)) for t in range(h.sizes["step"])]
-            coef = np.stack([f[0] for f in fits])
-            stat_dims = ("step",)
-        else:
-            fits = [fit_block(_step_matrix(h, None, np.float32))]
-            coef = fits[0][0]
-            stat_dims = ()
+        stat_dims = ("step",) if self.per_step else ()
+        coef = np.stack([f[0] for f in fits]) if self.per_step else fits[0][0]
 
         def stat(i):
             values = np.array([f[i] for f in fits], dtype=np.float64)
@@ -201,16 +224,14 @@ class LinearProbe(BaseEstimator):
 
         self.coef_ = _wrap(
             coef.reshape(vector_shape), VECTOR_DIMS, h, name="coef",
-            attrs={"method": "probe", "attribute": attribute},
+            attrs={"method": "probe", "attribute": self.attribute_},
         )  # fmt: skip
         self.intercept_ = _wrap(stat(1), stat_dims, h, name="intercept")
         self.train_accuracy_ = _wrap(stat(2), stat_dims, h, name="train_accuracy")
         self.heldout_accuracy_ = _wrap(stat(3), stat_dims, h, name="heldout_accuracy")
-        self.attribute_ = attribute
-        self.n_positive_ = n_positive
-        self.n_train_, self.n_heldout_ = len(train), len(test)
-        self.n_components_ = n_components
-        self.pca_angle_bound_ = max(pca_angle_bounds) if pca_angle_bounds else None
+        bounds = [f[4] for f in fits if f[4] is not None]
+        self.pca_angle_bound_ = max(bounds) if bounds else None
+        del self._setup
         return self
 
     def _binarised(self, values: np.ndarray, attribute: str) -> tuple[np.ndarray, int]:
@@ -236,32 +257,41 @@ class LinearProbe(BaseEstimator):
             n_components = min(self.n_components, n_train - 1, n_features)
         return n_components
 
-    def _fit_block(self, matrix, labels, train, test, n_components, pca_angle_bounds: list):
-        """One probe on a (samples, features) matrix: coef, intercept, train and held-out accuracy.
+    def _fit_rows(self, rows: StepRows, max_basis: int | None = None):
+        """One probe on a step's rows: coef, intercept, train and held-out accuracy, PCA angle bound.
 
-        With ``n_components``, the principal subspace's angle bound is appended to
-        ``pca_angle_bounds``.
+        With ``n_components``, the principal subspace is the exact one of the training
+        rows (:func:`_pca_of_rows` on them, centred on their float64 mean; Krylov basis
+        capped at ``max_basis`` columns), and the probe sees every row's projection on
+        it; the angle bound is None for raw coordinates.
         """
         from sklearn.linear_model import LogisticRegression
 
-        # float32 halves the memory of (samples x 32k features) design matrices, and
-        # scikit-learn's lbfgs works on float32 input without an upcast copy.
-        centre = matrix[train].mean(axis=0)
-        features = matrix - centre
-        basis = None
-        if n_components is not None:
-            # the same exact solver as StepwisePCA, in float64 (a float64 copy of the
-            # training rows is made for it)
-            fit = _pca_of_matrix(features[train].astype(np.float64), n_components, seed=self.random_state)
-            basis = fit.components  # (n_components, n_features), orthonormal rows
-            pca_angle_bounds.append(float(fit.eigenpairs.angle_bounds.max()))
-            features = features @ basis.T
+        labels, train, test = self._setup
         model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
-        model.fit(features[train], labels[train])
-        coef = model.coef_[0].astype(np.float64)
-        if basis is not None:
-            coef = basis.T @ coef  # w = Vᵀβ, back in h coordinates
+        mask = np.zeros(rows.n, dtype=bool)
+        mask[train] = True
+        if self.n_components_ is None:
+            # raw coordinates: float32 rows centred on the training mean (lbfgs works on
+            # float32 without an upcast copy); the training rows, then the held-out ones,
+            # so that no copy of the whole step is made
+            centre = rows.mean(mask).astype(np.float32)
+            features = rows.dense(np.float32, train)
+            features -= centre
+            model.fit(features, labels[train])
+            train_accuracy = model.score(features, labels[train])
+            del features
+            features = rows.dense(np.float32, test)
+            features -= centre
+            heldout_accuracy = model.score(features, labels[test])
+            coef, centre, bound = model.coef_[0].astype(np.float64), centre.astype(np.float64), None
+        else:
+            fit = _pca_of_rows(rows, self.n_components_, mask=mask, seed=self.random_state, max_basis=max_basis)
+            centre, bound = fit.mean, float(fit.eigenpairs.angle_bounds.max())
+            features = rows.project(fit.components, centre)  # (samples, n_components)
+            model.fit(features[train], labels[train])
+            train_accuracy = model.score(features[train], labels[train])
+            heldout_accuracy = model.score(features[test], labels[test])
+            coef = fit.components.T @ model.coef_[0].astype(np.float64)  # w = Vᵀβ, back in h coordinates
         intercept = float(model.intercept_[0]) - float(coef @ centre)
-        train_accuracy = model.score(features[train], labels[train])
-        heldout_accuracy = model.score(features[test], labels[test])
-        return coef, intercept, train_accuracy, heldout_accuracy
+        return coef, intercept, train_accuracy, heldout_accuracy, bound
