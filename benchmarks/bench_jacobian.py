@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,6 +55,17 @@ def trajectory_points(model, n: int, step: int, ddim_steps: int, position: str, 
 
 def times_line(name: str, seconds: list[float]) -> str:
     return f"{name:<13} best {min(seconds):8.3f} s  median {statistics.median(seconds):8.3f} s  ({len(seconds)} runs)"
+
+
+def with_cpu_time(fn, seconds: list[float]):
+    """``fn`` that also appends the CPU seconds of this process it took to ``seconds``."""
+
+    def call():
+        started = time.process_time()
+        fn()
+        seconds.append(time.process_time() - started)
+
+    return call
 
 
 def compare_samples(args, model, x_t, h0, t) -> None:
@@ -103,12 +115,25 @@ def compare_samples(args, model, x_t, h0, t) -> None:
             torch.cuda.reset_peak_memory_stats()
             fn()
             memory[name] = torch.cuda.max_memory_allocated() / 2**30
-    times_one, times_batched = paired(one_at_a_time, batched, args.pairs, args.device, warmup=not memory)
+    cpu = {"one": [], "batched": []}
+    times_one, times_batched = paired(
+        with_cpu_time(one_at_a_time, cpu["one"]),
+        with_cpu_time(batched, cpu["batched"]),
+        args.pairs,
+        args.device,
+        warmup=not memory,
+    )
     print(times_line("one at a time", times_one))
     print(times_line("batched", times_batched))
     if memory:
         print(f"peak GPU memory: one at a time {memory['one']:.2f} GiB, batched {memory['batched']:.2f} GiB")
     print(f"speed-up, batched over one at a time (median of paired ratios, min-max): {ratio_summary(times_one, times_batched)}")
+    # on a shared CPU the wall time waits for other processes; the process's CPU seconds do not
+    cpu_one, cpu_batched = cpu["one"][-args.pairs :], cpu["batched"][-args.pairs :]
+    print(
+        f"CPU seconds of this process (all threads), median: one at a time {statistics.median(cpu_one):.3f}, "
+        f"batched {statistics.median(cpu_batched):.3f}; paired ratio {ratio_summary(cpu_one, cpu_batched)}"
+    )
     angles, iterations = [], []
     for one, many in zip(results["one"], results["batched"]):
         angles.append(float(principal_angles_degrees(one.vectors, many.vectors).max()))
