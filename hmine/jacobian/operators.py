@@ -172,6 +172,38 @@ def _checked_mask(mask, x_t: torch.Tensor, rows: int) -> torch.Tensor | None:
     return mask
 
 
+def _group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """``F.group_norm`` from mean, variance and elementwise ops, each with a vmap batch rule."""
+    groups = x.reshape(x.shape[0], num_groups, -1)
+    mean = groups.mean(-1, keepdim=True)
+    variance = groups.var(-1, unbiased=False, keepdim=True)
+    y = ((groups - mean) * torch.rsqrt(variance + eps)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+@contextlib.contextmanager
+def _composite_group_norm() -> Iterator[None]:
+    """``torch.nn.GroupNorm`` computed by :func:`_group_norm` while f is traced.
+
+    The pullback of a batch of images under ``vmap`` failed in the native group norm's
+    backward on some architectures (seen with torch 2.13 on the CPU for CelebA-HQ's
+    U-Net, also at toy width: "NYI: querying is_contiguous inside of vmap for
+    memory_format other than torch.contiguous_format"); the composite's backward has no
+    such query. Same values to rounding.
+    """
+    native = torch.nn.functional.group_norm
+    torch.nn.functional.group_norm = _group_norm  # nn.GroupNorm.forward calls F.group_norm
+    try:
+        yield
+    finally:
+        torch.nn.functional.group_norm = native
+
+
 class EpsOfHRows:
     """F(H) = M ⊙ ε_θ(X_t, t; H) for a batch of images at once, row r being image r's f (eq. 1).
 
@@ -195,7 +227,7 @@ class EpsOfHRows:
         # h replaces the bottleneck at `position`; the down path sees only x_t
         self._hook.replacement = h
         try:
-            with self._hook:
+            with self._hook, _composite_group_norm():
                 eps = functional_call(self.unet, self._frozen, (self.x_t, self.timesteps)).sample
         finally:
             self._hook.replacement = None
