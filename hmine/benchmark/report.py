@@ -48,7 +48,8 @@ def write_heat_maps(table: pd.DataFrame, path: Path) -> None:
         ax.set_title(title, fontsize=8)
         for (r, c), v in np.ndenumerate(values):
             text = fmt.format(v) if np.isfinite(v) else f"({rates.iloc[r, c]:.2f})" if np.isfinite(rates.iloc[r, c]) else ""
-            ax.text(c, r, text, ha="center", va="center", fontsize=6)
+            dark = np.isfinite(v) and np.dot(image.cmap(image.norm(v))[:3], (0.299, 0.587, 0.114)) < 0.5
+            ax.text(c, r, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
         fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
