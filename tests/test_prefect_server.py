@@ -15,11 +15,11 @@ import sys
 import pytest
 
 from hmine.config import load_config
-from hmine.stages import get, stage_names
+from hmine.stages import applicable_stage_names, get, stage_names
 
 pytestmark = pytest.mark.slow
 
-STAGES = list(stage_names())  # every registered stage
+STAGES = list(stage_names())  # every registered stage: the names the command line may print
 
 
 def _hmine(args, cwd, api_url):
@@ -95,6 +95,7 @@ def test_hmine_run_on_a_users_prefect_server(prefect_api_url, tmp_path):
     )
     config = load_config(config_file)
     tag = f"config:{run_hash(config)}"
+    stages = list(applicable_stage_names(config))  # a run takes the stages its config asks for
 
     first = _hmine(["run", str(config_file)], tmp_path, prefect_api_url)
     assert first.returncode == 0, first.stderr
@@ -102,16 +103,16 @@ def test_hmine_run_on_a_users_prefect_server(prefect_api_url, tmp_path):
     assert again.returncode == 0, again.stderr
 
     # cached: every stage with an output (not the report; not the invert stage without images)
-    cached = [s for s in STAGES if get(s).output is not None and get(s).output_path(config).exists()]
+    cached = [s for s in stages if get(s).output is not None and get(s).output_path(config).exists()]
     assert {"sample", "label", "directions", "jacobian", "edit"} <= set(cached)
     # the command line and run_log.jsonl agree, and the first rerun is served from the cache
     printed = [_printed(first.stdout), _printed(again.stdout)]
-    assert list(printed[0]) == STAGES and list(printed[1]) == STAGES
+    assert list(printed[0]) == stages and list(printed[1]) == stages
     log = [json.loads(line) for line in (config.run_dir / "run_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in log] == STAGES * 2
-    assert [r["cache_hit"] for r in log] == [p[s]["cache_hit"] for p in printed for s in STAGES]
-    assert [s for s in STAGES if printed[1][s]["cache_hit"]] == cached  # the report is always built
-    assert [s for s in STAGES if printed[0][s]["cache_hit"]] == []
+    assert [r["stage"] for r in log] == stages * 2
+    assert [r["cache_hit"] for r in log] == [p[s]["cache_hit"] for p in printed for s in stages]
+    assert [s for s in stages if printed[1][s]["cache_hit"]] == cached  # the report is always built
+    assert [s for s in stages if printed[0][s]["cache_hit"]] == []
     assert all(printed[1][s]["computed"] == 0 for s in cached)
 
     # one cache record per cached stage, each for the output now in the run directory
@@ -120,11 +121,11 @@ def test_hmine_run_on_a_users_prefect_server(prefect_api_url, tmp_path):
 
     view, artifacts, run_ids = asyncio.run(_server_view(tag, artifact_key(config)))
     assert len(view) == 2, [(v["flow"], v["name"]) for v in view]  # one flow run per `hmine run`
-    states = ["Cached" if s in cached else "Completed" for s in STAGES]
-    for run, expected in zip(view, (["Completed"] * len(STAGES), states)):
+    states = ["Cached" if s in cached else "Completed" for s in stages]
+    for run, expected in zip(view, (["Completed"] * len(stages), states)):
         assert (run["flow"], run["name"], run["state"]) == ("hmine-pipeline", "nightly", "Completed")
         assert {"hmine", tag} <= run["tags"]
-        assert run["tasks"] == list(zip(STAGES, expected))
+        assert run["tasks"] == list(zip(stages, expected))
     messages = [message for name, message in view[0]["logs"] if name.startswith("hmine")]
     assert any(m.startswith("sample: ran") for m in messages), view[0]["logs"]
     assert any(m.startswith("sample: cached") for name, m in view[1]["logs"] if name.startswith("hmine"))
