@@ -34,10 +34,11 @@ from hmine.directions.plumbing import _dask_h, _is_dask, _n_features
 #: streaming): large enough for BLAS to run at speed, small next to the matrix.
 BLOCK_BYTES = 32 * 2**20
 
-#: Measured resident memory of an in-memory step fit beyond the formula's arrays (the
-#: BLAS/LAPACK workspaces, scikit-learn's solver copies of the (samples x components)
-#: design, allocator slack), as a fraction of the loaded matrix plus a constant; fitted
-#: against peak RSS in ``benchmarks/bench_directions.py`` (see :func:`step_memory_bytes`).
+#: Allowance for the resident memory of an in-memory step fit beyond the formula's arrays
+#: (the BLAS/LAPACK workspaces, scikit-learn's solver copies of the (samples x components)
+#: design, allocator slack), as a fraction of the loaded matrix plus a constant. Not yet
+#: fitted at scale: ``benchmarks/bench_directions.py`` prints peak RSS beside the budget
+#: (one run so far, N = 1,000: 2.46 GiB of a 4 GiB budget); see :func:`step_memory_bytes`.
 CALIBRATION_FRACTION = 0.10
 CALIBRATION_BYTES = 64 * 2**20
 
