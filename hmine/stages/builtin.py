@@ -127,11 +127,14 @@ def invert_extra_inputs(config: "RunConfig") -> dict:
 
 
 def edit_optional_reads(config: "RunConfig") -> tuple[str, ...]:
+    from hmine.learning.edit_directions import learned_prefix
     from hmine.per_image import JACOBIAN_PREFIX
 
+    names = config.edit.directions
+    learned = ("learn",) if any(learned_prefix(n) for n in names) else ()  # new learned results make the edits stale
     if config.edit.source == "inversions":  # new inversions make the edits stale
-        return ("invert",)
-    return ("jacobian",) if any(n.startswith(JACOBIAN_PREFIX) for n in config.edit.directions) else ()
+        return ("invert", *learned)
+    return (*(("jacobian",) if any(n.startswith(JACOBIAN_PREFIX) for n in names) else ()), *learned)
 
 
 # -- chunk checks ------------------------------------------------------------------------
@@ -236,6 +239,12 @@ def check_benchmark(config: "RunConfig") -> None:
     check(config)
 
 
+def check_learned_edits(config: "RunConfig") -> None:
+    from hmine.learning.edit_directions import check_learned_edits as check
+
+    check(config)
+
+
 def check_masks(config: "RunConfig") -> None:
     from hmine.masks import check_mask_files
 
@@ -319,7 +328,7 @@ EDIT = register(Stage(
     optional_reads=edit_optional_reads,
     intact=edits_damaged,
     complete=edits_complete,
-    preflight=(check_model, check_labeller),
+    preflight=(check_model, check_labeller, check_learned_edits),
     report_section="hmine.report:edit_section",
 ))
 BENCHMARK = register(Stage(  # after the edit stage: its window and step rule; runs on demand (applies)

@@ -42,6 +42,7 @@ import pandas as pd
 from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, repair_damaged_entries
 from hmine.config import RunConfig
 from hmine.effects import measure_effects
+from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix, open_learned_for_edits
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
@@ -90,11 +91,12 @@ def select_directions(directions, requested: list[str], jacobian_group=None) -> 
 
     Names starting with ``jacobian/`` are per-image Jacobian directions
     (:class:`hmine.per_image.JacobianDirection`), checked against ``jacobian_group``,
-    the Jacobian stage's store.
+    the Jacobian stage's store; ``learned/``, ``learned-block-mean/`` and ``learned-block/``
+    name the learn stage's results (:mod:`hmine.learning.edit_directions`).
     """
     names = [str(n) for n in directions["name"].values]
     if requested:
-        unknown = [n for n in requested if not n.startswith(JACOBIAN_PREFIX) and n not in names]
+        unknown = [n for n in requested if not n.startswith(JACOBIAN_PREFIX) and not learned_prefix(n) and n not in names]
         if unknown:
             raise ValueError(f"edit.directions names {unknown}, which directions.zarr lacks; it has {names}")
         for name in (n for n in requested if n.startswith(JACOBIAN_PREFIX)):
@@ -148,6 +150,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     directions = open_directions(directions_path(config))
     jacobian_group = open_jacobian_for_edits(config)
     names = select_directions(directions, edit.directions, jacobian_group)
+    learned = open_learned_for_edits(config)
     seeds = edited_ids(config)
     if jacobian_group is not None and not np.isin(jacobian_group["sample"][...], seeds).any():
         raise ValueError(
@@ -170,6 +173,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
+    directions = (directions, learned)
     _edit(config, group, source, directions, jacobian_group, names, scales, progress(todo, "edit", "direction", show_progress))
     mark_complete(group)
     threshold = config.directions.threshold
@@ -247,13 +251,17 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
 
     Scale 0 is the stored ``x0``, copied; so is every sample a per-image direction does
     not have. The rest are rows of :func:`hmine.regeneration.regenerate`, which shares the
-    unedited steps before the edit window across directions and scales.
+    unedited steps before the edit window across directions and scales (of
+    :func:`hmine.learning.apply.regenerate_learned` for a delta block). ``directions`` is
+    (directions.zarr, learned.zarr or None).
     """
     from hmine.directions import direction_by_name
     from hmine.editing import edit_steps_from, write_strip
+    from hmine.learning.edit_directions import block_editor_for, learned_unit
     from hmine.regeneration import first_edited_step, unedited_states
 
     edit, sampler, keys = config.edit, source.sampler, source.keys
+    directions, learned = directions
     edit_steps = edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)
     batch_size = unet_batch_size(group, sampler, edit.batch_size)
     # x_t at the first edited step, once for every direction and scale
@@ -264,7 +272,13 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
     per_image_source = _per_image_source(config) if jacobian_group is not None else None
     for d in todo:
         per_image = per_image_units(names[d], jacobian_group, *per_image_source) if per_image_source else None
-        if per_image is None:
+        if names[d].startswith(BLOCK_PREFIX):
+            editor = block_editor_for(config, names[d], sampler.timesteps)
+            unit, scale_unit, has_direction = editor, None, np.ones(len(keys), dtype=bool)
+        elif learned_prefix(names[d]):
+            unit, scale_unit = learned_unit(learned, names[d])
+            has_direction = np.ones(len(keys), dtype=bool)
+        elif per_image is None:
             selected = direction_by_name(directions, names[d])
             unit, scale_unit = selected["direction"].values, selected["scale_unit"].values
             has_direction = np.ones(len(keys), dtype=bool)
@@ -289,12 +303,10 @@ def _per_image_source(config: RunConfig) -> tuple:
 
 
 def _edit_direction(group, d, source, unit, scale_unit, has_direction, scales, starts, edit_steps, batch_size, asymmetric) -> None:
-    """Write ``images[d]``: one row per (scale != 0, sample with the direction), packed across scales."""
-    import torch
+    """Write ``images[d]``: one row per (scale != 0, sample with the direction), packed across scales.
 
-    from hmine.editing import delta_for
-    from hmine.regeneration import regenerate
-
+    ``scale_unit`` None: ``unit`` is a delta block's editor, applied at the scales as coefficients.
+    """
     originals = source.originals
     analysed = np.flatnonzero(has_direction)
     edited_scales = [s for s, scale in enumerate(scales) if scale != 0.0]
@@ -304,17 +316,44 @@ def _edit_direction(group, d, source, unit, scale_unit, has_direction, scales, s
     if not analysed.size:
         return
     keys = np.asarray(source.keys)
-    if unit.ndim == 4:  # one delta per scale, shared by every sample
-        deltas = torch.stack([delta_for(unit, scale_unit, scales[s]) for s in edited_scales])
-        delta_index = [k for k in range(len(edited_scales)) for _ in analysed]
-    else:  # per image: one delta per (scale, sample)
-        deltas = torch.cat([delta_for(unit[analysed], scale_unit[analysed], scales[s]) for s in edited_scales])
-        delta_index = list(range(len(edited_scales) * len(analysed)))
     row_scale = np.repeat(np.arange(len(edited_scales)), len(analysed))
     row_sample = np.tile(analysed, len(edited_scales))
+    if scale_unit is None:  # a delta block (unit is its editor): the scales are its coefficients
+        from hmine.learning.apply import regenerate_learned
+
+        coefficients = [scales[edited_scales[k]] for k in row_scale]
+        rows = regenerate_learned(source.sampler, keys[row_sample].tolist(), unit, coefficients, edit_steps=edit_steps,
+                                  asymmetric=asymmetric, batch_size=batch_size, start_states=starts)  # fmt: skip
+    else:
+        rows = _direction_rows(source, unit, scale_unit, analysed, [scales[s] for s in edited_scales], row_sample,
+                               starts, edit_steps, batch_size, asymmetric)  # fmt: skip
     slabs: dict[int, np.ndarray] = {}
     remaining = {k: len(analysed) for k in range(len(edited_scales))}
-    rows = regenerate(
+    for done, images in rows:
+        for r, image in zip(done, images):
+            k = int(row_scale[r])
+            slab = slabs.setdefault(k, originals.copy())  # samples without the direction stay unedited
+            slab[row_sample[r]] = image
+            remaining[k] -= 1
+            if remaining[k] == 0:  # a scale is whole: write it and free it
+                group["images"][d, edited_scales[k]] = slabs.pop(k)
+
+
+def _direction_rows(source, unit, scale_unit, analysed, edited, row_sample, starts, edit_steps, batch_size, asymmetric):
+    """:func:`hmine.regeneration.regenerate`'s rows of a direction at the ``edited`` scales, scale-major."""
+    import torch
+
+    from hmine.editing import delta_for
+    from hmine.regeneration import regenerate
+
+    keys = np.asarray(source.keys)
+    if unit.ndim == 4:  # one delta per scale, shared by every sample
+        deltas = torch.stack([delta_for(unit, scale_unit, scale) for scale in edited])
+        delta_index = [k for k in range(len(edited)) for _ in analysed]
+    else:  # per image: one delta per (scale, sample)
+        deltas = torch.cat([delta_for(unit[analysed], scale_unit[analysed], scale) for scale in edited])
+        delta_index = list(range(len(edited) * len(analysed)))
+    return regenerate(
         source.sampler,
         keys[row_sample].tolist(),
         deltas,
@@ -325,14 +364,6 @@ def _edit_direction(group, d, source, unit, scale_unit, has_direction, scales, s
         start_states=starts,
         noise_source=source.noise_source,
     )
-    for done, images in rows:
-        for r, image in zip(done, images):
-            k = int(row_scale[r])
-            slab = slabs.setdefault(k, originals.copy())  # samples without the direction stay unedited
-            slab[row_sample[r]] = image
-            remaining[k] -= 1
-            if remaining[k] == 0:  # a scale is whole: write it and free it
-                group["images"][d, edited_scales[k]] = slabs.pop(k)
 
 
 def unet_batch_size(group, sampler, setting: int | str) -> int:
