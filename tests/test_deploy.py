@@ -62,11 +62,13 @@ async def _runs(deployment_id):
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
             sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=10)
         view = []
+        # a run or task run is read while the server is still creating it: its state may not be set yet
         for run in runs:
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
                                                 sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
-            view.append({"name": run.name, "state": run.state.type.value, "state_name": run.state.name,
-                         "tags": set(run.tags), "tasks": [(t.name, t.state.name) for t in tasks]})
+            view.append({"name": run.name, "state": run.state.type.value if run.state else None,
+                         "state_name": run.state.name if run.state else None,
+                         "tags": set(run.tags), "tasks": [(t.name, t.state.name if t.state else None) for t in tasks]})
         return view
 
 
