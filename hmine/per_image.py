@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 JACOBIAN_PREFIX = "jacobian/"
-_VARIANT_ARRAYS = {"masked": "vectors", "localised": "localised_vectors"}
+VARIANT_ARRAYS = {"masked": "vectors", "localised": "localised_vectors"}
 _NAME = re.compile(r"^jacobian/(?P<variant>[a-z]+)/(?P<k>\d+)(?:@t(?P<step>\d+))?$")
 
 
@@ -36,17 +36,17 @@ class JacobianDirection:
     @classmethod
     def parse(cls, name: str) -> JacobianDirection:
         match = _NAME.match(name)
-        if match is None or match["variant"] not in _VARIANT_ARRAYS:
+        if match is None or match["variant"] not in VARIANT_ARRAYS:
             raise ValueError(
                 f"edit.directions: {name!r} is not a Jacobian direction; write jacobian/<variant>/<k> "
                 f"(per step) or jacobian/<variant>/<k>@t<step> (global at t), variant one of "
-                f"{sorted(_VARIANT_ARRAYS)}, e.g. jacobian/localised/0@t100"
+                f"{sorted(VARIANT_ARRAYS)}, e.g. jacobian/localised/0@t100"
             )
         return cls(name, match["variant"], int(match["k"]), None if match["step"] is None else int(match["step"]))
 
     def check_against(self, group) -> None:
         """Refuse, naming the fix, a direction that ``jacobian.zarr`` (a zarr group) does not hold."""
-        array = _VARIANT_ARRAYS[self.variant]
+        array = VARIANT_ARRAYS[self.variant]
         if array not in group:
             raise ValueError(
                 f"edit.directions names {self.name!r}, but jacobian.zarr has no {self.variant} directions; "
@@ -65,7 +65,7 @@ class JacobianDirection:
         Per step: the vector of each analysed step at that step, zero at the others.
         Global at t: the vector of step t at every step.
         """
-        vectors = group[_VARIANT_ARRAYS[self.variant]]  # (sample, analysed step, k, channel, y, x)
+        vectors = group[VARIANT_ARRAYS[self.variant]]  # (sample, analysed step, k, channel, y, x)
         analysed = [int(t) for t in group["step"][...]]
         seeds = np.asarray(group["sample"][...])
         units = np.zeros((len(seeds), len(run_steps), *vectors.shape[3:]), dtype=np.float32)

@@ -4,8 +4,8 @@
 module                                 concern
 =====================================  ====================================================
 :mod:`hmine.benchmark.settings`        the ``benchmark:`` config section
-:mod:`hmine.benchmark.candidates`      the directions edited: stored ones and the
-                                       norm-matched random baseline
+:mod:`hmine.benchmark.candidates`      the directions edited: stored ones, per-image
+                                       Jacobian ones and the norm-matched random baseline
 :mod:`hmine.benchmark.measure`         their edits through :func:`hmine.regeneration.regenerate`
                                        and effects (decisions, score changes, image quality)
 :mod:`hmine.benchmark.table`           matching PCA components to factors, matched strength,
@@ -15,6 +15,6 @@ module                                 concern
 
 The stage is :mod:`hmine.stages.benchmark` (``hmine benchmark CONFIG``). This package
 imports nothing at its top level: :mod:`hmine.config` imports its settings module.
-Per-image Jacobian directions are not benchmarked yet: they exist for a few analysed
-samples only and need their own matching to factors.
+Per-image Jacobian directions are benchmarked on the samples the Jacobian stage analysed
+(``benchmark.jacobian``), each along its own vectors, and matched to factors as PCA's are.
 """

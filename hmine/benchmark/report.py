@@ -59,8 +59,8 @@ def write_heat_maps(table: pd.DataFrame, path: Path) -> None:
 def _summary(table: pd.DataFrame) -> pd.DataFrame:
     best = best_per_attribute(table)
     columns = ["attribute", "side", "method", "direction", "reached", "best_rate", "scale", "norm", "leak_decision",
-               "leak_continuous", "confident_share", "frechet_distance", "random_rate_at_norm", "clean"]  # fmt: skip
-    return best[columns].set_index(["attribute", "side"])
+               "leak_continuous", "confident_share", "frechet_distance", "random_rate_at_norm", "clean", "n_samples"]  # fmt: skip
+    return best[[c for c in columns if c in best]].set_index(["attribute", "side"])  # n_samples: tables since 2026-12
 
 
 def margins(table: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +97,9 @@ def benchmark_section(config, run_dir: Path, img: Path) -> str:
         "per edited step, comparable across methods), and there the leakage (other decisions changed; continuous "
         "factors' change in std, the attribute's own factor left out), the image quality (Fr&eacute;chet distance "
         "in the classifier's penultimate features, confident share) and the margin over a norm-matched random "
-        "direction (its flip rate at the same norm). PCA: the per-step component that moves the attribute most. "
+        "direction (its flip rate at the same norm). PCA: the per-step component that moves the attribute most; "
+        "jacobian/&lt;variant&gt;: the per-image Jacobian vector that moves it most, each of the Jacobian stage's "
+        "analysed samples edited along its own (column n_samples: how many; too few to rank them as best). "
         "Grey cells: not reached, with the best flip rate in brackets.</p>"
         + _img("img/benchmark.png", "benchmark heat maps")
         + f"<h3>Best direction per attribute and side</h3><p>Clean: reached with at most {MAX_LEAKAGE:.0%} of any "

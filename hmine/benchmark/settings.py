@@ -24,6 +24,11 @@ class BenchmarkConfig(BaseModel):
         description="edit strengths in std of the data along each direction; each is edited at +s and -s (the matched strength is interpolated between them)",
     )
     pca_components: int = Field(8, ge=0, le=4096, description="the first K per-step PCA components are matched to factors")
+    jacobian: bool = Field(
+        True,
+        description="also benchmark the Jacobian stage's per-image directions, each analysed sample along its own vectors "
+        "(when jacobian.n_samples > 0; the Jacobian stage must have run)",
+    )
     random_seed: int = Field(0, ge=0, description="seed of the norm-matched random direction")
     batch_size: int = Field(64, ge=1, le=_MAX_BATCH, description="images whose eps one U-Net call computes")
 

@@ -1,5 +1,8 @@
 """The benchmark table from per-direction effects tables: matching, matched strength, the random baseline.
 
+Unsupervised directions (PCA components, per-image Jacobian vectors) are matched to the
+factor they move most, per method (:func:`match_components`).
+
 Input: one effects table per edited candidate (:func:`hmine.effects.measure_effects`, rows
 scale x attribute, scales on both sides of 0). Output: one row per (method, attribute,
 side) — ``side`` "+" flips negative samples to positive at positive scales, "-" the reverse —
@@ -20,7 +23,7 @@ MAX_CONTINUOUS_CHANGE = 0.25
 
 TABLE_COLUMNS = (
     "method", "attribute", "side", "direction", "reached", "scale", "norm", "best_rate", "leak_decision",
-    "leak_continuous", "confident_share", "frechet_distance", "random_rate_at_norm", "margin", "clean",
+    "leak_continuous", "confident_share", "frechet_distance", "random_rate_at_norm", "margin", "clean", "n_samples",
 )  # fmt: skip
 
 
@@ -104,7 +107,8 @@ def _rows(method: str, attribute: str, direction: str, effects: pd.DataFrame, no
 
 
 def benchmark_table(candidates, effects_by_name: dict[str, pd.DataFrame], norms: dict[str, float],
-                    binary, continuous=(), own_factor: dict[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
+                    binary, continuous=(), own_factor: dict[str, str] | None = None,
+                    n_samples: dict[str, int] | None = None) -> pd.DataFrame:  # fmt: skip
     """One row per (method, attribute, side): see :data:`TABLE_COLUMNS` and the module docstring.
 
     Parameters
@@ -119,13 +123,17 @@ def benchmark_table(candidates, effects_by_name: dict[str, pd.DataFrame], norms:
     own_factor : dict, optional
         The continuous factor a binary attribute is read off (``is_large`` -> ``size``),
         left out of that attribute's continuous leakage.
+    n_samples : dict, optional
+        How many samples each candidate edited (column ``n_samples``; NaN when not given).
     """
     own_factor = own_factor or {}
     rows = []
-    pca = {c.name: effects_by_name[c.name] for c in candidates if c.method == "pca"}
-    for attribute, (name, sign) in match_components(pca, binary).items():
-        direction = name if sign > 0 else f"-{name}"
-        rows += _rows("pca", attribute, direction, oriented(pca[name], sign), norms[name], binary, continuous, own_factor)
+    # unsupervised families (PCA components, per-image Jacobian vectors): each matched to factors
+    for method in dict.fromkeys(c.method for c in candidates if c.attribute is None and c.method != "random"):
+        family = {c.name: effects_by_name[c.name] for c in candidates if c.method == method}
+        for attribute, (name, sign) in match_components(family, binary).items():
+            direction = name if sign > 0 else f"-{name}"
+            rows += _rows(method, attribute, direction, oriented(family[name], sign), norms[name], binary, continuous, own_factor)
     for c in candidates:
         targets = [c.attribute] if c.attribute is not None else (binary if c.method == "random" else [])
         for attribute in targets:
@@ -140,6 +148,7 @@ def benchmark_table(candidates, effects_by_name: dict[str, pd.DataFrame], norms:
         for row in table.itertuples()
     ]  # fmt: skip
     table["margin"] = LEVEL - table["random_rate_at_norm"]
+    table["n_samples"] = table["direction"].str.lstrip("-").map(n_samples or {}).astype(float)
     table["clean"] = (
         table["reached"] & (table["leak_decision"] <= MAX_LEAKAGE) & ~(table["leak_continuous"] > MAX_CONTINUOUS_CHANGE)
     )
@@ -149,9 +158,16 @@ def benchmark_table(candidates, effects_by_name: dict[str, pd.DataFrame], norms:
 
 def best_per_attribute(table: pd.DataFrame) -> pd.DataFrame:
     """Per (attribute, side), the best method other than the random baseline: a clean one with
-    the least leakage, else a reached one with the least leakage, else the highest flip rate."""
+    the least leakage, else a reached one with the least leakage, else the highest flip rate.
+
+    Only directions measured on the most samples compete: a per-image Jacobian direction read
+    on its few analysed samples stays in the table, but its rates are too coarse to rank.
+    """
     rows = []
-    for (attribute, side), group in table[table["method"] != "random"].groupby(["attribute", "side"], sort=True):
+    table = table[table["method"] != "random"]
+    if "n_samples" in table and table["n_samples"].notna().any():
+        table = table[table["n_samples"] == table["n_samples"].max()]
+    for (attribute, side), group in table.groupby(["attribute", "side"], sort=True):
         ranked = group.assign(
             _tier=np.where(group["clean"], 0, np.where(group["reached"], 1, 2)),
             _leak=group["leak_decision"].fillna(np.inf),

@@ -1,7 +1,8 @@
 """Benchmark stage: every direction method against the embedded world's known factors, in one table.
 
 ``hmine benchmark CONFIG`` (or ``benchmark.enabled: true`` in a whole run) edits the first
-``benchmark.n_samples`` samples with every candidate direction (:mod:`hmine.benchmark`) at
+``benchmark.n_samples`` samples with every candidate direction (:mod:`hmine.benchmark`; the
+Jacobian stage's per-image directions on its analysed samples, ``benchmark.jacobian``) at
 ``±benchmark.scales``, in the edit stage's window and step rule (``edit.t_edit``,
 ``edit.t_edit_max``, ``edit.asymmetric``), and writes ``benchmark.parquet``: per (method,
 binary attribute, side), the strength that flips 90 % of the far side, the leakage and the
@@ -75,14 +76,18 @@ def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> Stag
             "lower benchmark.n_samples"
         )
     seeds = samples["sample"][: settings.n_samples].tolist()
-    originals = samples["x0"][: settings.n_samples]
     binary = list(config.label.attributes)
     labeller = labeller or make_labeller(config.label, config.model.device)
     continuous = [c for c in ("size", "x", "y", "background") if c in labeller.attributes]
     thresholds = decision_thresholds(read_labels(config), binary, config.directions.threshold)
     candidates = stored_candidates(open_directions(directions_path(config)), binary, settings.pca_components)
-    candidates.append(random_candidate(candidates, settings.random_seed))
     sampler = make_sampler(config, model)
+    candidates += per_image_candidates(config, sampler.timesteps.tolist())
+    candidates.append(random_candidate(candidates, settings.random_seed))
+    edited = sorted({*seeds, *(s for c in candidates if c.seeds is not None for s in c.seeds)})
+    position = {int(seed): i for i, seed in enumerate(samples["sample"][...])}
+    stored = samples["x0"][: max(position[s] for s in edited) + 1]  # the first samples: both sets are
+    originals = {s: stored[position[s]] for s in edited}
     edit_steps = edit_steps_from(sampler.timesteps.tolist(), config.edit.t_edit, config.edit.t_edit_max)
     logger.info("benchmark stage: %d directions x %d scales x %d samples", len(candidates),
                 2 * len(settings.scales), len(seeds))  # fmt: skip
@@ -92,13 +97,35 @@ def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> Stag
     )  # fmt: skip
     norms = {c.name: norm_per_scale(c, edit_steps) for c in candidates}
     own_factor = {a: factor for a, (factor, _, _) in THRESHOLDED_ATTRIBUTES.items()}
-    table = benchmark_table(candidates, effects, norms, binary, continuous, own_factor)
+    counts = {c.name: len(seeds if c.seeds is None else c.seeds) for c in candidates}
+    table = benchmark_table(candidates, effects, norms, binary, continuous, own_factor, counts)
     write_sweep(np.stack([sweep[c.name] for c in candidates]), [c.name for c in candidates],
                 signed_scales(settings.scales), config.run_dir / SWEEP_FIGURE)  # fmt: skip
     write_table(table, path, {"hmine:config_hash": config.stage_hash("benchmark"), **identity_record(config, "benchmark")})
     seconds = time.perf_counter() - started
     logger.info("benchmark stage: %d rows in %.1f s", len(table), seconds)
     return StageResult(path, 1, 1, 0, 0, seconds)
+
+
+def per_image_candidates(config: RunConfig, run_steps: list[int]) -> list:
+    """The Jacobian stage's per-image directions (:func:`hmine.benchmark.candidates.jacobian_candidates`),
+    when ``benchmark.jacobian`` and the run analyses samples; else none."""
+    import xarray as xr
+
+    from hmine.benchmark.candidates import jacobian_candidates
+    from hmine.stages.builtin import benchmark_reads_jacobian
+    from hmine.stages.jacobian import jacobian_path
+
+    if not benchmark_reads_jacobian(config):
+        return []
+    path = jacobian_path(config)
+    if store_state(path) != "complete":
+        raise FileNotFoundError(
+            f"benchmark.jacobian is true but {path} is not complete; run the jacobian stage first "
+            "(hmine run does), or set benchmark.jacobian: false"
+        )
+    h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
+    return jacobian_candidates(open_group(path), run_steps, h)
 
 
 def read_benchmark(run_dir: Path) -> pd.DataFrame:

@@ -95,9 +95,19 @@ def edit_settings(config: "RunConfig") -> dict:
 
 
 def benchmark_settings(config: "RunConfig") -> dict:
-    # enabled says only whether `hmine run` runs it; batch_size only how rows share a U-Net call
+    # enabled says only whether `hmine run` runs it; batch_size only how rows share a U-Net call;
+    # jacobian only when the run has per-image directions (hashes without them stay as they were)
     edit = config.edit.model_dump(mode="json", include={"t_edit", "t_edit_max", "asymmetric"})
-    return {"benchmark": {**config.benchmark.model_dump(mode="json", exclude={"enabled", "batch_size"}), "edit": edit}}
+    exclude = {"enabled", "batch_size"} | (set() if config.jacobian.n_samples > 0 else {"jacobian"})
+    return {"benchmark": {**config.benchmark.model_dump(mode="json", exclude=exclude), "edit": edit}}
+
+
+def benchmark_reads_jacobian(config: "RunConfig") -> bool:
+    return config.benchmark.jacobian and config.jacobian.n_samples > 0
+
+
+def benchmark_optional_reads(config: "RunConfig") -> tuple[str, ...]:
+    return ("jacobian",) if benchmark_reads_jacobian(config) else ()  # new Jacobian directions make it stale
 
 
 def benchmark_applies(config: "RunConfig") -> bool:
@@ -338,6 +348,7 @@ BENCHMARK = register(Stage(  # after the edit stage: its window and step rule; r
     output="benchmark.parquet",
     settings=benchmark_settings,
     reads=("sample", "label", "directions"),
+    optional_reads=benchmark_optional_reads,
     preflight=(check_model, check_labeller, check_benchmark),
     report_section="hmine.benchmark.report:benchmark_section",
     applies=benchmark_applies,
