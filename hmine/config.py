@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmine.benchmark.settings import BenchmarkConfig
+from hmine.interval_config import IntervalConfig
 from hmine.learning.config import LearnConfig
 from hmine.prompts import TextConfig
 
@@ -181,14 +182,20 @@ class EditConfig(_Frozen):
     """The edit stage: apply directions to stored samples and measure what changes."""
 
     directions: list[str] = Field(
-        default_factory=list, description="direction names to apply; empty = every supervised direction"
+        default_factory=list, description="names of directions.zarr, jacobian/..., learned/<t>, learned-block-mean/<t>, learned-block/<t>; empty = every supervised direction"
     )
     n_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="the first N samples of the run are edited")
     scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
-    t_edit: int | None = Field(None, ge=0, le=MAX_STEPS * 100, description="edit only steps with timestep >= t_edit")
+    t_edit: Annotated[int, Field(ge=0, le=MAX_STEPS * 100)] | Literal["auto"] | None = Field(
+        None, description="edit only steps with timestep >= t_edit; auto: Asyrp's rule (edit.interval, hmine.interval)"
+    )
     t_edit_max: int | None = Field(
         None, ge=0, le=MAX_STEPS * 100, description="edit only steps with timestep <= t_edit_max; with t_edit, the window [t_edit, t_edit_max]"
     )
+    t_boost: Annotated[int, Field(ge=0, le=MAX_STEPS * 100)] | Literal["auto"] | None = Field(
+        None, description="quality boosting: steps with timestep < t_boost run unedited at eta edit.interval.boost_eta"
+    )
+    interval: IntervalConfig = IntervalConfig()  # the rule of t_edit / t_boost auto, and boosting's eta
     asymmetric: bool = False
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] = Field(
         64,
@@ -209,10 +216,14 @@ class EditConfig(_Frozen):
 
     @model_validator(mode="after")
     def _window_is_ordered(self):
-        if self.t_edit is not None and self.t_edit_max is not None and self.t_edit > self.t_edit_max:
+        if isinstance(self.t_edit, int) and self.t_edit_max is not None and self.t_edit > self.t_edit_max:
             raise ValueError(
                 f"edit.t_edit ({self.t_edit}) is above edit.t_edit_max ({self.t_edit_max}); "
                 "the window is [t_edit, t_edit_max], so swap them"
+            )
+        if isinstance(self.t_boost, int) and isinstance(self.t_edit, int) and self.t_boost > self.t_edit:
+            raise ValueError(
+                f"edit.t_boost ({self.t_boost}) is above edit.t_edit ({self.t_edit}); boosted steps are unedited, lower t_boost"
             )
         return self
 

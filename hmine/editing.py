@@ -26,6 +26,10 @@ def edit_steps_from(timesteps: Sequence[int], t_edit: int | None, t_edit_max: in
     ValueError
         When the window holds none of ``timesteps``: such an edit would silently change nothing.
     """
+    if t_edit == "auto":
+        raise ValueError(
+            "t_edit 'auto' is chosen by the edit stage (hmine.interval.resolve_interval); give this edit a number of a timestep"
+        )
     edited = [
         (t_edit is None or int(t) >= t_edit) and (t_edit_max is None or int(t) <= t_edit_max) for t in timesteps
     ]

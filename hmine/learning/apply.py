@@ -59,6 +59,7 @@ def regenerate_learned(
     asymmetric: bool = True,
     batch_size: int = 64,
     start_states: dict[int, torch.Tensor] | None = None,
+    noise_source=None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Regenerate rows: row r is ``seeds[r]`` edited by ``editor`` at ``coefficients[r]``.
 
@@ -77,6 +78,9 @@ def regenerate_learned(
         Images whose eps one U-Net call computes (:func:`hmine.regeneration.rows_per_call`).
     start_states : dict of seed -> Tensor, optional
         x_t at the first edited step (:func:`hmine.regeneration.unedited_states`).
+    noise_source : SeedNoise or alike, optional
+        The rows' per-step noise by seed (e.g. quality boosting's, :class:`hmine.interval.BoostedNoise`);
+        the seeds' own by default.
 
     Yields
     ------
@@ -88,7 +92,7 @@ def regenerate_learned(
     first = first_edited_step(edit_steps)
     if start_states is None:
         unique = sorted({int(s) for s in seeds})
-        start_states = dict(zip(unique, unedited_states(sampler, unique, first, batch_size)))
+        start_states = dict(zip(unique, unedited_states(sampler, unique, first, batch_size, noise_source)))
     param = next(sampler.model.unet.parameters())
     if isinstance(editor, torch.nn.Module):
         editor.to(param.device)
@@ -98,7 +102,10 @@ def regenerate_learned(
         for start in range(0, len(seeds), per_call):
             rows = np.arange(start, min(start + per_call, len(seeds)))
             chunk = [int(seeds[r]) for r in rows]
-            noise = torch.stack([noise_for_seed(s, sampler.model.sample_shape, sampler.num_inference_steps)[1] for s in chunk], dim=1)
+            if noise_source is None:
+                noise = torch.stack([noise_for_seed(s, sampler.model.sample_shape, sampler.num_inference_steps)[1] for s in chunk], dim=1)
+            else:
+                noise = noise_source(chunk)[1]
             x = torch.stack([start_states[s] for s in chunk]).to(param)
             pad = per_call - len(rows)  # fixed call shapes: a row's bits do not depend on its neighbours
             if pad:

@@ -86,8 +86,13 @@ def learn_settings(config: "RunConfig") -> dict:
 
 
 def edit_settings(config: "RunConfig") -> dict:
+    from hmine.interval_config import interval_in_use
+
     # the source joins the hash only when set, so edits of samples keep their hash
     exclude = {"batch_size", "strip_samples"} | ({"source"} if config.edit.source == "samples" else set())
+    # the editing interval's settings join the hash only when used, so earlier edits keep their hash
+    exclude |= {"t_boost"} if config.edit.t_boost is None else set()
+    exclude |= {"interval"} if not interval_in_use(config.edit) else set()
     settings = {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
     if config.sample.text is not None:  # the guidance branches an edit adds its delta in
         settings["edit_branches"] = config.sample.text.edit_branches

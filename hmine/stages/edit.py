@@ -1,5 +1,16 @@
 """Edit stage: apply directions to stored samples at several scales, and measure the effect.
 
+The directions are those of ``directions.zarr``, per-image Jacobian directions
+(``jacobian/...``) and the learn stage's learned edits (``learned/<target>``,
+``learned-block-mean/<target>`` at coefficients of the trained edit, ``learned-block/<target>``
+through its delta block; :mod:`hmine.learning.edit_directions`); the edited images are the
+run's samples or, with ``edit.source: inversions``, its inverted real images. The edited
+steps are those of the window [``edit.t_edit``, ``edit.t_edit_max``]; ``edit.t_edit: auto``
+chooses t_edit by Asyrp's rule and ``edit.t_boost`` adds Asyrp's quality boosting (steps
+below it unedited, at eta ``edit.interval.boost_eta`` with fresh seeded noise):
+:mod:`hmine.interval`, the chosen steps and the distance curves recorded in the store's
+``hmine:edit_interval``.
+
 Outputs in the run directory:
 
 ``edits.zarr``
@@ -10,7 +21,9 @@ Outputs in the run directory:
     ``edit.n_samples`` inverted images of ``inversions.zarr`` instead (the ``sample``
     coordinate holds their image ids): regenerated from x_T (DDIM inversion) or with their
     stored z_t and residual (edit-friendly), scale 0 their stored regenerated ``x0``
-    (:class:`hmine.inversion.edits.InvertedNoise`). ``done`` (direction,) marks directions whose
+    (:class:`hmine.inversion.edits.InvertedNoise`). With quality boosting scale 0 is the
+    boosted unedited regeneration instead, so every change is measured against images made
+    the same way. ``done`` (direction,) marks directions whose
     images are all written — the stage resumes per direction. The images are computed by
     :mod:`hmine.regeneration` at a U-Net batch size fixed for the store (``edit.batch_size``,
     recorded in ``hmine:unet_batch_size``).
@@ -30,10 +43,11 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +78,7 @@ EDITS_STORE = "edits.zarr"
 EFFECTS_TABLE = "edit_effects.parquet"
 STRIPS_DIR = "edit_strips"
 UNET_BATCH_SIZE = "hmine:unet_batch_size"
+EDIT_INTERVAL = "hmine:edit_interval"
 SUPERVISED_METHODS = ("mean_difference", "probe", "conditional", "regression")
 
 
@@ -139,7 +154,6 @@ def _template(names, scales, seeds, image_shape) -> tuple[list, dict]:
 def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progress: bool = True) -> StageResult:
     """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
     from hmine.directions import open_directions
-    from hmine.editing import edit_steps_from
     from hmine.labelling import decision_thresholds, make_labeller
     from hmine.stages import INPUT_IDENTITY, identity_record, up_to_date
     from hmine.stages.directions import directions_path
@@ -161,14 +175,15 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
         logger.info("edit stage: %s is up to date", path)
         return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
-    source = open_source(config, model)
-    edit_steps_from(source.sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)  # an empty window: refused, nothing written
+    labeller = labeller or make_labeller(config.label, config.model.device)
+    source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
     # the edits depend on the settings and on the very directions they apply: the input
     # identity holds both, and a store made from other inputs is replaced
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
     record = identity_record(config, "edit")
     attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
     group = prepare_store(path, arrays, attrs, coords, replace_stale=True)
+    group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
     damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
@@ -179,7 +194,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     threshold = config.directions.threshold
     labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
     thresholds = decision_thresholds(labels, config.label.attributes, threshold)
-    effects = measure_effects(group, names, scales, labeller or make_labeller(config.label, config.model.device), thresholds)
+    effects = measure_effects(group, names, scales, labeller, thresholds)
     meta = {CONFIG_HASH: group.attrs[CONFIG_HASH], "hmine:edits_uuid": group.attrs[STORE_UUID]}
     write_table(effects, config.run_dir / EFFECTS_TABLE, meta)
     seconds = time.perf_counter() - started
@@ -194,13 +209,29 @@ class EditSource:
     Samples: the keys are seeds and the trajectories the seeds' own (``noise_source`` None);
     inverted images: the keys index the first images of ``inversions.zarr`` and
     ``noise_source`` is their :class:`~hmine.inversion.edits.InvertedNoise`.
-    ``originals`` are the scale-0 images (the stored ``x0``).
+    ``originals`` are the scale-0 images (the stored ``x0``). ``interval`` is the resolved
+    editing interval (:func:`with_interval`, which also puts boosting into ``sampler`` and
+    ``noise_source``).
     """
 
     sampler: object
     keys: list[int]
     originals: np.ndarray
     noise_source: object | None = None
+    interval: object | None = None
+
+
+def with_interval(config: RunConfig, source: EditSource, labeller=None) -> EditSource:
+    """``source`` with the edit window resolved (:func:`hmine.interval.resolve_interval`) and,
+    with quality boosting, a boosting sampler and noise source (:func:`hmine.interval.with_boosting`)."""
+    from hmine.interval import resolve_interval, with_boosting
+
+    edit = config.edit
+    measured = "auto" in (edit.t_edit, edit.t_boost)  # the curves are measured on the run's first samples
+    seeds = open_group(samples_path(config))["sample"][: edit.interval.n_samples].tolist() if measured else []
+    interval = resolve_interval(source.sampler, edit, seeds, labeller)
+    sampler, noise_source = with_boosting(source.sampler, source.noise_source, interval.t_boost, edit.interval.boost_eta)
+    return replace(source, sampler=sampler, noise_source=noise_source, interval=interval)
 
 
 def edited_ids(config: RunConfig) -> np.ndarray:
@@ -256,14 +287,17 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
     (directions.zarr, learned.zarr or None).
     """
     from hmine.directions import direction_by_name
-    from hmine.editing import edit_steps_from, write_strip
+    from hmine.editing import write_strip
+    from hmine.interval import boosted_steps, unedited_images
     from hmine.learning.edit_directions import block_editor_for, learned_unit
     from hmine.regeneration import first_edited_step, unedited_states
 
     edit, sampler, keys = config.edit, source.sampler, source.keys
     directions, learned = directions
-    edit_steps = edit_steps_from(sampler.timesteps.tolist(), edit.t_edit, edit.t_edit_max)
+    edit_steps = source.interval.edit_steps
     batch_size = unet_batch_size(group, sampler, edit.batch_size)
+    if any(boosted_steps(sampler.timesteps.tolist(), source.interval.t_boost)):  # scale 0: boosted, unedited
+        source = replace(source, originals=unedited_images(sampler, keys, batch_size, source.noise_source))
     # x_t at the first edited step, once for every direction and scale
     first = first_edited_step(edit_steps)
     starts = dict(zip(keys, unedited_states(sampler, keys, first, batch_size, source.noise_source)))
@@ -323,7 +357,8 @@ def _edit_direction(group, d, source, unit, scale_unit, has_direction, scales, s
 
         coefficients = [scales[edited_scales[k]] for k in row_scale]
         rows = regenerate_learned(source.sampler, keys[row_sample].tolist(), unit, coefficients, edit_steps=edit_steps,
-                                  asymmetric=asymmetric, batch_size=batch_size, start_states=starts)  # fmt: skip
+                                  asymmetric=asymmetric, batch_size=batch_size, start_states=starts,
+                                  noise_source=source.noise_source)  # fmt: skip
     else:
         rows = _direction_rows(source, unit, scale_unit, analysed, [scales[s] for s in edited_scales], row_sample,
                                starts, edit_steps, batch_size, asymmetric)  # fmt: skip
