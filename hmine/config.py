@@ -19,6 +19,7 @@ from hmine.benchmark.settings import BenchmarkConfig
 from hmine.interval_config import IntervalConfig
 from hmine.learning.config import LearnConfig
 from hmine.prompts import TextConfig
+from hmine.sega_config import SegaConfig
 
 
 class _Frozen(BaseModel):
@@ -182,7 +183,7 @@ class EditConfig(_Frozen):
     """The edit stage: apply directions to stored samples and measure what changes."""
 
     directions: list[str] = Field(
-        default_factory=list, description="names of directions.zarr, jacobian/..., learned/<t>, learned-block-mean/<t>, learned-block/<t>; empty = every supervised direction"
+        default_factory=list, description="names of directions.zarr, jacobian/..., learned/<t>, learned-block-mean/<t>, learned-block/<t>, sega/<concept>; empty = every supervised direction"
     )
     n_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="the first N samples of the run are edited")
     scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
@@ -206,6 +207,7 @@ class EditConfig(_Frozen):
     source: Literal["samples", "inversions"] = Field(
         "samples", description="edit the run's samples, or its inverted images (inversions.zarr, needs images:)"
     )
+    sega: SegaConfig | None = Field(None, description="SEGA concepts edited as sega/<concept> (hmine.sega_edits)")
 
     @field_validator("scales")
     @classmethod

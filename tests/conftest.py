@@ -163,6 +163,22 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random text-to-image model in the Stable Diffusion layout (tiny_sd.py), saved once."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir):
+    """``tiny_sd_dir`` loaded by hmine (hmine.models.load_model)."""
+    from hmine.models import load_model
+
+    return load_model(str(tiny_sd_dir))
+
+
+@pytest.fixture(scope="session")
 def prefect_api_url():
     """The API URL of the test session's one Prefect server, started on first use.
 

@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from test_text_sampling import _build_tiny_sd
 
 from hmine.prompt_directions import prompt_pair_direction
 from hmine.prompts import TextConfig
 
 STEPS = 3
 PROMPT_A, PROMPT_B = "a circle", "a large red circle"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    return _build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-pairs"))
 
 
 @pytest.fixture(scope="module")

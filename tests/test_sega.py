@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_text_sampling import PROMPTS, _build_tiny_sd
+from tiny_sd import PROMPTS
 
 from hmine.prompts import TextConfig
 from hmine.sega import Sega, SegaConcept, sample_sega
@@ -25,18 +25,6 @@ TWO_CONCEPTS = Sega(
     momentum_scale=0.2,
     momentum_beta=0.5,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    return _build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-sega"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tiny_sd_dir):
-    from hmine.models import load_model
-
-    return load_model(str(tiny_sd_dir))
 
 
 @pytest.fixture(scope="module")

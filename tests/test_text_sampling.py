@@ -1,8 +1,8 @@
 """Text-conditional sampling (issue 18, item 1) against diffusers' StableDiffusionPipeline.
 
 A tiny random model in the Stable Diffusion folder layout (unet/, vae/, text_encoder/,
-tokenizer/, scheduler/, model_index.json), saved by ``StableDiffusionPipeline`` in the
-test and loaded back by path: hmine's sampler must give the pipeline's images for the same
+tokenizer/, scheduler/, model_index.json), saved by ``StableDiffusionPipeline`` (``tiny_sd.py``,
+the session's ``tiny_sd_dir`` of conftest.py) and loaded back by path: hmine's sampler must give the pipeline's images for the same
 seeds, prompts, negative prompt and guidance scale.
 """
 
@@ -15,58 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_sd import PROMPTS
+
 from hmine.prompts import TextConfig
 
-PROMPTS = ["a red circle", "a large blue square on a dark background", "a small green triangle at the top"]
 STEPS = 4
-
-
-def _build_tiny_sd(path):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from hmine.textworld.model import write_tokenizer
-
-    write_tokenizer(path / "tokenizer-src", max_length=24)
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer-src")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, scaling_factor=0.18215,
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path / "sd")
-    shutil.rmtree(path / "tokenizer-src")
-    return path / "sd"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    return _build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tiny_sd_dir):
-    from hmine.models import load_model
-
-    return load_model(str(tiny_sd_dir))
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,7 @@ def edit_settings(config: "RunConfig") -> dict:
     # the editing interval's settings join the hash only when used, so earlier edits keep their hash
     exclude |= {"t_boost"} if config.edit.t_boost is None else set()
     exclude |= {"interval"} if not interval_in_use(config.edit) else set()
+    exclude |= {"sega"} if config.edit.sega is None else set()  # SEGA's concepts: only when set
     settings = {"edit": config.edit.model_dump(mode="json", exclude=exclude)}
     if config.sample.text is not None:  # the guidance branches an edit adds its delta in
         settings["edit_branches"] = config.sample.text.edit_branches
@@ -260,6 +261,12 @@ def check_learned_edits(config: "RunConfig") -> None:
     check(config)
 
 
+def check_sega_edits(config: "RunConfig") -> None:
+    from hmine.sega_edits import check_sega_edits as check
+
+    check(config)
+
+
 def check_masks(config: "RunConfig") -> None:
     from hmine.masks import check_mask_files
 
@@ -343,7 +350,7 @@ EDIT = register(Stage(
     optional_reads=edit_optional_reads,
     intact=edits_damaged,
     complete=edits_complete,
-    preflight=(check_model, check_labeller, check_learned_edits),
+    preflight=(check_model, check_labeller, check_learned_edits, check_sega_edits),
     report_section="hmine.report:edit_section",
 ))
 BENCHMARK = register(Stage(  # after the edit stage: its window and step rule; runs on demand (applies)

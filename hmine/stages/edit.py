@@ -3,7 +3,9 @@
 The directions are those of ``directions.zarr``, per-image Jacobian directions
 (``jacobian/...``) and the learn stage's learned edits (``learned/<target>``,
 ``learned-block-mean/<target>`` at coefficients of the trained edit, ``learned-block/<target>``
-through its delta block; :mod:`hmine.learning.edit_directions`); the edited images are the
+through its delta block; :mod:`hmine.learning.edit_directions`) and, for a text-conditional
+model, SEGA's concepts of ``edit.sega`` (``sega/<concept>``: the seeds sampled again with the
+concept at |scale| times its guidance, reversed below 0; :mod:`hmine.sega_edits`); the edited images are the
 run's samples or, with ``edit.source: inversions``, its inverted real images. The edited
 steps are those of the window [``edit.t_edit``, ``edit.t_edit_max``]; ``edit.t_edit: auto``
 chooses t_edit by Asyrp's rule and ``edit.t_boost`` adds Asyrp's quality boosting (steps
@@ -58,6 +60,7 @@ from hmine.config import RunConfig
 from hmine.effects import measure_effects
 from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix, open_learned_for_edits
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
+from hmine.sega_edits import check_sega_edits, check_sega_prompts, is_sega, sega_concept, sega_scale_images
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
     CONFIG_HASH,
@@ -107,11 +110,13 @@ def select_directions(directions, requested: list[str], jacobian_group=None) -> 
     Names starting with ``jacobian/`` are per-image Jacobian directions
     (:class:`hmine.per_image.JacobianDirection`), checked against ``jacobian_group``,
     the Jacobian stage's store; ``learned/``, ``learned-block-mean/`` and ``learned-block/``
-    name the learn stage's results (:mod:`hmine.learning.edit_directions`).
+    name the learn stage's results (:mod:`hmine.learning.edit_directions`), ``sega/`` the
+    concepts of ``edit.sega`` (:mod:`hmine.sega_edits`, checked by ``check_sega_edits``).
     """
     names = [str(n) for n in directions["name"].values]
     if requested:
-        unknown = [n for n in requested if not n.startswith(JACOBIAN_PREFIX) and not learned_prefix(n) and n not in names]
+        special = (n for n in requested if not n.startswith(JACOBIAN_PREFIX) and not learned_prefix(n) and not is_sega(n))
+        unknown = [n for n in special if n not in names]
         if unknown:
             raise ValueError(f"edit.directions names {unknown}, which directions.zarr lacks; it has {names}")
         for name in (n for n in requested if n.startswith(JACOBIAN_PREFIX)):
@@ -161,6 +166,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
 
     started = time.perf_counter()
     edit, path = config.edit, config.run_dir / EDITS_STORE
+    check_sega_edits(config)
     directions = open_directions(directions_path(config))
     jacobian_group = open_jacobian_for_edits(config)
     names = select_directions(directions, edit.directions, jacobian_group)
@@ -177,6 +183,7 @@ def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progres
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
     labeller = labeller or make_labeller(config.label, config.model.device)
     source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
+    check_sega_prompts(source.sampler, config)
     # the edits depend on the settings and on the very directions they apply: the input
     # identity holds both, and a store made from other inputs is replaced
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
@@ -286,10 +293,8 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
     :func:`hmine.learning.apply.regenerate_learned` for a delta block). ``directions`` is
     (directions.zarr, learned.zarr or None).
     """
-    from hmine.directions import direction_by_name
     from hmine.editing import write_strip
     from hmine.interval import boosted_steps, unedited_images
-    from hmine.learning.edit_directions import block_editor_for, learned_unit
     from hmine.regeneration import first_edited_step, unedited_states
 
     edit, sampler, keys = config.edit, source.sampler, source.keys
@@ -305,27 +310,47 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
     strips.mkdir(parents=True, exist_ok=True)
     per_image_source = _per_image_source(config) if jacobian_group is not None else None
     for d in todo:
-        per_image = per_image_units(names[d], jacobian_group, *per_image_source) if per_image_source else None
-        if names[d].startswith(BLOCK_PREFIX):
-            editor = block_editor_for(config, names[d], sampler.timesteps)
-            unit, scale_unit, has_direction = editor, None, np.ones(len(keys), dtype=bool)
-        elif learned_prefix(names[d]):
-            unit, scale_unit = learned_unit(learned, names[d])
+        if is_sega(names[d]):  # a SEGA concept: sampled again with it at each scale
             has_direction = np.ones(len(keys), dtype=bool)
-        elif per_image is None:
-            selected = direction_by_name(directions, names[d])
-            unit, scale_unit = selected["direction"].values, selected["scale_unit"].values
-            has_direction = np.ones(len(keys), dtype=bool)
+            _edit_sega(group, d, source, edit.sega, sega_concept(names[d]), scales, batch_size)
         else:
-            unit, scale_unit, has_direction = (part[: len(keys)] for part in per_image[:3])
-        _edit_direction(
-            group, d, source, unit, scale_unit, has_direction, scales, starts, edit_steps, batch_size, edit.asymmetric
-        )
+            unit, scale_unit, has_direction = _direction_unit(
+                config, names[d], directions, learned, jacobian_group, per_image_source, sampler.timesteps, len(keys)
+            )
+            _edit_direction(
+                group, d, source, unit, scale_unit, has_direction, scales, starts, edit_steps, batch_size, edit.asymmetric
+            )
         group["edited"][d] = has_direction
         shown_samples = np.flatnonzero(has_direction)[: edit.strip_samples]
         shown = group["images"][d, :, :][:, shown_samples]  # (scale, sample, ...)
         write_strip(np.swapaxes(shown, 0, 1), strips / strip_filename(names[d]), upscale=3)
         group["done"][d] = True
+
+
+def _direction_unit(config, name, directions, learned, jacobian_group, per_image_source, timesteps, n_keys) -> tuple:
+    """(unit, scale_unit, has_direction) of an h-space edit: a direction of directions.zarr,
+    a per-image Jacobian direction, a learned one, or a delta block's editor (scale_unit None)."""
+    from hmine.directions import direction_by_name
+    from hmine.learning.edit_directions import block_editor_for, learned_unit
+
+    everyone = np.ones(n_keys, dtype=bool)
+    if name.startswith(BLOCK_PREFIX):
+        return block_editor_for(config, name, timesteps), None, everyone
+    if learned_prefix(name):
+        return (*learned_unit(learned, name), everyone)
+    per_image = per_image_units(name, jacobian_group, *per_image_source) if per_image_source else None
+    if per_image is None:
+        selected = direction_by_name(directions, name)
+        return selected["direction"].values, selected["scale_unit"].values, everyone
+    return tuple(part[:n_keys] for part in per_image[:3])
+
+
+def _edit_sega(group, d, source, sega, concept, scales, batch_size) -> None:
+    """Write ``images[d]`` of SEGA concept ``concept``: scale 0 the stored ``x0``, the others
+    :func:`hmine.sega.sega_edit` of the samples' seeds (:mod:`hmine.sega_edits`)."""
+    group["images"][d, scales.index(0.0)] = source.originals
+    for s, images in sega_scale_images(source.sampler, source.keys, sega, concept, scales, batch_size):
+        group["images"][d, s] = images
 
 
 def _per_image_source(config: RunConfig) -> tuple:
