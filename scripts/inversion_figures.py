@@ -110,6 +110,20 @@ def _far_side_flips(sampler, inversion, directions, name, attribute, scale, labe
     }
 
 
+def _probe_flips(sampler, inversion, directions, labeller, scale, record, save, label) -> None:
+    """Far-side flips of each ``probe/<attribute>`` of ``directions`` on ``inversion``'s images into ``record``.
+
+    ``save`` is called after each probe, so that a stopped run keeps the probes it finished.
+    """
+    for attribute in ATTRIBUTES:
+        t0 = time.perf_counter()
+        result = _far_side_flips(sampler, inversion, directions, f"probe/{attribute}", attribute, scale, labeller)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        record[f"probe/{attribute}"] = result
+        print(label, attribute, result, flush=True)
+        save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("stores/inversion-figures/figures.json"))
@@ -117,6 +131,7 @@ def main() -> None:
                         help="a demo-like run directory: its directions.zarr, samples.zarr and labels.parquet")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--scale", type=float, default=20.0, help="edit scale (the demo's largest)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every model call")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: reproduction psnr flips fitted")
     parser.add_argument("--markdown", nargs="+", type=Path, help="print these figures files as markdown tables and exit")
     args = parser.parse_args()
@@ -143,8 +158,8 @@ def main() -> None:
     images = torch.from_numpy(batch.images)
     truth = world.binary_attributes(batch.factors)
     started = time.perf_counter()
-    ef_sampler = Sampler(model, num_inference_steps=10, eta=1.0, torch_threads=2)
-    ddim_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=2)
+    ef_sampler = Sampler(model, num_inference_steps=10, eta=1.0, torch_threads=args.threads)
+    ddim_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=args.threads)
     edit_friendly = _batched_invert(ef_sampler, images, "edit_friendly")
     ddim10 = _batched_invert(ddim_sampler, images, "ddim")
     figures["seconds_inversions"] = round(time.perf_counter() - started, 1)
@@ -178,7 +193,7 @@ def main() -> None:
         for steps, inv in [(10, ddim10), (50, None)]:
             t0 = time.perf_counter()
             if inv is None:
-                inv = _batched_invert(Sampler(model, num_inference_steps=steps, eta=0.0, torch_threads=2), images, "ddim")
+                inv = _batched_invert(Sampler(model, num_inference_steps=steps, eta=0.0, torch_threads=args.threads), images, "ddim")
             values = psnr(inv.images, images).numpy()
             out[f"ddim_{steps}_steps"] = {
                 "psnr_median": float(np.median(values)), "psnr_min": float(values.min()),
@@ -202,14 +217,8 @@ def main() -> None:
             decided = labeller.score(inv.images.numpy())
             flips[label] = {"reconstruction_agrees_with_truth": {
                 a: float(((decided[a].to_numpy() > 0.5) == truth[a]).mean()) for a in ATTRIBUTES}}
-            for attribute in ATTRIBUTES:
-                t0 = time.perf_counter()
-                result = _far_side_flips(sampler, inv, demo, f"probe/{attribute}", attribute, args.scale, labeller)
-                result["seconds"] = round(time.perf_counter() - t0, 1)
-                flips[label][f"probe/{attribute}"] = result
-                print(label, attribute, result, flush=True)
-                figures["demo_probe_flips_on_inverted_world_images"] = flips
-                save()
+            figures["demo_probe_flips_on_inverted_world_images"] = flips
+            _probe_flips(sampler, inv, demo, labeller, args.scale, flips[label], save, label)
 
     if "fitted" not in args.skip:
         import pandas as pd
@@ -234,37 +243,23 @@ def main() -> None:
         save()
         print("angles", angles, figures[f"probe_angle_first_{args.n}_samples_vs_demo_degrees_per_step"], flush=True)
         # each set of probes on its own images too (the demo's on the inverted images: section 3)
-        own, first = {}, _slice(edit_friendly, 0, 64)
-        for attribute in ATTRIBUTES:
-            own[f"probe/{attribute}"] = _far_side_flips(
-                ef_sampler, first, fitted, f"probe/{attribute}", attribute, args.scale, labeller)
-            print("fitted-on-inversions", attribute, own[f"probe/{attribute}"], flush=True)
-            figures["inversion_fitted_probe_flips_on_first_64_inverted_images"] = own
-            save()
+        figures["inversion_fitted_probe_flips_on_first_64_inverted_images"] = {}
+        _probe_flips(ef_sampler, _slice(edit_friendly, 0, 64), fitted, labeller, args.scale,
+                     figures["inversion_fitted_probe_flips_on_first_64_inverted_images"], save, "fitted-on-inversions")
         # the inversion-fitted probes edited onto the demo's first 64 samples (their own seeds' noise)
         samples = xr.open_zarr(args.samples, consolidated=False)
         seeds = samples["sample"].values[:64].tolist()
-        demo_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=2)
+        demo_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=args.threads)
         from hmine.inversion.regenerate import Inversion
         from hmine.sampling import noise_for_seed
 
         draws = [noise_for_seed(s, model.sample_shape, 10) for s in seeds]
         as_inversion = Inversion("ddim", torch.stack([d[0] for d in draws]), None, [0.0] * 10, demo_sampler.timesteps,
                                  images=torch.from_numpy(np.asarray(samples["x0"].values[:64], dtype=np.float32)))
-        on_samples = {}
-        for attribute in ATTRIBUTES:
-            on_samples[f"probe/{attribute}"] = _far_side_flips(
-                demo_sampler, as_inversion, fitted, f"probe/{attribute}", attribute, args.scale, labeller)
-            print("fitted-on-samples", attribute, on_samples[f"probe/{attribute}"], flush=True)
-            figures["inversion_fitted_probe_flips_on_demo_samples"] = on_samples
-            save()
-        demo_on_samples = {}
-        for attribute in ATTRIBUTES:
-            demo_on_samples[f"probe/{attribute}"] = _far_side_flips(
-                demo_sampler, as_inversion, demo, f"probe/{attribute}", attribute, args.scale, labeller)
-            figures["demo_probe_flips_on_demo_samples"] = demo_on_samples
-            save()
-        print("demo-on-samples", demo_on_samples, flush=True)
+        for key, directions, label in [("inversion_fitted_probe_flips_on_demo_samples", fitted, "fitted-on-samples"),
+                                       ("demo_probe_flips_on_demo_samples", demo, "demo-on-samples")]:
+            figures[key] = {}
+            _probe_flips(demo_sampler, as_inversion, directions, labeller, args.scale, figures[key], save, label)
     figures["seconds_total"] = round(time.perf_counter() - started, 1)
     save()
     print(json.dumps(figures, indent=2))
