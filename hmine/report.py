@@ -319,7 +319,8 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
     effects_file = run_dir / "edit_effects.parquet"
     strips_dir = run_dir / "edit_strips"
     effects = pd.read_parquet(effects_file)
-    parts = []
+    noun = edited_noun(config)
+    parts = [edited_images_html(config)]
     matrix = attribute_change_matrix(effects, attributes)
     if len(matrix):
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * matrix.shape[1], 0.9 + 0.4 * matrix.shape[0]))
@@ -338,17 +339,17 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
             "when a direction is applied; the intended attribute is the diagonal, the rest is leakage.</p>"
             + _img("img/attribute_change.png", "attribute change matrix") + _table(matrix, "{:+.3f}")
         )
-    parts.append(matched_strength_html(effects, attributes))
+    parts.append(matched_strength_html(effects, attributes, noun))
     from hmine.sweeps import edit_sweep_html
 
-    parts.append(edit_sweep_html(run_dir, img))
+    parts.append(edit_sweep_html(run_dir, img, noun[:-1]))
     flips = best_flip_rates(effects)
     if len(flips):
         step_rule = "Asyrp's asymmetric step" if config.edit.asymmetric else "the symmetric step"
         parts.append(
-            "<h3>Decision flips</h3><p>For each supervised direction, the share of edited samples on the "
+            f"<h3>Decision flips</h3><p>For each supervised direction, the share of edited {noun} on the "
             "far side of its own attribute whose decision (score &gt; threshold) flips: at negative scales "
-            f"positive samples turning negative, at positive scales the reverse. Edits use {step_rule}.</p>"
+            f"positive ones turning negative, at positive scales the reverse. Edits use {step_rule}.</p>"
             + _table(flips, "{:.2f}")
         )
     for attribute in attributes:
@@ -363,7 +364,10 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
                 shutil.copy(src, img / src.name)
                 shown.append(f"<figure>{_img('img/' + src.name, name, 260)}<figcaption>{html.escape(name)}</figcaption></figure>")
         if shown:
-            parts.append(f"<h3>Edits for {html.escape(attribute)} (columns: scales low to high)</h3><div class='row'>{''.join(shown)}</div>")
+            parts.append(
+                f"<h3>Edits for {html.escape(attribute)} (rows: {noun}, columns: scales low to high)</h3>"
+                f"<div class='row'>{''.join(shown)}</div>"
+            )
     from hmine.per_image import JACOBIAN_PREFIX
     from hmine.stages.edit import strip_filename
 
@@ -382,8 +386,30 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
     return "<h2>Edit stage</h2>" + "".join(parts)
 
 
-def matched_strength_html(effects: pd.DataFrame, attributes: list[str]) -> str:
-    """The edit section's matched-strength table (:mod:`hmine.strength`), beside the fixed-scale matrix."""
+def edited_noun(config: RunConfig) -> str:
+    """What the edit stage edited, in the report's words: "samples" or "inverted images"."""
+    return "inverted images" if config.edit.source == "inversions" else "samples"
+
+
+def edited_images_html(config: RunConfig) -> str:
+    """With ``edit.source: inversions``, which images were edited and how they were inverted; else ''."""
+    if config.edit.source != "inversions":
+        return ""
+    invert, steps = config.invert, config.sample.num_inference_steps
+    if invert.method == "edit_friendly":
+        method = f"edit-friendly DDPM inversion (Huberman-Spiegelglas et al., eta {invert.eta:g}, per-step noise maps)"
+    else:
+        method = f"DDIM inversion (eta 0, {invert.refine} refinements per step)"
+    return (
+        f"<p>Edited: the first {config.edit.n_samples} inverted images of <code>inversions.zarr</code> (given images, "
+        f"not samples), inverted with {method} at {steps} steps and regenerated with each direction added; "
+        "scale 0 is the regenerated, unedited image.</p>"
+    )
+
+
+def matched_strength_html(effects: pd.DataFrame, attributes: list[str], noun: str = "samples") -> str:
+    """The edit section's matched-strength table (:mod:`hmine.strength`), beside the fixed-scale matrix;
+    ``noun`` names what was edited (:func:`edited_noun`)."""
     from hmine.strength import (
         LEVEL,
         MAX_LEAKAGE,
@@ -398,9 +424,9 @@ def matched_strength_html(effects: pd.DataFrame, attributes: list[str]) -> str:
     clean = int((shown["clean"] == "yes").sum())
     return (
         f"<h3>Effects at matched strength ({LEVEL:.0%} flips)</h3><p>For each supervised direction and side, the "
-        f"smallest |scale| at which its own decision flips in {LEVEL:.0%} of the edited samples on the far side "
+        f"smallest |scale| at which its own decision flips in {LEVEL:.0%} of the edited {noun} on the far side "
         "(linear interpolation between the edited scales, scale 0 counting as no flip; <i>not reached</i> when no "
-        "edited scale gets there), and the leakage at that scale: the share of edited samples whose other "
+        f"edited scale gets there), and the leakage at that scale: the share of edited {noun} whose other "
         "decisions change (largest, then per attribute) and the largest mean change of another score in stds of "
         "its unedited scores; and the image quality there: the share of edited images the classifier still scores "
         "confidently (largest class probability &ge; 0.9 on every class head) and the Fr&eacute;chet distance of the "

@@ -50,8 +50,9 @@ def edit_sweep(edits_path: Path) -> tuple[np.ndarray, list[str], list[float], ob
     return images, [names[d] for d in rows], [float(s) for s in group["scale"][...]], group["sample"][sample]
 
 
-def edit_sweep_html(run_dir: Path, img: Path) -> str:
-    """The edit section's sweep figure (an empty string without edits)."""
+def edit_sweep_html(run_dir: Path, img: Path, item: str = "sample") -> str:
+    """The edit section's sweep figure (an empty string without edits); ``item`` names what was
+    edited: "sample", or "inverted image" with ``edit.source: inversions``."""
     from hmine.report import _img
 
     found = edit_sweep(Path(run_dir) / "edits.zarr")
@@ -60,7 +61,7 @@ def edit_sweep_html(run_dir: Path, img: Path) -> str:
     images, names, scales, sample = found
     write_sweep(images, names, scales, img / "edit_sweep.png")
     return (
-        f"<h3>One sample along every edited direction</h3><p>Sample <code>{html.escape(str(sample))}</code>; rows: "
+        f"<h3>One {item} along every edited direction</h3><p>{item.capitalize()} <code>{html.escape(str(sample))}</code>; rows: "
         "directions, columns: scales (0 is the stored image), as Haas et al.'s direction plotter.</p>"
-        + _img("img/edit_sweep.png", "sweep of one sample along every direction")
+        + _img("img/edit_sweep.png", f"sweep of one {item} along every direction")
     )

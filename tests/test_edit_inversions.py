@@ -72,6 +72,20 @@ def test_the_stage_edits_inverted_images_as_edit_inverted_does(tiny_pixel_model_
     probe = effects[(effects["direction"] == "probe/is_left_bright") & (effects["attribute"] == "is_left_bright")]
     scores = labeller.score(edits["images"].sel(direction="probe/is_left_bright", scale=4.0).values)
     np.testing.assert_allclose(probe.loc[probe["scale"] == 4.0, "mean_score"], scores["is_left_bright"].mean())
+    _check_report_names_inverted_images(config, method, tmp_path / "img")
+
+
+def _check_report_names_inverted_images(config, method, img):
+    """The report's edit section calls the edited rows inverted images (with the method), not samples."""
+    from hmine.report import edit_section
+
+    img.mkdir()
+    text = edit_section(config, config.run_dir, img)
+    said = {"edit_friendly": "edit-friendly DDPM inversion", "ddim": "DDIM inversion"}[method]
+    assert "the first 5 inverted images of <code>inversions.zarr</code>" in text and f"inverted with {said}" in text
+    assert "edited inverted images on the far side" in text and "One inverted image along every edited direction" in text
+    assert "(rows: inverted images, columns: scales" in text
+    assert "sample" not in text.replace("not samples", ""), text
 
 
 def test_new_inversions_make_the_edits_stale_and_sample_hashes_do_not_move(tiny_pixel_model_dir, tmp_path):
