@@ -40,7 +40,7 @@ MAX_SEED = 2**63 - 1
 class ModelConfig(_Frozen):
     """Which diffusion model, and where its h is read."""
 
-    id: str = Field("embedded:shapes-ddpm", description="hub id, local folder or embedded:shapes-ddpm")
+    id: str = Field("embedded:shapes-ddpm", description="hub id, local folder, embedded:shapes-ddpm or embedded:shapes-text-ddpm")
     revision: str | None = None
     h_position: Literal["before", "middle", "after"] = "after"
     device: str = "cpu"

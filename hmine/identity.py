@@ -40,10 +40,11 @@ def weights_fingerprint(folder: Path) -> str:
 
 def model_identity(model_id: str, revision: str | None) -> str:
     """Revision for a hub model, weights fingerprint for a local or embedded one."""
-    if model_id == "embedded:shapes-ddpm":
-        from hmine.models import embedded_model_path
+    if model_id.startswith("embedded:"):  # hmine.models (torch) only for the embedded models
+        from hmine.models import EMBEDDED_MODELS, embedded_model_path
 
-        return weights_fingerprint(embedded_model_path())
+        if model_id in EMBEDDED_MODELS:
+            return weights_fingerprint(embedded_model_path(model_id))
     if Path(model_id).exists():
         return weights_fingerprint(Path(model_id))
     return revision or "main"

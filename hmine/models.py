@@ -40,11 +40,23 @@ from hmine.safe_weights import (  # noqa: F401
 )
 
 EMBEDDED_MODEL_ID = "embedded:shapes-ddpm"
+EMBEDDED_TEXT_MODEL_ID = "embedded:shapes-text-ddpm"
+#: model ids of the models shipped inside the package -> their folder in hmine/embedded/
+EMBEDDED_MODELS = {EMBEDDED_MODEL_ID: "shapes-ddpm", EMBEDDED_TEXT_MODEL_ID: "shapes-text-ddpm"}
+_EMBEDDED_TRAINING = {
+    EMBEDDED_MODEL_ID: "hmine train-embedded ddpm configs/embedded-ddpm.yaml",
+    EMBEDDED_TEXT_MODEL_ID: "python -m hmine.textworld.train configs/embedded-text-ddpm.yaml --export-dir DIR",
+}
 
 
-def embedded_model_path() -> Path:
-    """Folder of the shapes-world DDPM shipped inside the package."""
-    return Path(str(resources.files("hmine") / "embedded" / "shapes-ddpm"))
+def embedded_model_path(model_id: str = EMBEDDED_MODEL_ID) -> Path:
+    """Folder of an embedded model (the shapes-world DDPM by default) inside the package."""
+    return Path(str(resources.files("hmine") / "embedded" / EMBEDDED_MODELS[model_id]))
+
+
+def model_folder(model_id: str) -> Path:
+    """The folder of a local or embedded model id."""
+    return embedded_model_path(model_id) if model_id in EMBEDDED_MODELS else Path(model_id)
 
 
 @dataclass
@@ -199,8 +211,8 @@ def check_model_source(model_id: str) -> dict | None:
     FileNotFoundError, ValueError
         One line that names ``model.id``, the folder and the fix.
     """
-    if model_id == EMBEDDED_MODEL_ID:
-        source = embedded_model_path()
+    if model_id in EMBEDDED_MODELS:
+        source = embedded_model_path(model_id)
     else:
         source = Path(model_id)
         if not source.exists():
@@ -237,7 +249,7 @@ def image_size_of(model_id: str) -> tuple[int, int] | None:
     unet_config = check_model_source(model_id)
     if unet_config is None or not unet_config.get("sample_size"):
         return None
-    folder = embedded_model_path() if model_id == EMBEDDED_MODEL_ID else Path(model_id)
+    folder = model_folder(model_id)
     if (folder / "vqvae").exists() or (folder / "vae").exists():
         return None
     size = unet_config["sample_size"]
@@ -326,12 +338,12 @@ def _unet_config(source, subfolder: str | None, hub: dict) -> dict:
 
 def _model_source(model_id: str) -> tuple[str | Path, bool]:
     """Where a model is read from and whether that is a local folder (one-line errors otherwise)."""
-    if model_id == EMBEDDED_MODEL_ID:
-        source = embedded_model_path()
+    if model_id in EMBEDDED_MODELS:
+        source = embedded_model_path(model_id)
         if not (source / "unet" / "config.json").exists():
             raise FileNotFoundError(
-                f"the embedded model is missing from {source}; reinstall hmine or train it "
-                "with `hmine train-embedded ddpm configs/embedded-ddpm.yaml`"
+                f"the embedded model {model_id} is missing from {source}; reinstall hmine or train it "
+                f"with `{_EMBEDDED_TRAINING[model_id]}`"
             )
         return source, True
     if Path(model_id).exists():
@@ -390,7 +402,7 @@ def is_commit_hash(revision: str | None) -> bool:
 
 def is_hub_id(model_id: str) -> bool:
     """``owner/name`` that is neither the embedded model nor an existing local folder."""
-    return model_id != EMBEDDED_MODEL_ID and not Path(model_id).exists() and model_id.count("/") == 1
+    return model_id not in EMBEDDED_MODELS and not Path(model_id).exists() and model_id.count("/") == 1
 
 
 def resolve_hub_revision(model_id: str, revision: str | None = None) -> str:

@@ -165,7 +165,7 @@ def check_run_text(config) -> None:
     agree (prompts for a text-conditional model, none for another) and every prompt of the
     run's seeds and the negative prompt fit the tokenizer. A hub model is checked when loaded.
     """
-    from hmine.models import EMBEDDED_MODEL_ID, check_model_source, embedded_model_path
+    from hmine.models import check_model_source, model_folder
 
     unet_config = check_model_source(config.model.id)
     if unet_config is None:
@@ -185,7 +185,7 @@ def check_run_text(config) -> None:
         )
     import transformers
 
-    folder = embedded_model_path() if config.model.id == EMBEDDED_MODEL_ID else Path(config.model.id)
+    folder = model_folder(config.model.id)
     tokenizer_class = getattr(transformers, _class_name(_index(folder), "tokenizer", "CLIPTokenizer"))
     tokenizer = tokenizer_class.from_pretrained(folder, subfolder="tokenizer")
     field = "sample.text.prompts" if text.prompts is not None else "sample.text.template"

@@ -98,13 +98,16 @@ class Model:
         data = {"x0": (("sample", "color", "height", "width"), out.images.float().cpu().numpy())}
         if record_h:
             data["h"] = (("sample", "step", "channel", "y", "x"), out.h.float().cpu().numpy())
+        coords = {
+            "sample": np.asarray(seeds, dtype=np.int64),
+            "step": np.asarray(self.timesteps, dtype=np.int64),
+            "step_index": ("step", np.arange(len(self.timesteps), dtype=np.int64)),
+        }
+        if out.prompts is not None:  # a text-conditional model: each sample's prompt, as samples.zarr
+            coords["prompt"] = ("sample", np.asarray(out.prompts, dtype=object))
         return xr.Dataset(
             data,
-            coords={
-                "sample": np.asarray(seeds, dtype=np.int64),
-                "step": np.asarray(self.timesteps, dtype=np.int64),
-                "step_index": ("step", np.arange(len(self.timesteps), dtype=np.int64)),
-            },
+            coords=coords,
             attrs={"hmine:model_id": self.sampler.model.model_id, "hmine:h_position": self.sampler.h_position},
         )
 
@@ -177,6 +180,7 @@ def load_model(
     h_position: HPosition = "after",
     num_inference_steps: int = 10,
     eta: float | Sequence[float] = 0.0,
+    text: Any = None,
 ) -> Model:
     """Load a diffusion model with sampler settings, for sampling and editing outside a run.
 
@@ -194,6 +198,11 @@ def load_model(
     num_inference_steps : int, default=10
     eta : float or list of float, default=0.0
         0 is DDIM, 1 is DDPM-like; one per step as a list.
+    text : hmine.prompts.TextConfig or dict, optional
+        The prompts and guidance of a text-conditional model (as ``sample.text`` in a run
+        config: ``prompts`` or ``template`` with ``slots``, ``guidance_scale``, ...); needed
+        for one (the embedded ``hmine/embedded/shapes-text-ddpm``, a Stable Diffusion
+        folder), refused for any other. Seed s gets the prompt ``text.prompt_for(s)``.
 
     Returns
     -------
@@ -204,12 +213,19 @@ def load_model(
     >>> model = hmine.load_model("embedded:shapes-ddpm", h_position="after")  # doctest: +SKIP
     >>> q = model.sample(84)                                                   # doctest: +SKIP
     >>> hmine.image_grid(q["x0"], upscale=4)                                   # doctest: +SKIP
+    >>> text = {"template": "a {color} circle", "slots": {"color": ["red", "blue"]}, "guidance_scale": 4}
+    >>> model = hmine.load_model("embedded:shapes-text-ddpm", text=text)       # doctest: +SKIP
+    >>> model.sample([0, 1])["prompt"].values                                  # doctest: +SKIP
+    array(['a red circle', 'a blue circle'], dtype=object)
     """
     from hmine.models import load_model as load_diffusion_model
+    from hmine.prompts import TextConfig
     from hmine.sampling import Sampler
 
+    if text is not None and not isinstance(text, TextConfig):
+        text = TextConfig.model_validate(text)
     model = load_diffusion_model(model_id, revision=revision, device=device)
-    return Model(Sampler(model, num_inference_steps=num_inference_steps, eta=eta, h_position=h_position))
+    return Model(Sampler(model, num_inference_steps=num_inference_steps, eta=eta, h_position=h_position, text=text))
 
 
 # --------------------------------------------------------------------------------------
