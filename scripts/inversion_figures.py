@@ -69,10 +69,12 @@ def _smooth_images(n, size, seed=0):
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _batched_invert(sampler, images, method, batch=64, **kwargs):
+def _batched_invert(sampler, images, method, batch=64, first_seed=0, **kwargs):
+    """Inversions of ``images`` in batches; image k draws with seed first_seed + k (edit-friendly)."""
     from hmine.inversion import Inversion, invert
 
-    parts = [invert(sampler, images[i:i + batch], method, seeds=list(range(i, min(i + batch, len(images)))), **kwargs)
+    parts = [invert(sampler, images[i:i + batch], method, **kwargs,
+                    seeds=list(range(first_seed + i, first_seed + min(i + batch, len(images)))))
              for i in range(0, len(images), batch)]
 
     def cat(name):
@@ -101,26 +103,40 @@ def _far_side_flips(sampler, inversion, directions, name, attribute, scale, labe
         after = labeller.score(edited)[attribute].to_numpy() > 0.5
         flipped.append(after != before[rows])
     flipped = np.concatenate(flipped)
-    return {
-        "flip_rate": float(flipped.mean()),
-        "to_positive": float(flipped[~before].mean()) if (~before).any() else None,
-        "to_negative": float(flipped[before].mean()) if before.any() else None,
-        "n_negative": int((~before).sum()),
-        "n_positive": int(before.sum()),
-    }
+    return _flip_rates({"n_negative": int((~before).sum()), "n_positive": int(before.sum()),
+                        "flipped_to_positive": int(flipped[~before].sum()), "flipped_to_negative": int(flipped[before].sum())})
+
+
+def _flip_rates(counts: dict) -> dict:
+    """``counts`` with the flip rates they give (None where a side has no images)."""
+    neg, pos = counts["n_negative"], counts["n_positive"]
+    up, down = counts["flipped_to_positive"], counts["flipped_to_negative"]
+    return {"flip_rate": (up + down) / (neg + pos), "to_positive": up / neg if neg else None,
+            "to_negative": down / pos if pos else None, **counts}
+
+
+def _merged(earlier: dict | None, result: dict) -> dict:
+    """Flip results of two sets of images as one (counts and seconds add up)."""
+    if earlier is None:
+        return result
+    keys = ["n_negative", "n_positive", "flipped_to_positive", "flipped_to_negative"]
+    merged = _flip_rates({k: earlier[k] + result[k] for k in keys})
+    merged["seconds"] = round(earlier["seconds"] + result["seconds"], 1)
+    return merged
 
 
 def _probe_flips(sampler, inversion, directions, labeller, scale, record, save, label) -> None:
     """Far-side flips of each ``probe/<attribute>`` of ``directions`` on ``inversion``'s images into ``record``.
 
-    ``save`` is called after each probe, so that a stopped run keeps the probes it finished.
+    Counts already in ``record`` (earlier images) are added to. ``save`` is called after each
+    probe, so that a stopped run keeps the probes it finished.
     """
     for attribute in ATTRIBUTES:
         t0 = time.perf_counter()
         result = _far_side_flips(sampler, inversion, directions, f"probe/{attribute}", attribute, scale, labeller)
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        record[f"probe/{attribute}"] = result
-        print(label, attribute, result, flush=True)
+        record[f"probe/{attribute}"] = _merged(record.get(f"probe/{attribute}"), result)
+        print(label, attribute, record[f"probe/{attribute}"], flush=True)
         save()
 
 
@@ -131,6 +147,10 @@ def main() -> None:
                         help="a demo-like run directory: its directions.zarr, samples.zarr and labels.parquet")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--scale", type=float, default=20.0, help="edit scale (the demo's largest)")
+    parser.add_argument("--chunk", type=int, default=64,
+                        help="flips: images inverted and edited at a time; the figures are saved after each chunk")
+    parser.add_argument("--own-n", type=int, default=64,
+                        help="fitted: images (and demo samples) each probe set is edited on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every model call")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: reproduction psnr flips fitted")
     parser.add_argument("--markdown", nargs="+", type=Path, help="print these figures files as markdown tables and exit")
@@ -160,8 +180,12 @@ def main() -> None:
     started = time.perf_counter()
     ef_sampler = Sampler(model, num_inference_steps=10, eta=1.0, torch_threads=args.threads)
     ddim_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=args.threads)
-    edit_friendly = _batched_invert(ef_sampler, images, "edit_friendly")
-    ddim10 = _batched_invert(ddim_sampler, images, "ddim")
+    # the flips section inverts its own chunks
+    edit_friendly = ddim10 = None
+    if not {"reproduction", "fitted"} <= set(args.skip):
+        edit_friendly = _batched_invert(ef_sampler, images, "edit_friendly")
+    if "psnr" not in args.skip:
+        ddim10 = _batched_invert(ddim_sampler, images, "ddim")
     figures["seconds_inversions"] = round(time.perf_counter() - started, 1)
 
     if "reproduction" not in args.skip:
@@ -212,13 +236,22 @@ def main() -> None:
     labeller = make_labeller(LabelConfig())
     demo = open_directions(args.directions)
     if "flips" not in args.skip:
-        flips = {}
-        for label, inv, sampler in [("edit_friendly", edit_friendly, ef_sampler), ("ddim_10_steps", ddim10, ddim_sampler)]:
-            decided = labeller.score(inv.images.numpy())
-            flips[label] = {"reconstruction_agrees_with_truth": {
-                a: float(((decided[a].to_numpy() > 0.5) == truth[a]).mean()) for a in ATTRIBUTES}}
-            figures["demo_probe_flips_on_inverted_world_images"] = flips
-            _probe_flips(sampler, inv, demo, labeller, args.scale, flips[label], save, label)
+        flips = figures["demo_probe_flips_on_inverted_world_images"] = {}
+        agree = {}
+        for start in range(0, args.n, args.chunk):
+            stop = min(start + args.chunk, args.n)
+            for label, method, sampler in [("edit_friendly", "edit_friendly", ef_sampler),
+                                           ("ddim_10_steps", "ddim", ddim_sampler)]:
+                inv = _batched_invert(sampler, images[start:stop], method, first_seed=start)
+                decided = labeller.score(inv.images.numpy())
+                agree[label] = agree.get(label, 0) + np.array(
+                    [((decided[a].to_numpy() > 0.5) == truth[a][start:stop]).sum() for a in ATTRIBUTES])
+                flips.setdefault(label, {})["reconstruction_agrees_with_truth"] = dict(
+                    zip(ATTRIBUTES, (agree[label] / stop).tolist()))
+                _probe_flips(sampler, inv, demo, labeller, args.scale, flips[label], save, label)
+            figures["flips_n_images"] = stop  # every probe and method has these first images
+            save()
+            print("flips done on", stop, "images", flush=True)
 
     if "fitted" not in args.skip:
         import pandas as pd
@@ -242,24 +275,27 @@ def main() -> None:
             **{a: _angles(subset, demo, f"probe/{a}") for a in ATTRIBUTES}}
         save()
         print("angles", angles, figures[f"probe_angle_first_{args.n}_samples_vs_demo_degrees_per_step"], flush=True)
-        # each set of probes on its own images too (the demo's on the inverted images: section 3)
-        figures["inversion_fitted_probe_flips_on_first_64_inverted_images"] = {}
-        _probe_flips(ef_sampler, _slice(edit_friendly, 0, 64), fitted, labeller, args.scale,
-                     figures["inversion_fitted_probe_flips_on_first_64_inverted_images"], save, "fitted-on-inversions")
-        # the inversion-fitted probes edited onto the demo's first 64 samples (their own seeds' noise)
+        own_n = figures["own_n"] = min(args.own_n, args.n)
+        # the inversion-fitted probes edited onto the demo's first own_n samples (their own seeds' noise)
         samples = xr.open_zarr(args.samples, consolidated=False)
-        seeds = samples["sample"].values[:64].tolist()
+        seeds = samples["sample"].values[:own_n].tolist()
         demo_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=args.threads)
         from hmine.inversion.regenerate import Inversion
         from hmine.sampling import noise_for_seed
 
         draws = [noise_for_seed(s, model.sample_shape, 10) for s in seeds]
         as_inversion = Inversion("ddim", torch.stack([d[0] for d in draws]), None, [0.0] * 10, demo_sampler.timesteps,
-                                 images=torch.from_numpy(np.asarray(samples["x0"].values[:64], dtype=np.float32)))
-        for key, directions, label in [("inversion_fitted_probe_flips_on_demo_samples", fitted, "fitted-on-samples"),
-                                       ("demo_probe_flips_on_demo_samples", demo, "demo-on-samples")]:
-            figures[key] = {}
-            _probe_flips(demo_sampler, as_inversion, directions, labeller, args.scale, figures[key], save, label)
+                                 images=torch.from_numpy(np.asarray(samples["x0"].values[:own_n], dtype=np.float32)))
+        figures["inversion_fitted_probe_flips_on_demo_samples"] = {}
+        _probe_flips(demo_sampler, as_inversion, fitted, labeller, args.scale,
+                     figures["inversion_fitted_probe_flips_on_demo_samples"], save, "fitted-on-samples")
+        # each set of probes on its own images too (the demo's on the inverted images: section 3)
+        figures["inversion_fitted_probe_flips_on_first_inverted_images"] = {}
+        _probe_flips(ef_sampler, _slice(edit_friendly, 0, own_n), fitted, labeller, args.scale,
+                     figures["inversion_fitted_probe_flips_on_first_inverted_images"], save, "fitted-on-inversions")
+        figures["demo_probe_flips_on_demo_samples"] = {}
+        _probe_flips(demo_sampler, as_inversion, demo, labeller, args.scale, figures["demo_probe_flips_on_demo_samples"],
+                     save, "demo-on-samples")
     figures["seconds_total"] = round(time.perf_counter() - started, 1)
     save()
     print(json.dumps(figures, indent=2))
@@ -269,7 +305,10 @@ def markdown(paths: list[Path]) -> str:
     """The figures of one or more figures JSON files as markdown tables (docs/inversion.md)."""
     figures = {}
     for path in paths:
-        figures.update(json.loads(Path(path).read_text()))
+        one = json.loads(Path(path).read_text())
+        if "demo_probe_flips_on_inverted_world_images" in one:  # its own n, not a later file's
+            one.setdefault("flips_n_images", one["n_images"])
+        figures.update(one)
     out = []
 
     def table(header, rows):
@@ -297,11 +336,15 @@ def markdown(paths: list[Path]) -> str:
         for a in ATTRIBUTES:
             if all(f"probe/{a}" in flips[m] for m in methods):
                 rows.append([f"probe/{a}", *(_flip_cell(flips[m][f"probe/{a}"]) for m in methods)])
-        table(["demo's probe, scale +-%g" % figures.get("scale", 20), *methods], rows)
-    cells = [("inversion_fitted_probe_flips_on_demo_samples", "inversion-fitted on 64 demo samples"),
-             ("inversion_fitted_probe_flips_on_first_64_inverted_images", "inversion-fitted on 64 inverted images"),
-             ("demo_probe_flips_on_demo_samples", "demo's on 64 demo samples")]
-    present = [(k, label) for k, label in cells if k in figures]
+        n = figures["flips_n_images"]
+        table([f"demo's probe, scale +-{figures.get('scale', 20):g}, {n} images", *methods], rows)
+    own_n = figures.get("own_n", 64)  # files from before --own-n: 64
+    figures.setdefault("inversion_fitted_probe_flips_on_first_inverted_images",
+                       figures.get("inversion_fitted_probe_flips_on_first_64_inverted_images"))
+    cells = [("inversion_fitted_probe_flips_on_demo_samples", f"inversion-fitted on {own_n} demo samples"),
+             ("inversion_fitted_probe_flips_on_first_inverted_images", f"inversion-fitted on {own_n} inverted images"),
+             ("demo_probe_flips_on_demo_samples", f"demo's on {own_n} demo samples")]
+    present = [(k, label) for k, label in cells if figures.get(k)]
     if present:
         table(["probe", *(label for _, label in present)],
               [[f"probe/{a}", *(_flip_cell(figures[k].get(f"probe/{a}")) for k, _ in present)] for a in ATTRIBUTES])
