@@ -65,6 +65,16 @@ def sample(
     call comes from one generator seeded by ``seed``, drawn before the batches are cut,
     so the same (prompts, seed) gives the same images whatever ``batch_size`` (at eta 0;
     with eta > 0 the per-step noise is drawn per batch).
+
+    When the scheduler clips the predicted x0 (``clip_sample``, as this model's does), the
+    noise of DDIM's direction term is re-derived from the clipped x0 (GLIDE's
+    ``use_clipped_model_output``). ``DDIMScheduler`` keeps the raw one by default; guidance
+    pushes x0 well outside [-1, 1] early on (16-31 % of its pixels at t = 950, guidance 4,
+    on the shipped model), and the raw noise then carries the unclipped x0 while the clipped
+    one is added: each step adds minus the overshoot, so the guided factor is pulled back
+    past the unconditional image. Measured on the shipped model (48 samples per factor):
+    colour agreement 0.58 at guidance 4, 0.21 with 50 steps, 0.06 at guidance 7.5 with the
+    raw noise; 1.00 at guidance 4 with the re-derived one ("dark" background 0.19 -> 1.00).
     """
     from diffusers import DDIMScheduler
 
@@ -90,6 +100,6 @@ def sample(
                 ).sample
                 pred_uncond, pred_cond = both.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            x = ddim.step(pred, t, x, eta=eta, generator=step_gen).prev_sample
+            x = ddim.step(pred, t, x, eta=eta, generator=step_gen, use_clipped_model_output=True).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out).numpy()
