@@ -334,6 +334,58 @@ def test_evaluate_reports_every_factor_and_word(exported):
     assert "color" in format_report(result)
 
 
+# -- fine-tuning from trained weights ----------------------------------------------------
+
+
+def test_init_from_starts_a_run_at_the_folders_weights_and_resumes_from_its_checkpoint(exported, tmp_path):
+    from safetensors.torch import load_file
+
+    from hmine.textworld.train import main, train
+
+    folder, _ = exported
+    expected = {f"unet.{k}": v for k, v in load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")).items()}
+    expected.update({f"text_encoder.{k}": v for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()})
+    config = tiny_config(steps=2, init_from=folder)
+    train(config, tmp_path / "tuned", until_step=0)  # step 0: the initial weights, checkpointed
+    start = _checkpoint_tensors(tmp_path / "tuned")
+    for which in ("model", "ema"):
+        mine = {k.split("/", 1)[1]: v for k, v in start.items() if k.startswith(f"{which}/")}
+        _assert_same_tensors(mine, expected)
+    # a seeded random start differs from the folder's weights
+    scratch = tiny_config(steps=2)
+    train(scratch, tmp_path / "scratch", until_step=0)
+    fresh = _checkpoint_tensors(tmp_path / "scratch")
+    assert not torch.equal(fresh["model/unet.conv_in.weight"], expected["unet.conv_in.weight"])
+    # a work dir as the source: its newest checkpoint's EMA
+    train(tiny_config(steps=2, init_from=tmp_path / "scratch"), tmp_path / "from-work-dir", until_step=0)
+    _assert_same_tensors(
+        {k: v for k, v in _checkpoint_tensors(tmp_path / "from-work-dir").items() if k.startswith("ema/")},
+        {k: v for k, v in fresh.items() if k.startswith("ema/")},
+    )
+    # resuming continues from the checkpoint, not from the folder again
+    train(config, tmp_path / "tuned", until_step=1)
+    after_one = _checkpoint_tensors(tmp_path / "tuned")
+    train(config, tmp_path / "tuned")
+    whole = train(tiny_config(steps=2, init_from=folder), tmp_path / "tuned-whole")
+    assert whole.step == 2
+    _assert_same_tensors(_checkpoint_tensors(tmp_path / "tuned"), _checkpoint_tensors(tmp_path / "tuned-whole"))
+    assert not torch.equal(after_one["model/unet.conv_in.weight"], expected["unet.conv_in.weight"])
+    # the CLI option sets the config's init_from (and so the work dir's config.json)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in {**TINY, "steps": 1}.items()}))
+    assert main([str(config_file), "--work-dir", str(tmp_path / "cli"), "--until-step", "0", "--init-from", str(folder)]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["init_from"] == str(folder)
+
+
+def test_init_from_refuses_a_folder_without_weights_or_of_another_architecture(exported, tmp_path):
+    from hmine.textworld.train import train
+
+    with pytest.raises(FileNotFoundError, match=r"init_from .* neither an exported model folder nor a training work dir"):
+        train(tiny_config(steps=1, init_from=tmp_path / "empty"), tmp_path / "a", until_step=0)
+    with pytest.raises(ValueError, match=r"init_from .* does not fit this config's model"):
+        train(tiny_config(steps=1, init_from=exported[0], text_hidden_size=32), tmp_path / "b", until_step=0)
+
+
 def test_guided_sampling_re_derives_the_noise_from_the_clipped_x0(exported):
     """DDIM with clip_sample: the direction term's noise follows the clipped x0 (GLIDE), not the raw model output."""
     from diffusers import DDIMScheduler

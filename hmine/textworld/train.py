@@ -1,7 +1,7 @@
 """Resumable training of the text-conditional shapes-world model (text encoder + U-Net, jointly).
 
     python -m hmine.textworld.train configs/embedded-text-ddpm.yaml --work-dir stores/train-text \
-        [--until-step N] [--export-dir DIR]
+        [--until-step N] [--export-dir DIR] [--init-from DIR]
 
 Each step draws a fresh batch of world images (seeded by ``(seed, step)``), captions them
 naming a random subset of their factors (:func:`hmine.textworld.captions.caption_batch`,
@@ -12,6 +12,14 @@ The loop, its work directory (``config.json``, ``checkpoints/``, ``latest.json``
 ``log.jsonl``, ``ema/``, ``grid-NNNNNN.png``: 8 prompts x 8 seeds, EMA weights, CFG) and
 its checkpoints are those of :mod:`hmine.world.training`; this module adds the tokenizer
 (``tokenizer/``), the model pair, its loss and its export.
+
+``--init-from DIR`` (or ``init_from`` in the config) starts a new work dir from trained
+weights instead of the seeded random ones: an exported model folder (``unet/`` +
+``text_encoder/``, e.g. ``hmine/embedded/shapes-text-ddpm``) or another run's work dir (its
+newest checkpoint's EMA). Both the weights and their EMA start there; the optimizer and the
+step count start afresh, so the config's schedule (warm-up, cosine) is the fine-tune's. It is
+part of the work dir's ``config.json``: resume with the same command (the checkpoint, not
+``DIR``, is then what the run continues from).
 
 SIGINT and SIGTERM end the run after the current step with a checkpoint (exit 130 / 143);
 the same command resumes. The data, the captions and the noise of step ``s`` depend on
@@ -100,6 +108,13 @@ class TextTrainConfig(BaseModel):
     sample_guidance_scale: float = Field(4.0, ge=1)
     log_every: int = Field(20, ge=1)
     torch_threads: int = Field(1, ge=1)
+    init_from: Path | None = Field(
+        None,
+        description=(
+            "start a new work dir from these weights (fine-tuning): an exported model folder "
+            "(unet/ + text_encoder/) or a training work dir (its newest checkpoint's EMA)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> "TextTrainConfig":
@@ -152,6 +167,42 @@ class Parts(torch.nn.Module):
 def build_parts(config: TextTrainConfig, tokenizer) -> Parts:
     torch.manual_seed(config.seed)  # the initial weights are part of the seeded run
     return Parts(config, len(tokenizer))
+
+
+def initial_weights(path: Path, tokenizer) -> dict[str, torch.Tensor]:
+    """The :class:`Parts` state dict a fine-tune starts from (see ``init_from``).
+
+    An exported folder's tokenizer must give the run's token ids (the words are the
+    embedding rows); a work dir's newest checkpoint holds both parts' EMA already.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from hmine.world.training import checkpoint_weights
+
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        weights = checkpoint_weights(path, "ema")
+        if weights is None:
+            raise FileNotFoundError(f"init_from {path}: the work dir has no checkpoint yet")
+        folder = path / "tokenizer"
+    else:
+        files = {
+            "unet": path / "unet" / "diffusion_pytorch_model.safetensors",
+            "text_encoder": path / "text_encoder" / "model.safetensors",
+        }
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"init_from {path} is neither an exported model folder nor a training work dir (missing {', '.join(missing)})"
+            )
+        weights = {f"{part}.{k}": v for part, file in files.items() for k, v in load_file(str(file)).items()}
+        folder = path / "tokenizer"
+    if folder.is_dir() and CLIPTokenizer.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"init_from {path}: its tokenizer's vocabulary differs from this run's; the word embeddings would not match"
+        )
+    return weights
 
 
 def training_batch(config: TextTrainConfig, step: int) -> tuple[world.WorldBatch, list[str]]:
@@ -297,6 +348,13 @@ def train(
     work_dir = Path(work_dir)
     tokenizer = ensure_run_files(config, work_dir)
     parts = build_parts(config, tokenizer)
+    if config.init_from is not None and latest_checkpoint(work_dir) is None:
+        try:
+            parts.load_state_dict(initial_weights(Path(config.init_from), tokenizer))
+        except RuntimeError as error:  # strict load: the architecture differs from the config's
+            raise ValueError(
+                f"init_from {config.init_from} does not fit this config's model: {str(error).splitlines()[0]}"
+            ) from None
     scheduler = tw.build_scheduler(config)
     trainee = Trainee(
         model=parts,
@@ -329,10 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--export-dir", type=Path)
     parser.add_argument("--until-step", type=int)
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="start a new work dir from these weights (an exported model folder or a work dir); sets the config's init_from",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     try:
         config = load_config(args.config)
+        if args.init_from is not None:
+            config = config.model_copy(update={"init_from": args.init_from})
     except Exception as error:  # a bad config is refused in one line
         print(f"error: {args.config}: {error}", file=sys.stderr)
         return 2
