@@ -57,7 +57,8 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         h, labels = inversion_h_and_labels(config)
     else:
         labels = read_labels(config)
-        h = xr.open_zarr(samples_path(config), consolidated=False)["h"]
+        # absolute: a dask cluster's workers (runner.kind: dask) open the chunks themselves
+        h = xr.open_zarr(samples_path(config).absolute(), consolidated=False)["h"]
     missing = [a for a in attributes if a not in labels.columns]
     if missing:
         where = "labels.parquet" if config.directions.source == "samples" else "the inverted images' labels"
@@ -113,7 +114,7 @@ def inversion_h_and_labels(config: RunConfig):
     path = inversions_path(config)
     if store_state(path) != "complete":
         raise FileNotFoundError(f"{path} is not complete; run the invert stage (`hmine invert`) first")
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = xr.open_zarr(path.absolute(), consolidated=False)  # absolute: for a dask cluster's workers
     ids = [str(i) for i in ds["sample"].values]
     h = ds["h"].assign_coords(sample=ids)
     if config.directions.inversion_labels == "labeller":

@@ -45,34 +45,27 @@ Outputs in the run directory:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, repair_damaged_entries
+from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS
 from hmine.config import RunConfig
-from hmine.effects import measure_effects
-from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix, open_learned_for_edits
+from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
-from hmine.sega_edits import check_sega_edits, check_sega_prompts, is_sega, sega_concept, sega_scale_images
-from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
+from hmine.sega_edits import is_sega, sega_concept, sega_scale_images
+from hmine.stages.sample import StageResult, make_sampler, samples_path
 from hmine.stores import (
     CONFIG_HASH,
     STORE_UUID,
     ArraySpec,
-    mark_complete,
     open_group,
-    prepare_store,
-    provenance_attrs,
     store_state,
     table_meta,
-    write_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,56 +150,17 @@ def _template(names, scales, seeds, image_shape) -> tuple[list, dict]:
 
 
 def run_edit_stage(config: RunConfig, *, model=None, labeller=None, show_progress: bool = True) -> StageResult:
-    """Edit the first ``edit.n_samples`` samples with each selected direction and scale."""
-    from hmine.directions import open_directions
-    from hmine.labelling import decision_thresholds, make_labeller
-    from hmine.stages import INPUT_IDENTITY, identity_record, up_to_date
-    from hmine.stages.directions import directions_path
-    from hmine.stages.label import read_labels
+    """Edit the first ``edit.n_samples`` samples with each selected direction and scale.
 
-    started = time.perf_counter()
-    edit, path = config.edit, config.run_dir / EDITS_STORE
-    check_sega_edits(config)
-    directions = open_directions(directions_path(config))
-    jacobian_group = open_jacobian_for_edits(config)
-    names = select_directions(directions, edit.directions, jacobian_group)
-    learned = open_learned_for_edits(config)
-    seeds = edited_ids(config)
-    if jacobian_group is not None and not np.isin(jacobian_group["sample"][...], seeds).any():
-        raise ValueError(
-            "edit.directions names Jacobian directions, but none of the samples the Jacobian stage "
-            f"analysed is among the first edit.n_samples={edit.n_samples}; raise edit.n_samples"
-        )
-    if up_to_date(config, "edit"):
-        logger.info("edit stage: %s is up to date", path)
-        return StageResult(path, len(names), 0, len(names), 0, time.perf_counter() - started)
-    scales = sorted(set(float(s) for s in edit.scales) | {0.0})
-    labeller = labeller or make_labeller(config.label, config.model.device)
-    source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
-    check_sega_prompts(source.sampler, config)
-    # the edits depend on the settings and on the very directions they apply: the input
-    # identity holds both, and a store made from other inputs is replaced
-    arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
-    record = identity_record(config, "edit")
-    attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
-    group = prepare_store(path, arrays, attrs, coords, replace_stale=True)
-    group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
-    damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
-    if damaged:
-        logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
-    todo = [i for i, done in enumerate(group["done"][...]) if not done]
-    directions = (directions, learned)
-    _edit(config, group, source, directions, jacobian_group, names, scales, progress(todo, "edit", "direction", show_progress))
-    mark_complete(group)
-    threshold = config.directions.threshold
-    labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
-    thresholds = decision_thresholds(labels, config.label.attributes, threshold)
-    effects = measure_effects(group, names, scales, labeller, thresholds)
-    meta = {CONFIG_HASH: group.attrs[CONFIG_HASH], "hmine:edits_uuid": group.attrs[STORE_UUID]}
-    write_table(effects, config.run_dir / EFFECTS_TABLE, meta)
-    seconds = time.perf_counter() - started
-    logger.info("edit stage: %d directions edited in %.1f s", len(todo), seconds)
-    return StageResult(path, len(names), len(todo), len(names) - len(todo), len(damaged), seconds)
+    The three steps of the sharded stage (:mod:`hmine.stages.edit_shards`) in one process:
+    prepare, every direction left, finish.
+    """
+    from hmine.stages.edit_shards import edit_directions, finish_edit_stage, prepare_edit_stage
+
+    plan = prepare_edit_stage(config, model=model, labeller=labeller)
+    source = plan.state.source
+    computed = edit_directions(config, plan.todo, plan.identity, source=source, show_progress=show_progress)
+    return finish_edit_stage(config, plan, len(computed))
 
 
 @dataclass

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ from hmine.chunk_checks import (
 from hmine.config import RunConfig
 from hmine.localisation import STRIPS_DIR, edit_along_top_directions
 from hmine.masks import load_masks, mask_for_eps
+from hmine.sharding import ShardPlan
 from hmine.stages.sample import StageResult, make_sampler, progress, samples_path
 from hmine.stores import (
     ArraySpec,
@@ -147,8 +149,42 @@ def _template(config: RunConfig, seeds, steps, h_shape, image_size, masks) -> tu
     return arrays, coords, variants
 
 
+@dataclass
+class JacobianPlan:
+    """What :func:`prepare_jacobian_stage` found (the ``state`` of its :class:`~hmine.sharding.ShardPlan`)."""
+
+    path: Path
+    seeds: np.ndarray
+    steps: list[int]
+    all_steps: list[int]
+    masks: np.ndarray | None
+    variants: list[str]
+    n_todo: int
+    repaired: int
+    started: float
+
+
 def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
-    """Compute Jacobian directions for the first ``jacobian.n_samples`` samples."""
+    """Compute Jacobian directions for the first ``jacobian.n_samples`` samples.
+
+    The three steps of the sharded stage (:mod:`hmine.sharding`) in one process:
+    :func:`prepare_jacobian_stage`, :func:`analyse_groups` over every group left,
+    :func:`finish_jacobian_stage`.
+    """
+    plan = prepare_jacobian_stage(config)
+    sampler = make_sampler(config, model) if plan.todo or plan.state.masks is not None else None
+    computed = analyse_groups(config, plan.todo, plan.identity, sampler=sampler, show_progress=show_progress)
+    return finish_jacobian_stage(config, plan, len(computed), sampler=sampler)
+
+
+def prepare_jacobian_stage(config: RunConfig) -> ShardPlan:
+    """Check the inputs, create or reopen ``jacobian.zarr`` and list the work left.
+
+    The units are groups of solver batches (lists of [sample, step] pairs) that
+    :func:`analyse_groups` computes from one regeneration of their samples' trajectories
+    (:func:`trajectory_groups`): a shard holds whole groups, so every batch sees the same
+    trajectories in any process. The identity is the store's input identity.
+    """
     from hmine.stages import INPUT_IDENTITY, identity_record, up_to_date
 
     started = time.perf_counter()
@@ -160,7 +196,7 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     seeds, steps, all_steps = _analysed(config, samples)
     if up_to_date(config, "jacobian"):
         logger.info("jacobian stage: %s is up to date", path)
-        return StageResult(path, len(seeds) * len(steps), 0, len(seeds) * len(steps), 0, time.perf_counter() - started)
+        return ShardPlan([], "", JacobianPlan(path, seeds, steps, all_steps, None, [], 0, 0, started))
 
     images = np.asarray(samples["x0"][: len(seeds)], dtype=np.float32)
     masks = load_masks(config, seeds, images)
@@ -175,39 +211,94 @@ def run_jacobian_stage(config: RunConfig, *, model=None, show_progress: bool = T
     strips = config.run_dir / STRIPS_DIR
     for old in strips.glob("sample-*-t*.png") if strips.exists() else []:  # an earlier config's strips
         old.unlink()
-    sampler = make_sampler(config, model)
-    step_index = {t: i for i, t in enumerate(all_steps)}
     done = group["done"][...]
     todo = [(i, j) for i in range(len(seeds)) for j in range(len(steps)) if not done[i, j]]
-    _analyse(config, group, sampler, seeds, steps, step_index, masks, todo, show_progress)
-    if masks is not None and len(seeds):
-        edit_along_top_directions(config, group, sampler, sampler.model, seeds, steps, step_index, masks, variants)
-    mark_complete(group)
-    seconds = time.perf_counter() - started
-    total = len(seeds) * len(steps)
-    logger.info("jacobian stage: %d (sample, step) pairs in %.1f s", len(todo), seconds)
-    return StageResult(path, total, len(todo), total - len(todo), len(damaged), seconds)
+    batch_size = config.jacobian.batch_size
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    groups = [[[list(pair) for pair in batch] for batch in g] for g in trajectory_groups(batches)]
+    state = JacobianPlan(path, seeds, steps, all_steps, masks, variants, len(todo), len(damaged), started)
+    return ShardPlan(groups, record[INPUT_IDENTITY], state)
 
 
-def _analyse(config: RunConfig, group, sampler, seeds, steps, step_index, masks, todo, show_progress) -> None:
-    """Top-k (and localised) directions of each (sample, step) in ``todo``, written as they come.
+def trajectory_groups(batches: list[list[tuple[int, int]]]) -> list[list]:
+    """Consecutive solver batches that share one regeneration of trajectories.
+
+    A batch regenerates the trajectories of exactly its samples when one of them is not
+    held from the batch before, else it reuses those (:func:`analyse_groups`); a group
+    starts at each regeneration.
+    """
+    groups, held = [], set()
+    for batch in batches:
+        needed = {i for i, _ in batch}
+        if needed - held:
+            groups.append([])
+            held = needed
+        groups[-1].append(batch)
+    return groups
+
+
+def analyse_groups(config: RunConfig, groups: list, identity: str, *, sampler=None,
+                   show_progress: bool = False) -> list:  # fmt: skip
+    """Top-k (and localised) directions of the (sample, step) pairs of each group, written as they come.
 
     ``jacobian.batch_size`` pairs at a time share their U-Net calls
     (:func:`hmine.jacobian.jacobian_subspaces`); each pair's data and done-mark are written
-    as soon as its batch is solved, so a kill loses at most the batch in flight.
+    as soon as its batch is solved, so a kill loses at most the batch in flight. A group
+    whose pairs are all done is skipped. The masks are the store's. Refuses a store whose
+    input identity is not ``identity``. Returns the groups computed.
     """
     from hmine.jacobian import use_math_attention
+    from hmine.stages import INPUT_IDENTITY
+    from hmine.threads import model_threads
 
-    jac = config.jacobian
+    if not groups:
+        return []
+    path = jacobian_path(config)
+    group = open_group(path, mode="r+")
+    if group.attrs.get(INPUT_IDENTITY) != identity:
+        raise RuntimeError(f"{path} was prepared for other inputs; rerun the jacobian stage to prepare it again")
+    done = group["done"][...]
+    todo = [g for g in groups if not all(done[i, j] for batch in g for i, j in batch)]
+    if not todo:
+        return []
+    sampler = sampler or make_sampler(config)
     use_math_attention(sampler.model.unet)
+    seeds, steps = group["sample"][...], [int(t) for t in group["step"][...]]
+    step_index = {int(t): i for i, t in enumerate(open_group(samples_path(config))["step"][...])}
+    masks = None if config.jacobian.mask == "none" else np.asarray(group["mask"][...], dtype=np.float32)
+    batches = [[(int(i), int(j)) for i, j in batch] for g in todo for batch in g]
     trajectories: dict[int, object] = {}
-    batches = [todo[start : start + jac.batch_size] for start in range(0, len(todo), jac.batch_size)]
     for batch in progress(batches, "jacobian", "batch", show_progress):
         needed = sorted({i for i, _ in batch})
         if set(needed) - set(trajectories):  # todo runs sample by sample: keep only this batch's
             out = sampler.sample([int(seeds[i]) for i in needed], return_trajectory=True)
             trajectories = {i: (out.trajectory[r], out.h[r]) for r, i in enumerate(needed)}
-        _solve_batch(config, group, sampler, seeds, steps, step_index, masks, batch, trajectories)
+        with model_threads(sampler.torch_threads):
+            _solve_batch(config, group, sampler, seeds, steps, step_index, masks, batch, trajectories)
+    return todo
+
+
+def finish_jacobian_stage(config: RunConfig, plan: ShardPlan, computed: int, *, sampler=None) -> StageResult:
+    """Check every pair is done, make the diagnostic edits of a masked run, mark the store complete."""
+    state = plan.state
+    total = len(state.seeds) * len(state.steps)
+    if not plan.identity:  # up to date
+        return StageResult(state.path, total, 0, total, 0, time.perf_counter() - state.started)
+    group = open_group(state.path, mode="r+")
+    if not group["done"][...].all():
+        raise RuntimeError(f"jacobian stage: (sample, step) pairs of {state.path} are not done; rerun to resume them")
+    if state.masks is not None and len(state.seeds):
+        from hmine.jacobian import use_math_attention
+
+        sampler = sampler or make_sampler(config)
+        use_math_attention(sampler.model.unet)  # as the analysis had it: the same kernels in any process
+        step_index = {t: i for i, t in enumerate(state.all_steps)}
+        edit_along_top_directions(config, group, sampler, sampler.model, state.seeds, state.steps, step_index,
+                                  state.masks, state.variants)  # fmt: skip
+    mark_complete(group)
+    seconds = time.perf_counter() - state.started
+    logger.info("jacobian stage: %d (sample, step) pairs in %.1f s", state.n_todo, seconds)
+    return StageResult(state.path, total, state.n_todo, total - state.n_todo, state.repaired, seconds)
 
 
 def _solve_batch(config: RunConfig, group, sampler, seeds, steps, step_index, masks, batch, trajectories) -> None:

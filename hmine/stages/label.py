@@ -21,12 +21,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hmine.config import RunConfig
+from hmine.sharding import ShardPlan
 from hmine.stages.growth import growth_key, recorded_stage_config, unchanged_rows
 from hmine.stages.sample import StageResult, progress, samples_path
 from hmine.stores import (
@@ -113,8 +115,23 @@ def _write_part(parts: Path, b: int, scores: pd.DataFrame) -> None:
     tmp.replace(parts / f"part-{b:06d}.parquet")
 
 
+@dataclass
+class LabelPlan:
+    """What :func:`prepare_label_stage` found (the ``state`` of its :class:`~hmine.sharding.ShardPlan`)."""
+
+    path: Path
+    n_batches: int
+    labeller_name: str
+    started: float
+    labeller: object = None
+
+
 def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = True) -> StageResult:
     """Label every sample of the run's complete samples store.
+
+    The three steps of the sharded stage (:mod:`hmine.sharding`) in one process:
+    :func:`prepare_label_stage`, :func:`label_batches` over every batch left,
+    :func:`finish_label_stage`.
 
     Parameters
     ----------
@@ -122,8 +139,21 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
     labeller : object with ``score(images) -> DataFrame``, optional
         Built from ``config.label`` when not given.
     """
-    from hmine.labelling import make_labeller
-    from hmine.stages import identity_record, up_to_date
+    plan = prepare_label_stage(config, labeller=labeller)
+    labeller = plan.state.labeller
+    computed = label_batches(config, plan.todo, plan.identity, labeller=labeller, show_progress=show_progress)
+    return finish_label_stage(config, plan, len(computed))
+
+
+def prepare_label_stage(config: RunConfig, *, labeller=None) -> ShardPlan:
+    """Check the inputs, set up ``labels.parts/`` and list the label batches left.
+
+    Units are batch indices; the identity is that of the parts (:func:`label_parts_identity`,
+    as JSON). A table already up to date leaves nothing to do. The labeller is built here
+    (and kept in the plan's state) only when not given and batches are left.
+    """
+    from hmine.labelling import labeller_attributes, make_labeller
+    from hmine.stages import up_to_date
 
     started = time.perf_counter()
     out_path = labels_path(config)
@@ -132,16 +162,14 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         raise FileNotFoundError(f"{source} is not complete; run the sample stage first")
     if up_to_date(config, "label"):
         logger.info("label stage: %s is up to date", out_path)
-        return StageResult(out_path, 1, 0, 1, 0, time.perf_counter() - started)
-
-    labeller = labeller or make_labeller(config.label)
-    missing = [a for a in config.label.required_attributes if a not in labeller.attributes]
+        return ShardPlan([], "", LabelPlan(out_path, 0, "", started))
+    attributes = labeller.attributes if labeller is not None else labeller_attributes(config.label)
+    name = labeller.name if labeller is not None else config.label.labeller
+    missing = [a for a in config.label.required_attributes if a not in attributes]
     if missing:  # refused before labels.parts/ is touched
         raise ValueError(
-            f"label.attributes names {missing}, which labeller {labeller.name!r} does not score; "
-            f"it scores {list(labeller.attributes)}"
+            f"label.attributes names {missing}, which labeller {name!r} does not score; it scores {list(attributes)}"
         )
-
     batch = config.label.batch_size
     parts = out_path.with_name("labels.parts")
     manifest = parts / "identity.json"
@@ -161,12 +189,59 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         if not (parts / f"part-{b:06d}.parquet").exists():
             _write_part(parts, b, kept.iloc[b * batch : (b + 1) * batch])
     todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
+    if todo and labeller is None:
+        labeller = make_labeller(config.label)
+    identity = json.dumps(parts_identity, sort_keys=True)
+    return ShardPlan(todo, identity, LabelPlan(out_path, n_batches, name, started, labeller))
+
+
+def label_batches(config: RunConfig, batches: list[int], identity: str, *, labeller=None,
+                  show_progress: bool = False) -> list[int]:  # fmt: skip
+    """Score the given label batches into ``labels.parts/``; return those computed.
+
+    A batch whose part exists is skipped; each part is written atomically, so batches may
+    run in any order, in several processes sharing the filesystem. Refuses parts whose
+    identity is not ``identity`` (:func:`prepare_label_stage`'s). Every labeller call runs
+    with ``sample.torch_threads`` torch threads (:mod:`hmine.threads`), so a batch's scores
+    are the same bits in any process.
+    """
+    from hmine.labelling import make_labeller
+    from hmine.threads import model_threads
+
+    if not batches:
+        return []
+    parts = labels_path(config).with_name("labels.parts")
+    if json.dumps(_parts_identity(parts / "identity.json"), sort_keys=True) != identity:
+        raise RuntimeError(f"{parts} was set up for other inputs; rerun the label stage to prepare it again")
+    todo = [b for b in dict.fromkeys(batches) if not (parts / f"part-{b:06d}.parquet").exists()]
+    if not todo:
+        return []
+    labeller = labeller or make_labeller(config.label)
+    group = open_group(samples_path(config))
+    seeds, batch = group["sample"][...], config.label.batch_size
     for b in progress(todo, "label", "batch", show_progress):
         region = slice(b * batch, min(len(seeds), (b + 1) * batch))
-        scores = labeller.score(np.asarray(group["x0"][region], dtype=np.float32))
+        with model_threads(config.sample.torch_threads):
+            scores = labeller.score(np.asarray(group["x0"][region], dtype=np.float32))
         scores.index = pd.Index(seeds[region], name="seed")
         _write_part(parts, b, scores)
-    table = pd.concat([pd.read_parquet(parts / f"part-{b:06d}.parquet") for b in range(n_batches)])
+    return todo
+
+
+def finish_label_stage(config: RunConfig, plan: ShardPlan, computed: int) -> StageResult:
+    """Write ``labels.parquet`` from the parts once every batch is there (atomically, last)."""
+    from hmine.stages import identity_record
+
+    state = plan.state
+    out_path = state.path
+    if not plan.identity:  # up to date
+        return StageResult(out_path, 1, 0, 1, 0, time.perf_counter() - state.started)
+    parts = out_path.with_name("labels.parts")
+    missing = [b for b in range(state.n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
+    if missing:
+        raise RuntimeError(f"label stage: batches {missing} of {parts} are not labelled; rerun to resume them")
+    seeds = open_group(samples_path(config))["sample"][...]
+    table = pd.concat([pd.read_parquet(parts / f"part-{b:06d}.parquet") for b in range(state.n_batches)])
     if not np.array_equal(table.index.to_numpy(), seeds):
         raise RuntimeError(
             f"the label parts in {parts} do not cover the samples one row per seed, in order; "
@@ -178,12 +253,12 @@ def run_label_stage(config: RunConfig, *, labeller=None, show_progress: bool = T
         {
             "hmine:config_hash": config.stage_hash("label"),
             **identity_record(config, "label"),
-            "hmine:labeller": labeller.name,
-            LABEL_BATCH_SIZE: batch,
+            "hmine:labeller": state.labeller_name,
+            LABEL_BATCH_SIZE: config.label.batch_size,
             "hmine:stage_config": json.dumps(config.stage_inputs("label"), sort_keys=True),
         },
     )
     shutil.rmtree(parts)
-    seconds = time.perf_counter() - started
-    logger.info("label stage: %d of %d batches labelled in %.1f s", len(todo), n_batches, seconds)
-    return StageResult(out_path, n_batches, len(todo), n_batches - len(todo), 0, seconds)
+    seconds = time.perf_counter() - state.started
+    logger.info("label stage: %d of %d batches labelled in %.1f s", computed, state.n_batches, seconds)
+    return StageResult(out_path, state.n_batches, computed, state.n_batches - computed, 0, seconds)

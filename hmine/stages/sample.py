@@ -30,6 +30,7 @@ import numpy as np
 
 from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS, damaged_batches, verify_done_chunks
 from hmine.config import RunConfig
+from hmine.sharding import ShardPlan, shard_batches  # noqa: F401  (shard_batches: hmine.stages.sample's before)
 from hmine.stages.growth import samples_to_grow
 from hmine.stores import (
     COMPLETE,
@@ -343,7 +344,9 @@ def per_sample_coordinates(config: RunConfig) -> list[tuple[ArraySpec, np.ndarra
     return coordinates
 
 
-def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False) -> list[int]:
+def sample_batches(
+    config: RunConfig, batches: list[int], *, model=None, show_progress: bool = False, expected_hash: str | None = None
+) -> list[int]:
     """Sample the given batches into a prepared ``samples.zarr``; return those computed.
 
     Batches already marked done are skipped, so a shard that runs twice (a retried task,
@@ -365,12 +368,16 @@ def sample_batches(config: RunConfig, batches: list[int], *, model=None, show_pr
     model : DiffusionModel, optional
         An already loaded model (else ``config.model`` is loaded, only if a batch is left).
     show_progress : bool, default=False
+    expected_hash : str, optional
+        The config hash the store must have (default: ``config``'s own). A Dask worker gets
+        its caller's, since its config's absolute paths may hash differently
+        (:func:`hmine.sharding.worker_config`).
     """
     path = samples_path(config)
     if store_state(path) not in ("partial", "complete"):
         raise FileNotFoundError(f"{path} has no store template; run prepare_sample_stage first")
     group = open_group(path, mode="r+")
-    expected = config.stage_hash("sample")
+    expected = expected_hash or config.stage_hash("sample")
     if group.attrs.get(CONFIG_HASH) != expected:
         raise StoreConfigMismatch(f"{path} was written by config {group.attrs.get(CONFIG_HASH)}, not {expected}")
     if group.attrs.get(GROWING) is not None:
@@ -421,16 +428,21 @@ def finish_sample_stage(plan: SamplePlan, computed: int | None = None) -> StageR
     return StageResult(plan.path, plan.n_batches, computed, plan.n_batches - computed, len(plan.repaired), seconds)
 
 
-def shard_batches(batches: list[int], n_shards: int) -> list[list[int]]:
-    """Split batches into at most ``n_shards`` contiguous, near-equal, non-empty shards."""
-    n_shards = max(1, min(n_shards, len(batches)))
-    size, extra = divmod(len(batches), n_shards)
-    shards, start = [], 0
-    for i in range(n_shards):
-        stop = start + size + (i < extra)
-        shards.append(list(batches[start:stop]))
-        start = stop
-    return [shard for shard in shards if shard]
+def prepare_sample_shards(config: RunConfig) -> ShardPlan:
+    """:func:`prepare_sample_stage` as a sharded stage's first step (:mod:`hmine.sharding`):
+    the units are batch indices; the model loaded to build a template is not kept."""
+    plan = prepare_sample_stage(config)
+    plan.model = None  # each shard loads its own
+    return ShardPlan(plan.todo, config.stage_hash("sample"), plan)
+
+
+def sample_shard(config: RunConfig, batches: list[int], identity: str) -> list[int]:
+    """:func:`sample_batches` as a sharded stage's work step, on a store of config hash ``identity``."""
+    return sample_batches(config, batches, expected_hash=identity)
+
+
+def finish_sample_shards(config: RunConfig, plan: ShardPlan, computed: int) -> StageResult:
+    return finish_sample_stage(plan.state, computed)
 
 
 def run_sample_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
