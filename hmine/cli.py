@@ -38,9 +38,15 @@ def _add_dask_arg(parser: argparse.ArgumentParser) -> None:
         "--dask",
         metavar="ADDRESS",
         default=None,
-        help="sample the batches on a Dask cluster: the scheduler at ADDRESS (e.g. tcp://host:8786), "
+        help="run the sample, label, jacobian and edit stages in shards on a Dask cluster, and the directions "
+        "stage's out-of-core PCA on its workers: the scheduler at ADDRESS (e.g. tcp://host:8786), "
         "or 'local' for a LocalCluster of runner.n_workers processes (same as runner.kind: dask)",
     )
+
+
+# the stages that run on a Dask cluster with runner.kind: dask (hmine.sharding's, and the
+# directions stage's PCA); listed here, not imported, to keep `hmine --help` fast
+DASK_STAGES = {"sample", "label", "jacobian", "edit", "directions"}
 
 
 def dask_overrides(address: str | None) -> list[str]:
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in stages():
         p = sub.add_parser(stage.name, help=stage.summary)
         _add_config_args(p)
-        if stage.name == "sample":
+        if stage.name in DASK_STAGES:
             _add_dask_arg(p)
 
     p = sub.add_parser(
@@ -101,14 +107,14 @@ def _run_stages(args, stages) -> int:
 
     dask = getattr(args, "dask", None)
     if dask is not None and args.no_prefect:
-        raise ValueError("--dask runs the sample stage as Prefect tasks; drop --no-prefect")
+        raise ValueError("--dask runs stages as Prefect tasks on the cluster; drop --no-prefect")
     config = load_config(args.config, [*args.overrides, *dask_overrides(dask)])
     if stages is None:
         from hmine.stages import applicable_stage_names
 
         stages = applicable_stage_names(config)
-    if args.no_prefect and config.runner.kind == "dask" and "sample" in stages:
-        logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, batches are sampled here")
+    if args.no_prefect and config.runner.kind == "dask" and set(stages) & DASK_STAGES:
+        logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, every stage runs here")
     check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
     exit_cleanly_on_signals()
     created = _first_missing_folder(config.run_dir)  # the folders this command will create

@@ -135,3 +135,12 @@ def test_worker_configs_have_absolute_paths_and_keep_the_stage_hashes_of_the_con
     assert shipped.jacobian.mask_dir == tmp_path / "masks"
     assert shipped.model.id == config.model.id  # the embedded model: no path
     assert config.output_root == type(config.output_root)("stores")  # the caller's config is left alone
+
+
+def test_the_cli_offers_dask_for_every_sharded_stage_and_the_directions_stage():
+    from hmine.cli import DASK_STAGES, build_parser
+    from hmine.sharding import SHARDED_STAGES
+
+    assert DASK_STAGES == {*SHARDED_STAGES, "directions"}
+    args = build_parser().parse_args(["label", "demo.yaml", "--dask", "local"])
+    assert args.dask == "local"
