@@ -36,7 +36,8 @@ SIDES = {"-": "flip_to_negative", "+": "flip_to_positive"}
 
 def markdown(table: pd.DataFrame) -> str:
     """A Markdown table (pandas' to_markdown needs tabulate, which hmine does not install)."""
-    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    cells = [[f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|") for v in row]
+             for row in table.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
@@ -88,11 +89,11 @@ def strength_table(effects: pd.DataFrame, attributes: list[str], level: float) -
         "direction": table["direction"],
         "side": table["side"],
         "matched scale": [
-            f"{row.scale:+.1f}" if row.reached else f"not reached (best {row.best_rate:.2f} at {row.largest_scale:+g})"
+            f"{row.scale:+.1f}" if row.reached else f"not reached (best {row.best_rate:.2f} up to {row.largest_scale:+g})"
             for row in table.itertuples()
         ],
         "max changed decision (others)": table["leak_decision"].round(2),
-        "max |change| / std (others)": table["leak_std"].round(2),
+        "max abs change / std (others)": table["leak_std"].round(2),
         "changed decision of the other factor": table.apply(
             lambda row: round(row.get(f"changed_decision:{OTHER[row['attribute']]}", np.nan), 2), axis=1
         ),
