@@ -30,7 +30,7 @@ from hmine.pipeline import (
     run_summary_markdown,
 )
 from hmine.sharding import sharded_stage
-from hmine.stages import get
+from hmine.stages import get, up_to_date
 
 # Exceptions worth a retry: the network failed, not the stage. Matched by name, so that
 # neither httpx nor huggingface_hub has to be imported here.
@@ -92,7 +92,7 @@ def _run(stage: str, config: RunConfig) -> dict:
     if config.runner.kind == "dask" and sharded_stage(stage) is not None:
         # no stage-level cache here: an intact complete output costs one check
         return run_on_dask(stage, config)
-    if config.runner.kind == "dask" and stage == "directions":
+    if config.runner.kind == "dask" and stage == "directions" and not up_to_date(config, stage):
         with dask_cluster(config):  # PCA's out-of-core path computes on the cluster's workers
             state = _stage_task_for(stage, config)(config, return_state=True)
         return {**state.result(), "cache_hit": state.name == "Cached"}

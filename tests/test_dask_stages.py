@@ -35,7 +35,8 @@ def test_label_jacobian_and_edit_on_a_two_worker_cluster_equal_the_single_proces
     """
     from distributed import LocalCluster
 
-    from flows.sharding import dask_cluster, run_on_dask
+    from flows.sharding import run_on_dask
+    from flows.stages import run_pipeline
     from hmine.stages.directions import run_directions_stage
     from hmine.stages.edit import run_edit_stage
     from hmine.stages.edit_shards import edit_directions, prepare_edit_stage
@@ -61,8 +62,7 @@ def test_label_jacobian_and_edit_on_a_two_worker_cluster_equal_the_single_proces
         assert len(plan.todo) == 3  # one group of two batches per sample (batch_size 2, 2 steps)
         analyse_groups(config, plan.todo[2:], plan.identity)
         on_dask["jacobian"] = run_on_dask("jacobian", config)
-        with dask_cluster(config):  # as the flow runs it: dask's scheduler is the cluster
-            run_directions_stage(config)
+        directions = run_pipeline(config, ["directions"])["directions"]  # dask's scheduler: the cluster
         plan = prepare_edit_stage(config)
         edit_directions(config, plan.todo[:1], plan.identity)  # the window as the store records it
         on_dask["edit"] = run_on_dask("edit", config)
@@ -79,7 +79,8 @@ def test_label_jacobian_and_edit_on_a_two_worker_cluster_equal_the_single_proces
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     a, b = pd.read_parquet(local.run_dir / "edit_effects.parquet"), pd.read_parquet(config.run_dir / "edit_effects.parquet")
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    for store, required in (("jacobian.zarr", {"localised_vectors", "inside_mask_fraction"}), ("edits.zarr", {"images"})):
+    assert directions["computed"] == 1
+    for store, required in (("directions.zarr", {"direction"}), ("jacobian.zarr", {"localised_vectors", "inside_mask_fraction"}), ("edits.zarr", {"images"})):
         a, b = open_group(local.run_dir / store), open_group(config.run_dir / store)
         assert b.attrs["hmine:complete"]
         names = sorted(a.array_keys())

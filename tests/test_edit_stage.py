@@ -219,7 +219,7 @@ def test_a_timestep_window_edits_only_its_steps_and_an_empty_one_writes_nothing(
 
 
 def test_a_run_killed_between_the_edits_and_their_effects_table_measures_them_on_rerun(own_run, monkeypatch):
-    import hmine.stages.edit as edit_stage
+    import hmine.stages.edit_shards as edit_stage  # the edit stage's finishing step
 
     config, labeller = own_run
     changed = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-3.0, 3.0]})})

@@ -21,6 +21,7 @@ import numpy as np
 
 from hmine.chunk_checks import repair_damaged_entries
 from hmine.config import RunConfig
+from hmine.effects import measure_effects
 from hmine.learning.edit_directions import open_learned_for_edits
 from hmine.sega_edits import check_sega_edits, check_sega_prompts
 from hmine.sharding import ShardPlan
@@ -138,7 +139,6 @@ def edit_directions(config: RunConfig, indices: list[int], identity: str, *, sou
 
 def finish_edit_stage(config: RunConfig, plan: ShardPlan, computed: int) -> StageResult:
     """Check every direction is done, mark ``edits.zarr`` complete and write ``edit_effects.parquet``."""
-    from hmine.effects import measure_effects
     from hmine.labelling import decision_thresholds
     from hmine.stages.label import read_labels
 
