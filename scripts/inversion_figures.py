@@ -170,8 +170,10 @@ def main() -> None:
     figures: dict = {"n_images": args.n, "world_seed": 0, "run": str(args.run), "scale": args.scale}
     args.directions, args.samples = args.run / "directions.zarr", args.run / "samples.zarr"
 
-    def save():
-        args.out.write_text(json.dumps(figures, indent=2))
+    def save():  # whole files only: --markdown may read it while the run goes on
+        partial = args.out.with_suffix(".partial")
+        partial.write_text(json.dumps(figures, indent=2))
+        partial.replace(args.out)
 
     model = load_model()
     batch = world.generate(args.n, 0)

@@ -90,8 +90,10 @@ def main() -> None:
     figures: dict = {"n": args.n, "attribute": args.attribute, "scales": args.scales, "run": str(args.run)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        args.out.write_text(json.dumps(figures, indent=2))
+    def save():  # whole files only
+        partial = args.out.with_suffix(".partial")
+        partial.write_text(json.dumps(figures, indent=2))
+        partial.replace(args.out)
 
     ef_sampler = Sampler(model, num_inference_steps=10, eta=1.0, torch_threads=args.threads)
     ddim_sampler = Sampler(model, num_inference_steps=10, eta=0.0, torch_threads=args.threads)
