@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=20.0, help="edit scale (the demo's largest)")
     parser.add_argument("--chunk", type=int, default=64,
                         help="flips: images inverted and edited at a time; the figures are saved after each chunk")
+    parser.add_argument("--first", type=int, default=0,
+                        help="flips: start at this image of the n (another process can do the first ones)")
     parser.add_argument("--own-n", type=int, default=64,
                         help="fitted: images (and demo samples) each probe set is edited on")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every model call")
@@ -240,7 +242,8 @@ def main() -> None:
     if "flips" not in args.skip:
         flips = figures["demo_probe_flips_on_inverted_world_images"] = {}
         agree = {}
-        for start in range(0, args.n, args.chunk):
+        figures["flips_first_image"] = args.first
+        for start in range(args.first, args.n, args.chunk):
             stop = min(start + args.chunk, args.n)
             for label, method, sampler in [("edit_friendly", "edit_friendly", ef_sampler),
                                            ("ddim_10_steps", "ddim", ddim_sampler)]:
@@ -249,9 +252,9 @@ def main() -> None:
                 agree[label] = agree.get(label, 0) + np.array(
                     [((decided[a].to_numpy() > 0.5) == truth[a][start:stop]).sum() for a in ATTRIBUTES])
                 flips.setdefault(label, {})["reconstruction_agrees_with_truth"] = dict(
-                    zip(ATTRIBUTES, (agree[label] / stop).tolist()))
+                    zip(ATTRIBUTES, (agree[label] / (stop - args.first)).tolist()))
                 _probe_flips(sampler, inv, demo, labeller, args.scale, flips[label], save, label)
-            figures["flips_n_images"] = stop  # every probe and method has these first images
+            figures["flips_n_images"] = stop - args.first  # every probe and method has images first..stop-1
             save()
             print("flips done on", stop, "images", flush=True)
 
@@ -310,6 +313,8 @@ def markdown(paths: list[Path]) -> str:
         one = json.loads(Path(path).read_text())
         if "demo_probe_flips_on_inverted_world_images" in one:  # its own n, not a later file's
             one.setdefault("flips_n_images", one["n_images"])
+            if "demo_probe_flips_on_inverted_world_images" in figures:  # another range of images: add up
+                one = _flips_of_both(figures, one)
         figures.update(one)
     out = []
 
@@ -355,6 +360,19 @@ def markdown(paths: list[Path]) -> str:
         table(["degrees, " + key.replace("probe_angle_", "").replace("_", " "), *(str(t) for t in angles["steps"])],
               [[a, *angles[a]] for a in ATTRIBUTES if a in angles])
     return "\n".join(out)
+
+
+def _flips_of_both(earlier: dict, later: dict) -> dict:
+    """``later`` with its far-side flips added to ``earlier``'s (disjoint images of one world)."""
+    if earlier.get("flips_first_image", 0) + earlier["flips_n_images"] != later.get("flips_first_image", 0):
+        raise ValueError("flips files to add up must follow on from each other (flips_first_image, flips_n_images)")
+    flips = {}
+    for method, probes in later["demo_probe_flips_on_inverted_world_images"].items():
+        before = earlier["demo_probe_flips_on_inverted_world_images"][method]
+        flips[method] = {k: _merged(before[k], v) for k, v in probes.items() if k.startswith("probe/")}
+    return {**later, "demo_probe_flips_on_inverted_world_images": flips,
+            "flips_first_image": earlier.get("flips_first_image", 0),
+            "flips_n_images": earlier["flips_n_images"] + later["flips_n_images"]}
 
 
 def _flip_cell(result) -> str:
