@@ -72,6 +72,7 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     directions = open_directions(directions_path(config))
     jacobian_group = open_jacobian_for_edits(config)
     names = select_directions(directions, edit.directions, jacobian_group)
+    open_learned_for_edits(config)  # refuses unknown learned names before anything is written
     seeds = edited_ids(config)
     if jacobian_group is not None and not np.isin(jacobian_group["sample"][...], seeds).any():
         raise ValueError(

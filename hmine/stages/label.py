@@ -149,10 +149,10 @@ def prepare_label_stage(config: RunConfig, *, labeller=None) -> ShardPlan:
     """Check the inputs, set up ``labels.parts/`` and list the label batches left.
 
     Units are batch indices; the identity is that of the parts (:func:`label_parts_identity`,
-    as JSON). A table already up to date leaves nothing to do. The labeller is built here
-    (and kept in the plan's state) only when not given and batches are left.
+    as JSON). A table already up to date leaves nothing to do. A given labeller is kept in
+    the plan's state; none is built here (the shards build their own).
     """
-    from hmine.labelling import labeller_attributes, make_labeller
+    from hmine.labelling import labeller_attributes
     from hmine.stages import up_to_date
 
     started = time.perf_counter()
@@ -189,8 +189,6 @@ def prepare_label_stage(config: RunConfig, *, labeller=None) -> ShardPlan:
         if not (parts / f"part-{b:06d}.parquet").exists():
             _write_part(parts, b, kept.iloc[b * batch : (b + 1) * batch])
     todo = [b for b in range(n_batches) if not (parts / f"part-{b:06d}.parquet").exists()]
-    if todo and labeller is None:
-        labeller = make_labeller(config.label)
     identity = json.dumps(parts_identity, sort_keys=True)
     return ShardPlan(todo, identity, LabelPlan(out_path, n_batches, name, started, labeller))
 
