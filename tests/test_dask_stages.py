@@ -35,7 +35,6 @@ def test_label_jacobian_and_edit_on_a_two_worker_cluster_equal_the_single_proces
     """
     from distributed import LocalCluster
 
-    from flows.sharding import run_on_dask
     from flows.stages import run_pipeline
     from hmine.stages.directions import run_directions_stage
     from hmine.stages.edit import run_edit_stage
@@ -57,18 +56,18 @@ def test_label_jacobian_and_edit_on_a_two_worker_cluster_equal_the_single_proces
         shutil.copytree(local.run_dir / "samples.zarr", config.run_dir / "samples.zarr")  # same store, same uuid
         plan = prepare_label_stage(config)
         label_batches(config, plan.todo[1:2], plan.identity)  # one batch done before: kept
-        on_dask = {"label": run_on_dask("label", config)}
+        on_dask = run_pipeline(config, ["label"])  # as `hmine label --dask ADDRESS` runs it
         plan = prepare_jacobian_stage(config)
         assert len(plan.todo) == 3  # one group of two batches per sample (batch_size 2, 2 steps)
         analyse_groups(config, plan.todo[2:], plan.identity)
-        on_dask["jacobian"] = run_on_dask("jacobian", config)
+        on_dask |= run_pipeline(config, ["jacobian"])
         directions = run_pipeline(config, ["directions"])["directions"]  # dask's scheduler: the cluster
         plan = prepare_edit_stage(config)
         edit_directions(config, plan.todo[:1], plan.identity)  # the window as the store records it
-        on_dask["edit"] = run_on_dask("edit", config)
+        on_dask |= run_pipeline(config, ["edit"])
         stages = ("label", "jacobian", "edit")
         ran = {stage: _prefix_counts(cluster, f"{stage}_shard_task") for stage in stages}  # cumulative
-        again = {stage: run_on_dask(stage, config) for stage in stages}
+        again = run_pipeline(config, list(stages))
     assert (on_dask["label"]["computed"], on_dask["label"]["shards"]) == (2, 2) and labels.computed == 3
     assert (on_dask["jacobian"]["computed"], on_dask["jacobian"]["shards"]) == (4, 2) and jacobian.computed == 6
     assert (on_dask["edit"]["computed"], on_dask["edit"]["shards"]) == (2, 2) and edits.computed == 3
