@@ -344,7 +344,8 @@ def markdown(paths: list[Path]) -> str:
             if all(f"probe/{a}" in flips[m] for m in methods):
                 rows.append([f"probe/{a}", *(_flip_cell(flips[m][f"probe/{a}"]) for m in methods)])
         n = figures["flips_n_images"]
-        table([f"demo's probe, scale +-{figures.get('scale', 20):g}, {n} images", *methods], rows)
+        images = ", ".join(f"{a}-{b - 1}" for a, b in _flip_ranges(figures))
+        table([f"demo's probe, scale +-{figures.get('scale', 20):g}, {n} images ({images})", *methods], rows)
     own_n = figures.get("own_n", 64)  # files from before --own-n: 64
     figures.setdefault("inversion_fitted_probe_flips_on_first_inverted_images",
                        figures.get("inversion_fitted_probe_flips_on_first_64_inverted_images"))
@@ -362,16 +363,22 @@ def markdown(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def _flip_ranges(figures: dict) -> list[list[int]]:
+    """The [first, stop) image ranges a flips figures file (or a sum of them) covers."""
+    first = figures.get("flips_first_image", 0)
+    return figures.get("flips_ranges", [[first, first + figures["flips_n_images"]]])
+
+
 def _flips_of_both(earlier: dict, later: dict) -> dict:
     """``later`` with its far-side flips added to ``earlier``'s (disjoint images of one world)."""
-    if earlier.get("flips_first_image", 0) + earlier["flips_n_images"] != later.get("flips_first_image", 0):
-        raise ValueError("flips files to add up must follow on from each other (flips_first_image, flips_n_images)")
+    ranges = sorted(_flip_ranges(earlier) + _flip_ranges(later))
+    if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        raise ValueError(f"flips files to add up must cover disjoint images, got ranges {ranges}")
     flips = {}
     for method, probes in later["demo_probe_flips_on_inverted_world_images"].items():
         before = earlier["demo_probe_flips_on_inverted_world_images"][method]
         flips[method] = {k: _merged(before[k], v) for k, v in probes.items() if k.startswith("probe/")}
-    return {**later, "demo_probe_flips_on_inverted_world_images": flips,
-            "flips_first_image": earlier.get("flips_first_image", 0),
+    return {**later, "demo_probe_flips_on_inverted_world_images": flips, "flips_ranges": ranges,
             "flips_n_images": earlier["flips_n_images"] + later["flips_n_images"]}
 
 
