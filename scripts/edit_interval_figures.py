@@ -3,6 +3,7 @@
     python scripts/edit_interval_figures.py curves             # the distance curves and the chosen t_edit / t_boost
     python scripts/edit_interval_figures.py edit --variant all  # the edit stage in each variant (see VARIANTS)
     python scripts/edit_interval_figures.py table              # flips, leakage and quality per variant (markdown)
+    python scripts/edit_interval_figures.py matched --variant V # V's probes at matched strength (hmine.strength)
 
 The run is a demo-like run whose sample, label and directions stages are done (``--run``,
 default stores/demo-inversion-figures-1024: configs/demo.yaml's 1,024 samples, its probes).
@@ -160,9 +161,23 @@ def _markdown(frame: pd.DataFrame, digits: int) -> str:
     return "\n".join(lines)
 
 
+def matched(args) -> None:
+    """Each variant's probes at matched strength (hmine.strength: the scale flipping 90 % of the far side)."""
+    from hmine.strength import matched_strength
+
+    rows = []
+    for variant in VARIANTS if args.variant == "all" else [args.variant]:
+        config = variant_config(args, variant)
+        table = matched_strength(pd.read_parquet(config.run_dir / "edit_effects.parquet"))
+        table = table[["scale", "best_rate", "leak_decision", "confident_share", "frechet_distance"]].reset_index()
+        table.insert(0, "variant", variant)
+        rows.append(table)
+    print(_markdown(pd.concat(rows), 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["curves", "edit", "table"])
+    parser.add_argument("phase", choices=["curves", "edit", "table", "matched"])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--run", type=Path, default=Path("stores/demo-inversion-figures-1024"))
     parser.add_argument("--out", type=Path, default=Path("stores/edit-interval"))
@@ -170,7 +185,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--scales", type=float, nargs="+", default=[-20.0, -10.0, 10.0, 20.0])
     args = parser.parse_args()
-    {"curves": curves, "edit": edit, "table": table}[args.phase](args)
+    {"curves": curves, "edit": edit, "table": table, "matched": matched}[args.phase](args)
 
 
 if __name__ == "__main__":
