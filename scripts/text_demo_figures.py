@@ -22,12 +22,13 @@ SEGA's strips to ``<out>/`` and records the sha256 of the U-Net weights the run 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from hmine.learning.store import file_sha256  # the learn stage's file digest, reused
 
 ATTRIBUTES = {"is_red": "colour", "is_circle": "shape"}
 OTHER = {"is_red": "is_circle", "is_circle": "is_red"}
@@ -48,14 +49,6 @@ def method_of(direction: str) -> str:
     if direction.startswith("conditional/"):
         return "conditional mean difference"
     return direction.split("/")[0]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def curves(effects: pd.DataFrame) -> pd.DataFrame:
@@ -151,7 +144,7 @@ def main() -> None:
     effects = pd.read_parquet(args.run / "edit_effects.parquet")
     args.out.mkdir(parents=True, exist_ok=True)
     weights = Path(config.model.id) / "unet" / "diffusion_pytorch_model.safetensors"
-    print(f"U-Net weights now: sha256 {sha256(weights)} ({weights})\n")
+    print(f"U-Net weights now: sha256 {file_sha256(weights)} ({weights})\n")
     attributes = list(config.label.attributes)
     for level in sorted({args.level, 0.5}, reverse=True):
         print(f"### Matched strength: {level:.0%} of the far side flipped\n")

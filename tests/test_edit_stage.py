@@ -7,13 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from test_label_stage import LeftBrightLabeller
+from test_label_stage import LeftBrightLabeller, run_through_edit
 
 from hmine.config import load_config
 from hmine.stages.directions import directions_path, run_directions_stage
 from hmine.stages.edit import run_edit_stage
-from hmine.stages.label import run_label_stage
-from hmine.stages.sample import run_sample_stage
 from hmine.stores import open_group
 
 
@@ -30,10 +28,7 @@ def run(tiny_pixel_model_dir, tmp_path_factory):
          "edit.strip_samples=3", "directions.regression=false"],
     )
     labeller = LeftBrightLabeller()
-    run_sample_stage(config, show_progress=False)
-    run_label_stage(config, labeller=labeller, show_progress=False)
-    run_directions_stage(config)
-    run_edit_stage(config, labeller=labeller, show_progress=False)
+    run_through_edit(config, labeller)
     return config, labeller
 
 
@@ -249,10 +244,7 @@ def test_scale_zero_is_bit_identical_also_when_the_last_edit_batch_is_cut_short(
          "edit.directions=[probe/is_left_bright]"],
     )
     labeller = LeftBrightLabeller()
-    run_sample_stage(config, show_progress=False)
-    run_label_stage(config, labeller=labeller, show_progress=False)
-    run_directions_stage(config)
-    run_edit_stage(config, labeller=labeller, show_progress=False)
+    run_through_edit(config, labeller)
     edits = xr.open_zarr(config.run_dir / "edits.zarr", consolidated=False)
     x0 = open_group(config.run_dir / "samples.zarr")["x0"][:5]
     np.testing.assert_array_equal(edits["images"].isel(direction=0).sel(scale=0.0).values, x0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from test_label_stage import LeftBrightLabeller
+from test_label_stage import LeftBrightLabeller, run_through_edit
 
 from hmine.config import ConfigError, EditConfig, load_config
 from hmine.editing import edit_steps_from
@@ -24,10 +24,8 @@ from hmine.learning.apply import images_of
 from hmine.models import load_model
 from hmine.regeneration import SeedNoise, regenerate
 from hmine.sampling import Sampler
-from hmine.stages.directions import run_directions_stage
-from hmine.stages.edit import EDIT_INTERVAL, run_edit_stage
-from hmine.stages.label import run_label_stage
-from hmine.stages.sample import make_sampler, run_sample_stage
+from hmine.stages.edit import EDIT_INTERVAL
+from hmine.stages.sample import make_sampler
 from hmine.stores import open_group
 
 SEEDS = [3, 7, 11, 20]
@@ -165,10 +163,7 @@ def boosted_run(tiny_pixel_model_dir, tmp_path_factory):
                   f"edit.interval.boost_threshold={np.sort(curves.to_state)[2]}"]  # fmt: skip
     config = load_config(None, [*settings, "edit.t_edit=auto", "edit.t_boost=auto", *thresholds])
     labeller = LeftBrightLabeller()
-    run_sample_stage(config, show_progress=False)
-    run_label_stage(config, labeller=labeller, show_progress=False)
-    run_directions_stage(config)
-    run_edit_stage(config, labeller=labeller, show_progress=False)
+    run_through_edit(config, labeller)
     return config
 
 

@@ -34,6 +34,18 @@ class LeftBrightLabeller:
         return pd.DataFrame({"is_left_bright": 1 / (1 + np.exp(-20 * contrast)), "brightness": images.mean(axis=(1, 2, 3))})
 
 
+def run_through_edit(config, labeller):
+    """Sample, label with ``labeller``, fit directions and edit: a small run up to its edits."""
+    from hmine.stages.directions import run_directions_stage
+    from hmine.stages.edit import run_edit_stage
+
+    run_sample_stage(config, show_progress=False)
+    run_label_stage(config, labeller=labeller, show_progress=False)
+    run_directions_stage(config)
+    run_edit_stage(config, labeller=labeller, show_progress=False)
+    return config
+
+
 @pytest.fixture
 def sampled(tiny_pixel_model_dir, tmp_path):
     config = load_config(

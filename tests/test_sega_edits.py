@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from test_label_stage import LeftBrightLabeller
+from test_label_stage import LeftBrightLabeller, run_through_edit
 from tiny_sd import PROMPTS
 
 from hmine.config import RunConfig, load_config
@@ -42,17 +42,10 @@ def _overrides(model_dir, root, text=None, sega=SEGA, directions=DIRECTIONS) -> 
 
 @pytest.fixture(scope="module")
 def sega_run(tiny_sd_dir, tmp_path_factory):
-    from hmine.stages.directions import run_directions_stage
-    from hmine.stages.edit import run_edit_stage
-    from hmine.stages.label import run_label_stage
-    from hmine.stages.sample import run_sample_stage
 
     config = load_config(None, _overrides(tiny_sd_dir, tmp_path_factory.mktemp("sega-run")))
     labeller = LeftBrightLabeller()
-    run_sample_stage(config, show_progress=False)
-    run_label_stage(config, labeller=labeller, show_progress=False)
-    run_directions_stage(config)
-    run_edit_stage(config, labeller=labeller, show_progress=False)
+    run_through_edit(config, labeller)
     return config
 
 
