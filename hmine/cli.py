@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("hmine").setLevel(logging.INFO)
+        # When one of zarr's concurrent chunk writes fails (a full disk), the error reaches us
+        # as an exception, reported in one line below, and asyncio logs it again, traceback
+        # and all, for each sibling future collected unretrieved. --verbose shows them.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     from hmine.config import ConfigError
     from hmine.runtime import Interrupted, RunLocked
     from hmine.stores import StoreConfigMismatch

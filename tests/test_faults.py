@@ -235,6 +235,40 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_when_space_is_back(referenc
         subprocess.run(["umount", "-l", str(disk)])
 
 
+ORPHANED_ASYNCIO_ERROR = """
+import asyncio, gc, sys
+import hmine.cli as cli
+
+def failing_write(args, stages):
+    # What zarr's event loop leaves behind when one of several concurrent chunk writes
+    # hits a full disk: sibling futures whose exception nobody retrieves, logged by
+    # asyncio when they are collected.
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(OSError(28, "No space left on device"))
+    del future
+    gc.collect()
+    loop.close()
+    raise OSError(28, "No space left on device")
+
+cli._run_stages = failing_write
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_asyncio_noise_after_a_failed_write_stays_out_of_the_one_line(tmp_path, verbose):
+    """CI once failed here: the one line came, then zarr's orphaned futures were logged with a
+    traceback. Without --verbose they are consequences of the reported error; with it they show."""
+    args = [*(["--verbose"] if verbose else []), "run", _write_config(tmp_path, "noise")]
+    out = subprocess.run([sys.executable, "-c", ORPHANED_ASYNCIO_ERROR, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    if verbose:
+        assert "Future exception was never retrieved" in out.stderr
+    else:
+        assert "No space left on device" in _one_clean_line(out.stderr)
+
+
 # -- damaged bytes ----------------------------------------------------------------------------
 
 
