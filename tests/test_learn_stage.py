@@ -130,3 +130,22 @@ def test_the_stage_does_nothing_without_targets_and_refuses_too_few_samples(own_
     too_many = own_run.model_copy(update={"learn": own_run.learn.model_copy(update={"n_train": 7})})
     with pytest.raises(ValueError, match="learn.n_train is 7 but the run has 6 samples"):
         run_learn_stage(too_many)
+
+
+def test_a_changed_loss_model_retrains_its_targets_and_only_theirs(own_run, tmp_path):
+    """A changed classifier (same settings otherwise) trains the classifier target again; the CLIP target resumes."""
+    from safetensors.torch import load_file, save_file
+
+    from hmine.labelling import embedded_classifier_path
+
+    changed = tmp_path / "classifier"
+    shutil.copytree(embedded_classifier_path(), changed)
+    weights = load_file(str(changed / "model.safetensors"))
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in weights.items()}, str(changed / "model.safetensors"))
+    config = own_run.model_copy(update={"label": own_run.label.model_copy(update={"classifier_path": changed})})
+    work = config.run_dir / "learn"
+    logs = {p: p.read_text() for p in work.rglob("log.jsonl")}
+    run_learn_stage(config, show_progress=False)
+    for kind in ("delta_h", "delta_block"):
+        assert (work / "red" / kind / "log.jsonl").read_text() != logs[work / "red" / kind / "log.jsonl"]  # trained again
+        assert (work / "smile" / kind / "log.jsonl").read_text() == logs[work / "smile" / kind / "log.jsonl"]  # resumed

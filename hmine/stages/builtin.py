@@ -71,15 +71,22 @@ def invert_settings(config: "RunConfig") -> dict:
     }}
 
 
-def learn_settings(config: "RunConfig") -> dict:
+def loss_model_identity(config: "RunConfig", target) -> str:
+    """What a ``learn.targets`` entry's loss model is: CLIP's revision or weights, or the world classifier's weights."""
     from hmine.identity import model_identity, weights_fingerprint
+
+    if target.kind == "clip":
+        return model_identity(target.clip_model_id, target.clip_revision)
     from hmine.labelling import embedded_classifier_path
 
+    return weights_fingerprint(config.label.classifier_path or embedded_classifier_path())
+
+
+def learn_settings(config: "RunConfig") -> dict:
     learn = config.learn
     if not learn.targets:
         return {"learn": None}
-    classifier = weights_fingerprint(config.label.classifier_path or embedded_classifier_path())
-    loss_models = {t.name: model_identity(t.clip_model_id, t.clip_revision) if t.kind == "clip" else classifier for t in learn.targets}
+    loss_models = {t.name: loss_model_identity(config, t) for t in learn.targets}
     # checkpoint_every changes only where a training can resume from, not what it computes
     return {"learn": {**learn.model_dump(mode="json", exclude={"checkpoint_every"}),
                       "attributes": list(config.label.attributes), "loss_models": loss_models}}  # fmt: skip

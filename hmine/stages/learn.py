@@ -72,12 +72,18 @@ def make_loss(config: RunConfig, target):
 
 
 def _work_record(config: RunConfig, target, kind: str) -> dict:
-    """What a work dir's checkpoints were trained under: a different record starts it over."""
+    """What a work dir's checkpoints were trained under: a different record starts it over.
+
+    It holds the target's loss model (a changed classifier or CLIP model trains again) but
+    not the other targets' settings, so changing one target leaves the others' trainings.
+    """
     from hmine.stages import output_identity
+    from hmine.stages.builtin import loss_model_identity
 
     settings = config.learn.model_dump(mode="json", exclude={"targets", "checkpoint_every", "delta_h", "delta_block"})
     return {"target": target.model_dump(mode="json"), "kind": kind, "settings": settings,
-            "leakage": leakage_attributes(config, target), "samples": output_identity(config, "sample")}  # fmt: skip
+            "leakage": leakage_attributes(config, target), "loss_model": loss_model_identity(config, target),
+            "samples": output_identity(config, "sample")}  # fmt: skip
 
 
 def _prepare_work_dir(work: Path, record: dict) -> None:
