@@ -192,3 +192,43 @@ def test_the_clip_loss_is_minus_log_of_half_one_plus_the_directional_cosine(tiny
     cos = F.cosine_similarity(change, loss.direction[None], dim=-1)
     assert float(value) == pytest.approx(float(-torch.log((1 + cos) / 2).mean()), rel=1e-5)
     assert float(parts["cos"]) == pytest.approx(float(cos.mean()), abs=1e-6)
+
+
+def _clamped_and_free(scores, attribute):
+    """Indices of images whose score the old clamp to [1e-6, 1 - 1e-6] saturated (near 0, near 1), and of moderate scores.
+
+    Moderate: in [1e-3, 1 - 1e-3], where a float32 score keeps enough digits for a -log(1 - s) reference.
+    """
+    s = scores[attribute].detach().double()
+    low, high = torch.nonzero(s < 1e-6).flatten(), torch.nonzero(s > 1 - 1e-6).flatten()
+    free = torch.nonzero((s > 1e-3) & (s < 1 - 1e-3)).flatten()
+    return low, high, free
+
+
+@pytest.mark.parametrize("attribute", ["is_red", "is_circle", "is_large", "is_light_bg"])
+def test_the_classifier_target_gives_gradient_to_saturated_scores_and_equals_bce_elsewhere(attribute):
+    """A score the old probability clamp saturated still gets gradient (BCE on logits); elsewhere the value is -log s."""
+    from hmine.labelling import WorldLabeller
+
+    classifier = WorldLabeller().model
+    drawn = torch.from_numpy(world.generate(64, seed=5).images)
+    blend = torch.linspace(0, 1, 32)[:, None, None, None]  # blends of two images: scores between the sure ones
+    images = torch.cat([drawn, blend * drawn[:32] + (1 - blend) * drawn[32:]])
+    with torch.no_grad():
+        scores = world_attribute_scores(classifier, images)
+    low, high, free = _clamped_and_free(scores, attribute)
+    assert len(low) + len(high) > 0 and len(free) > 0  # both cases occur on these images
+    for rows, toward in ((low, "positive"), (high, "negative")):
+        if not len(rows):
+            continue
+        edited = images[rows].clone().requires_grad_(True)
+        loss, _ = ClassifierTarget(classifier, attribute, toward=toward, l1_weight=0.0)(edited, images[rows])
+        loss.backward()
+        per_image = edited.grad.abs().flatten(1).amax(1)
+        assert bool((per_image > 0).all()), (toward, per_image)
+    for toward in ("positive", "negative"):
+        value, parts = ClassifierTarget(classifier, attribute, toward=toward, l1_weight=0.0)(images[free], images[free])
+        s = scores[attribute][free].double()
+        reference = -(s.log() if toward == "positive" else (1 - s).log()).mean()
+        assert float(parts["target"]) == pytest.approx(float(reference), rel=1e-4, abs=1e-6)
+        assert float(value) == pytest.approx(float(reference), rel=1e-4, abs=1e-6)

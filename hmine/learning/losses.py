@@ -29,24 +29,39 @@ import torch.nn.functional as F
 from hmine.world.classifier.network import THRESHOLDED_ATTRIBUTES
 
 
-def world_attribute_scores(classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The world classifier's binary attribute scores, differentiable in ``images``.
+def world_attribute_logits(classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The world classifier's binary attributes as logits: ``sigmoid(logit)`` is the score, differentiable in ``images``.
 
-    The same numbers as :func:`hmine.world.classifier.predict_attributes` (tested): ``is_circle``
-    and ``is_red`` are softmax probabilities, the thresholded attributes
-    ``sigmoid(±(value - threshold) / temperature)``.
+    ``is_circle`` and ``is_red`` are softmax probabilities p_k, whose logit is
+    ``log p_k - log(1 - p_k) = l_k - logsumexp(l_j, j != k)``; a thresholded attribute's is
+    ``±(value - threshold) / temperature``. Unlike a probability, a logit does not round
+    to 0 or 1, so a loss on it has gradient however sure the classifier is.
     """
-    out = classifier(images)
-    shape_p, color_p = out["shape_logits"].softmax(-1), out["color_logits"].softmax(-1)
-    values = classifier.to_world_units(out["continuous_scaled"])
     from hmine.world import renderer as world
     from hmine.world.classifier.network import CONTINUOUS
 
-    scores = {"is_circle": shape_p[:, world.SHAPES.index("circle")], "is_red": color_p[:, world.COLORS.index("red")]}
+    out = classifier(images)
+    values = classifier.to_world_units(out["continuous_scaled"])
+
+    def one_against_rest(logits: torch.Tensor, k: int) -> torch.Tensor:
+        rest = torch.cat([logits[:, :k], logits[:, k + 1 :]], dim=1)
+        return logits[:, k] - torch.logsumexp(rest, dim=1)
+
+    logits = {"is_circle": one_against_rest(out["shape_logits"], world.SHAPES.index("circle")),
+              "is_red": one_against_rest(out["color_logits"], world.COLORS.index("red"))}  # fmt: skip
     for name, (factor, threshold, above) in THRESHOLDED_ATTRIBUTES.items():
         z = (values[:, CONTINUOUS.index(factor)] - threshold) / classifier.temperatures[name]
-        scores[name] = torch.sigmoid((z if above else -z).clamp(-50.0, 50.0))
-    return scores
+        logits[name] = z if above else -z
+    return logits
+
+
+def world_attribute_scores(classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The world classifier's binary attribute scores, differentiable in ``images``.
+
+    The same numbers as :func:`hmine.world.classifier.predict_attributes` (tested): the
+    sigmoid of :func:`world_attribute_logits`.
+    """
+    return {name: torch.sigmoid(logit) for name, logit in world_attribute_logits(classifier, images).items()}
 
 
 def l1_to_original(edited: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -57,7 +72,7 @@ def l1_to_original(edited: torch.Tensor, original: torch.Tensor) -> torch.Tensor
 class ClassifierTarget:
     """Turn ``attribute`` on (``toward="positive"``) or off with the world classifier; keep the rest.
 
-    loss = target_weight * BCE(score_attribute(edited), target)
+    loss = target_weight * BCE(score_attribute(edited), target)   (on the logit: gradient everywhere)
          + leakage_weight * mean_b (score_b(edited) - score_b(original))^2
          + l1_weight * |edited - original|_1 (mean)
     """
@@ -76,9 +91,11 @@ class ClassifierTarget:
         self.weights = (float(target_weight), float(leakage_weight), float(l1_weight))
 
     def __call__(self, edited: torch.Tensor, original: torch.Tensor):
-        scores = world_attribute_scores(self.classifier, edited)
-        score = scores[self.attribute].clamp(1e-6, 1 - 1e-6)
-        target = F.binary_cross_entropy(score, torch.full_like(score, self.target))
+        logits = world_attribute_logits(self.classifier, edited)
+        scores = {name: torch.sigmoid(logit) for name, logit in logits.items()}
+        # on the logit, not the probability: a score that rounds to 0 or 1 still gets gradient
+        logit = logits[self.attribute]
+        target = F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, self.target))
         if self.others:
             with torch.no_grad():
                 before = world_attribute_scores(self.classifier, original)
