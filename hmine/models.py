@@ -126,6 +126,10 @@ class DiffusionModel:
         ``shift_factor`` where the config has one) before ``decode``, and the decoded images
         are clamped to [-1, 1] (the pipelines' ``(image / 2 + 0.5).clamp(0, 1)``).
         """
+        return self.decode_with_grad(x0)
+
+    def decode_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with gradients in ``x0`` (a loss on the decoded images, :mod:`hmine.learning.train`)."""
         decoder = self.autoencoder
         if decoder is None:
             return x0

@@ -232,3 +232,42 @@ def test_the_classifier_target_gives_gradient_to_saturated_scores_and_equals_bce
         reference = -(s.log() if toward == "positive" else (1 - s).log()).mean()
         assert float(parts["target"]) == pytest.approx(float(reference), rel=1e-4, abs=1e-6)
         assert float(value) == pytest.approx(float(reference), rel=1e-4, abs=1e-6)
+
+
+def _tiny_kl_model(shift_factor):
+    from diffusers import AutoencoderKL
+
+    from hmine.models import DiffusionModel
+
+    torch.manual_seed(3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, scaling_factor=0.3, shift_factor=shift_factor)  # fmt: skip
+    return DiffusionModel(unet=None, scheduler=None, vqvae=None, model_id="tiny-kl", revision="local", vae=vae), vae
+
+
+@pytest.mark.parametrize("shift_factor", [None, 0.25])
+def test_the_training_decode_is_the_models_decode_with_gradients_for_a_vae(shift_factor):
+    """Stable Diffusion's AutoencoderKL (model.vae), its scaling and shift factors: the images the sampler would save."""
+    from hmine.learning.train import decoded
+
+    model, vae = _tiny_kl_model(shift_factor)
+    x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    images = decoded(model, x0)
+    with torch.no_grad():  # by hand: diffusers' StableDiffusionPipeline's latents / scaling_factor (+ shift_factor)
+        hand = vae.decode(x0 / 0.3 + (shift_factor or 0.0)).sample.clamp(-1, 1)
+    torch.testing.assert_close(images.detach(), hand)
+    torch.testing.assert_close(images.detach(), model.decode(x0.detach()))
+    images.sum().backward()
+    assert x0.grad is not None and x0.grad.abs().max() > 0
+
+
+def test_the_training_decode_is_the_models_decode_with_gradients_for_a_scaled_vq_model(tiny_scaled_latent_model_dir):
+    from hmine.learning.train import decoded
+
+    model = load_model(str(tiny_scaled_latent_model_dir))
+    x0 = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    images = decoded(model, x0)
+    torch.testing.assert_close(images.detach(), model.decode(x0.detach()))
+    images.sum().backward()
+    assert x0.grad is not None and x0.grad.abs().max() > 0

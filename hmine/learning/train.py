@@ -51,10 +51,9 @@ def predicted_x0(sampler: Sampler, eps: torch.Tensor, t, x: torch.Tensor) -> tor
 
 
 def decoded(model, x0: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] of a prediction of x0, with gradients (``DiffusionModel.decode`` has none)."""
-    if model.vqvae is None:
-        return x0
-    return model.vqvae.decode(x0 / float(model.vqvae.config.scaling_factor)).sample.clamp(-1.0, 1.0)
+    """Images in [-1, 1] of a prediction of x0, with gradients: ``DiffusionModel.decode_with_grad``
+    (any autoencoder, its scaling and shift factors, as the saved images are decoded)."""
+    return model.decode_with_grad(x0)
 
 
 def trajectory_step_losses(sampler: Sampler, editor, seeds: Sequence[int], loss_fn: LossFunction, edit_steps: Sequence[bool]):
