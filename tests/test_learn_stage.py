@@ -149,3 +149,38 @@ def test_a_changed_loss_model_retrains_its_targets_and_only_theirs(own_run, tmp_
     for kind in ("delta_h", "delta_block"):
         assert (work / "red" / kind / "log.jsonl").read_text() != logs[work / "red" / kind / "log.jsonl"]  # trained again
         assert (work / "smile" / kind / "log.jsonl").read_text() == logs[work / "smile" / kind / "log.jsonl"]  # resumed
+
+
+def test_a_crash_before_the_store_is_written_leaves_no_complete_store_with_other_blocks(own_run, monkeypatch):
+    """Write, then mark done: a complete learned.zarr never records blocks other than the files beside it."""
+    import hmine.directions
+    from hmine.learning.store import file_sha256
+    from hmine.stores import store_state
+
+    config = own_run.model_copy(update={"learn": own_run.learn.model_copy(update={"block_learning_rate": 0.5})})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the store was written")
+
+    monkeypatch.setattr(hmine.directions, "write_directions", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_learn_stage(config, show_progress=False)
+    path = learned_path(config)
+    if store_state(path) == "complete":  # the old store may stay only with its own blocks
+        blocks = json.loads(open_group(path).attrs["hmine:delta_blocks"])
+        assert {n: file_sha256(config.run_dir / e["path"]) for n, e in blocks.items()} == {n: e["sha256"] for n, e in blocks.items()}
+    monkeypatch.undo()
+    run_learn_stage(config, show_progress=False)
+    assert up_to_date(config, "learn") and learned_damaged(config) == 0
+
+
+def test_loading_a_block_that_is_not_the_stores_names_the_file(own_run):
+    from hmine.learning.edit_directions import block_editor_for
+
+    config = own_run
+    timesteps = make_sampler(config).timesteps.tolist()
+    block_editor_for(config, "learned-block/red", timesteps)
+    path = block_path(config, "red")
+    shutil.copyfile(block_path(config, "smile"), path)  # a valid block, but not the one learned.zarr records
+    with pytest.raises(ValueError, match=r"red\.safetensors.*sha256.*learn stage"):
+        block_editor_for(config, "learned-block/red", timesteps)

@@ -69,8 +69,21 @@ def learned_unit(learned, name: str):
 
 
 def block_editor_for(config, name: str, timesteps):
-    """The delta block editor of ``learned-block/<target>``, checked against the sampler's timesteps."""
-    from hmine.learning.store import load_block_editor
-    from hmine.stages.learn import block_path
+    """The delta block editor of ``learned-block/<target>``, checked against the sampler's
+    timesteps and against the sha256 that ``learned.zarr`` records for its file."""
+    import json
 
-    return load_block_editor(block_path(config, name[len(BLOCK_PREFIX) :]), [int(t) for t in timesteps])
+    from hmine.learning.store import file_sha256, load_block_editor
+    from hmine.stages.learn import block_path, learned_path
+    from hmine.stores import open_group
+
+    target = name[len(BLOCK_PREFIX) :]
+    path = block_path(config, target)
+    recorded = json.loads(open_group(learned_path(config)).attrs.get("hmine:delta_blocks", "{}")).get(target)
+    if recorded is None:
+        raise ValueError(f"{learned_path(config)} records no delta block for {target!r}; run the learn stage "
+                         "(`hmine learn`) with learn.delta_block: true")  # fmt: skip
+    if path.is_file() and file_sha256(path) != recorded["sha256"]:
+        raise ValueError(f"{path} is not the delta block learned.zarr records (sha256 {recorded['sha256'][:12]}...); "
+                         "run the learn stage again (`hmine learn`) to rewrite it")  # fmt: skip
+    return load_block_editor(path, [int(t) for t in timesteps])

@@ -133,6 +133,17 @@ def _train_target(config: RunConfig, sampler, target, train_seeds, edit_steps, h
     return out
 
 
+def _unmark_complete(path: Path) -> None:
+    """Take the complete mark off an existing ``learned.zarr`` (write, then mark done: the
+    new store is marked when written, and a kill in between leaves no complete store that
+    records other blocks than the files on disk)."""
+    from hmine.stores import COMPLETE, open_group, store_state
+
+    if store_state(path) == "complete":
+        group = open_group(path, mode="r+")
+        group.attrs.put({k: v for k, v in group.attrs.asdict().items() if k != COMPLETE})
+
+
 def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True) -> StageResult:
     """Train each target's configured kinds (resuming), then write ``learned.zarr`` and the blocks."""
     import xarray as xr
@@ -156,7 +167,7 @@ def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True
     sampler = make_sampler(config, model)
     timesteps = [int(t) for t in sampler.timesteps]
     edit_steps = edit_steps_from(timesteps, learn.t_edit, learn.t_edit_max)
-    train_seeds, raws, blocks, training = seeds[-learn.n_train :], [], {}, {}
+    train_seeds, raws, trained_blocks, training = seeds[-learn.n_train :], [], {}, {}
     train_h = h.isel(sample=slice(len(seeds) - learn.n_train, None)).values.astype("float32")
     for target in learn.targets:
         trained = _train_target(config, sampler, target, train_seeds, edit_steps, tuple(h.shape[2:]))
@@ -166,10 +177,14 @@ def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True
         if "delta_block" in trained:
             editor = trained["delta_block"][0]
             raws.append((BLOCK_MEAN_PREFIX + target.name, attribute, block_mean_delta(editor, train_h, timesteps)))
-            sha = save_block(editor.block, block_path(config, target.name), edit_steps, timesteps, target.name)
-            blocks[target.name] = {"path": str(block_path(config, target.name).relative_to(config.run_dir)), "sha256": sha}
+            trained_blocks[target.name] = editor.block
         training[target.name] = {kind: record for kind, (_, record) in trained.items()}
     ds = learned_direction_dataset(raws, h)
+    _unmark_complete(path)  # the old store stops vouching for the block files before they are replaced
+    blocks = {}
+    for name, block in trained_blocks.items():
+        sha = save_block(block, block_path(config, name), edit_steps, timesteps, name)
+        blocks[name] = {"path": str(block_path(config, name).relative_to(config.run_dir)), "sha256": sha}
     ds.attrs.update({"hmine:config_hash": config.stage_hash("learn"), **identity_record(config, "learn"),
                      STORE_UUID: uuid.uuid4().hex, "hmine:delta_blocks": json.dumps(blocks, sort_keys=True),
                      "hmine:training": json.dumps(training, sort_keys=True)})  # fmt: skip
