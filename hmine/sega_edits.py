@@ -13,7 +13,9 @@ What the edit window does not touch: SEGA applies a concept from its own
 ``edit.asymmetric`` are h-space settings and leave SEGA's edits as they are.
 
 Refused (one line naming the field, before anything is written): ``sega/`` names without an
-``edit.sega`` section or naming a concept it lacks, on a model without ``sample.text``,
+``edit.sega`` section or naming a concept it lacks, a concept whose ``warmup_steps`` is not
+below ``sample.num_inference_steps`` (it would never be applied: SEGA's default 10 at 10
+steps left the images unedited), on a model without ``sample.text``,
 at ``sample.text.guidance_scale`` 1 (SEGA guides relative to the unconditional branch, which
 classifier-free guidance computes), with ``edit.source: inversions`` (SEGA samples from a
 seed and its prompt) and with ``edit.t_boost`` (boosting redraws the noise of the last
@@ -62,6 +64,14 @@ def check_sega_edits(config) -> None:
             f"edit.directions names {unknown}, which edit.sega.concepts lacks (it has "
             f"{sorted(edit.sega.concepts)}); add the concept or fix the name"
         )
+    steps = config.sample.num_inference_steps
+    for concept in sorted({sega_concept(n) for n in names}):
+        warmup = edit.sega.concepts[concept].warmup_steps
+        if warmup >= steps:
+            raise ValueError(
+                f"edit.sega.concepts.{concept}.warmup_steps is {warmup} but sample.num_inference_steps is {steps}: "
+                f"the concept would never be applied; set warmup_steps below {steps} (it must be < num_inference_steps)"
+            )
     text = config.sample.text
     if text is None:
         raise ValueError(

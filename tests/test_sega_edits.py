@@ -132,6 +132,28 @@ def test_sega_edits_that_cannot_be_applied_are_refused_naming_the_field(tiny_sd_
     check_run_inputs(config(), ["edit"])  # the run's own settings pass
 
 
+@pytest.mark.parametrize("warmup", [STEPS, 10])
+def test_a_concept_warming_up_past_the_last_step_is_refused(tiny_sd_dir, tmp_path, warmup):
+    # SEGA applies a concept from step warmup_steps on: at warmup_steps >= the sampler's steps
+    # (SEGA's default 10 at 10 steps) the edit would silently be the unedited sample
+    from hmine.preflight import check_run_inputs
+
+    def config(square_warmup, directions=DIRECTIONS):
+        sega = json.loads(json.dumps(SEGA))
+        sega["concepts"]["square"]["warmup_steps"] = square_warmup
+        sega["concepts"]["square"].pop("cooldown_steps")
+        return load_config(None, _overrides(tiny_sd_dir, tmp_path, sega=sega, directions=directions)
+                           + ["label.attributes=[is_red]"])
+
+    message = (rf"^edit\.sega\.concepts\.square\.warmup_steps is {warmup} but sample\.num_inference_steps is {STEPS}: "
+               rf"the concept would never be applied; set warmup_steps below {STEPS}")
+    with pytest.raises(ValueError, match=message) as error:
+        check_run_inputs(config(warmup), ["edit"])
+    assert "\n" not in str(error.value)
+    check_run_inputs(config(STEPS - 1), ["edit"])  # applied at the last step: passes
+    check_run_inputs(config(warmup, directions=DIRECTIONS[:2]), ["edit"])  # a concept no edit names: not checked
+
+
 def test_an_editing_prompt_over_the_tokenizer_limit_is_refused_before_the_store(sega_run, tiny_sd, tmp_path):
     import shutil
 
