@@ -18,8 +18,12 @@ from hmine.imaging import write_image_grid
 from hmine.sampling import Sampler
 
 
-def edit_steps_from(timesteps: Sequence[int], t_edit: int | None, t_edit_max: int | None = None) -> list[bool]:
+def edit_steps_from(
+    timesteps: Sequence[int], t_edit: int | None, t_edit_max: int | None = None, section: str = "edit"
+) -> list[bool]:
     """Which steps are edited: those with ``t_edit <= timestep <= t_edit_max`` (an unset end is open).
+
+    ``section`` is the config section the window comes from, which the error names.
 
     Raises
     ------
@@ -36,7 +40,7 @@ def edit_steps_from(timesteps: Sequence[int], t_edit: int | None, t_edit_max: in
     if not any(edited):
         raise ValueError(
             f"the edit window t_edit={t_edit}, t_edit_max={t_edit_max} holds none of the sampler's "
-            f"timesteps {[int(t) for t in timesteps]}; widen edit.t_edit / edit.t_edit_max"
+            f"timesteps {[int(t) for t in timesteps]}; widen {section}.t_edit / {section}.t_edit_max"
         )
     return edited
 

@@ -184,3 +184,41 @@ def test_loading_a_block_that_is_not_the_stores_names_the_file(own_run):
     shutil.copyfile(block_path(config, "smile"), path)  # a valid block, but not the one learned.zarr records
     with pytest.raises(ValueError, match=r"red\.safetensors.*sha256.*learn stage"):
         block_editor_for(config, "learned-block/red", timesteps)
+
+
+def _preflight(config):
+    from hmine.stages import get
+
+    for check in get("learn").preflight:
+        check(config)
+
+
+def _with_targets(config, targets, **label):
+    from hmine.learning.config import LearnTarget
+
+    return config.model_copy(update={"learn": config.learn.model_copy(update={"targets": [LearnTarget(**t) for t in targets]}),
+                                     "label": config.label.model_copy(update=label)})  # fmt: skip
+
+
+def test_preflight_refuses_what_the_learn_stage_cannot_train_naming_the_field(run):
+    from hmine.prompts import TextConfig
+
+    config, _ = run
+    _preflight(config)
+    text = config.model_copy(update={"sample": config.sample.model_copy(update={"text": TextConfig(prompts=["a red circle"])})})
+    with pytest.raises(ValueError, match=r"^learn.targets .*sample.text.*unconditional"):
+        _preflight(text)
+    with pytest.raises(ValueError, match=r"^learn.targets\[purple\].attribute is 'is_purple'.*world classifier"):
+        _preflight(_with_targets(config, [{"name": "purple", "attribute": "is_purple"}]))
+    with pytest.raises(ValueError, match=r"^learn.targets\[red\].leakage_attributes names \['smiling'\]"):
+        _preflight(_with_targets(config, [{"name": "red", "attribute": "is_red", "leakage_attributes": ["is_circle", "smiling"]}]))
+    with pytest.raises(ValueError, match=r"^learn.targets\[red\].leakage_attributes is unset.*label.attributes.*\['smiling'\]"):
+        _preflight(_with_targets(config, [{"name": "red", "attribute": "is_red"}], attributes=["is_red", "smiling"]))
+    # a CLIP target has no world attributes to check
+    _preflight(_with_targets(config, [{"name": "s", "kind": "clip", "source": "a", "target": "b"}], attributes=["smiling"]))
+
+
+def test_an_empty_learn_window_names_the_learn_fields(own_run):
+    config = own_run.model_copy(update={"learn": own_run.learn.model_copy(update={"t_edit": 999_999})})
+    with pytest.raises(ValueError, match=r"learn.t_edit / learn.t_edit_max"):
+        run_learn_stage(config, show_progress=False)

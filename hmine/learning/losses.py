@@ -69,6 +69,9 @@ def l1_to_original(edited: torch.Tensor, original: torch.Tensor) -> torch.Tensor
     return (edited - original).abs().mean()
 
 
+WORLD_ATTRIBUTES = ("is_circle", "is_red", *THRESHOLDED_ATTRIBUTES)  # what world_attribute_logits scores
+
+
 class ClassifierTarget:
     """Turn ``attribute`` on (``toward="positive"``) or off with the world classifier; keep the rest.
 
@@ -79,10 +82,9 @@ class ClassifierTarget:
 
     def __init__(self, classifier, attribute: str, *, toward: str = "positive", leakage_attributes=(),
                  target_weight: float = 1.0, leakage_weight: float = 1.0, l1_weight: float = 0.5):  # fmt: skip
-        known = ("is_circle", "is_red", *THRESHOLDED_ATTRIBUTES)
-        unknown = [a for a in (attribute, *leakage_attributes) if a not in known]
+        unknown = [a for a in (attribute, *leakage_attributes) if a not in WORLD_ATTRIBUTES]
         if unknown:
-            raise ValueError(f"learn.targets: the world classifier has no attributes {unknown}; it scores {list(known)}")
+            raise ValueError(f"learn.targets: the world classifier has no attributes {unknown}; it scores {list(WORLD_ATTRIBUTES)}")
         if toward not in ("positive", "negative"):
             raise ValueError(f"toward must be 'positive' or 'negative', got {toward!r}")
         self.classifier = classifier.eval().requires_grad_(False)

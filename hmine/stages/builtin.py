@@ -268,6 +268,12 @@ def check_learned_edits(config: "RunConfig") -> None:
     check(config)
 
 
+def check_learn(config: "RunConfig") -> None:
+    from hmine.stages.learn import check_learn as check
+
+    check(config)
+
+
 def check_sega_edits(config: "RunConfig") -> None:
     from hmine.sega_edits import check_sega_edits as check
 
@@ -344,7 +350,7 @@ LEARN = register(Stage(  # before the edit stage, which can apply learned direct
     settings=learn_settings,
     reads=("sample",),
     intact=learned_damaged,
-    preflight=(check_model,),
+    preflight=(check_model, check_learn),
     applies=lambda config: bool(config.learn.targets),
 ))
 EDIT = register(Stage(

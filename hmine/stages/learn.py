@@ -54,6 +54,28 @@ def leakage_attributes(config: RunConfig, target) -> list[str]:
     return [a for a in chosen if a != target.attribute]
 
 
+def check_learn(config: RunConfig) -> None:
+    """Preflight, loading no weights: an unconditional model, and classifier targets the world classifier scores."""
+    if not config.learn.targets:
+        return
+    if config.sample.text is not None:
+        raise ValueError("learn.targets is set, but sample.text makes the model text-conditional; the learn stage "
+                         "trains on unconditional models only: empty learn.targets")  # fmt: skip
+    from hmine.learning.losses import WORLD_ATTRIBUTES
+
+    known = list(WORLD_ATTRIBUTES)
+    for target in (t for t in config.learn.targets if t.kind == "classifier"):
+        field = f"learn.targets[{target.name}]"
+        if target.attribute not in known:
+            raise ValueError(f"{field}.attribute is {target.attribute!r}, which the world classifier does not score; use one of {known}")
+        unknown = [a for a in leakage_attributes(config, target) if a not in known]
+        if unknown and target.leakage_attributes is not None:
+            raise ValueError(f"{field}.leakage_attributes names {unknown}, which the world classifier does not score; use {known}")
+        if unknown:
+            raise ValueError(f"{field}.leakage_attributes is unset, so it keeps label.attributes, and the world classifier "
+                             f"does not score {unknown}; set {field}.leakage_attributes to some of {known}")  # fmt: skip
+
+
 def make_loss(config: RunConfig, target):
     """The loss of one ``learn.targets`` entry (:mod:`hmine.learning.losses`)."""
     from hmine.learning.losses import ClassifierTarget, ClipDirectional, ClipEmbedder
@@ -157,6 +179,7 @@ def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True
     if not learn.targets:
         logger.info("learn stage: learn.targets is empty, nothing to learn")
         return StageResult(path, 0, 0, 0, 0, 0.0)
+    check_learn(config)
     if up_to_date(config, "learn"):
         logger.info("learn stage: %s is up to date", path)
         return StageResult(path, len(learn.targets), 0, len(learn.targets), 0, time.perf_counter() - started)
@@ -166,7 +189,7 @@ def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True
         raise ValueError(f"learn.n_train is {learn.n_train} but the run has {len(seeds)} samples; lower learn.n_train")
     sampler = make_sampler(config, model)
     timesteps = [int(t) for t in sampler.timesteps]
-    edit_steps = edit_steps_from(timesteps, learn.t_edit, learn.t_edit_max)
+    edit_steps = edit_steps_from(timesteps, learn.t_edit, learn.t_edit_max, section="learn")
     train_seeds, raws, trained_blocks, training = seeds[-learn.n_train :], [], {}, {}
     train_h = h.isel(sample=slice(len(seeds) - learn.n_train, None)).values.astype("float32")
     for target in learn.targets:
