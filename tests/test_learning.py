@@ -271,3 +271,34 @@ def test_the_training_decode_is_the_models_decode_with_gradients_for_a_scaled_vq
     torch.testing.assert_close(images.detach(), model.decode(x0.detach()))
     images.sum().backward()
     assert x0.grad is not None and x0.grad.abs().max() > 0
+
+
+class _NoiseWithResidual:
+    """The seeds' own x_T and noise, and a residual added after the last step (as an edit-friendly inversion has)."""
+
+    def __init__(self, sampler):
+        from hmine.regeneration import SeedNoise
+
+        self.seed_noise = SeedNoise(sampler)
+        self.shape = sampler.model.sample_shape
+
+    def __call__(self, keys):
+        return self.seed_noise(keys)
+
+    def residual(self, keys):
+        return torch.stack([torch.full(self.shape, 0.01 * (k + 1)) for k in keys])
+
+
+def test_regenerate_learned_adds_the_noise_sources_residual_as_regenerate_does(tiny_sampler):
+    edit_steps = edit_steps_from(tiny_sampler.timesteps.tolist(), 300, None)
+    editor = DeltaH(h_shape(tiny_sampler.model.unet), edit_steps)
+    with torch.no_grad():
+        editor.delta.normal_(generator=torch.Generator().manual_seed(2))
+    source = _NoiseWithResidual(tiny_sampler)
+    seeds, coefficients = [0, 1, 2], [1.0, -1.0, 0.0]
+    learned = images_of(regenerate_learned(tiny_sampler, seeds, editor, coefficients, edit_steps=edit_steps, batch_size=4,
+                                           noise_source=source), 3)  # fmt: skip
+    deltas = torch.stack([c * editor.full() for c in coefficients])
+    plain = images_of(regenerate(tiny_sampler, seeds, deltas, [0, 1, 2], edit_steps=edit_steps, asymmetric=True, batch_size=4,
+                                 noise_source=source), 3)  # fmt: skip
+    np.testing.assert_array_equal(learned, plain)

@@ -79,8 +79,8 @@ def regenerate_learned(
     start_states : dict of seed -> Tensor, optional
         x_t at the first edited step (:func:`hmine.regeneration.unedited_states`).
     noise_source : SeedNoise or alike, optional
-        The rows' per-step noise by seed (e.g. quality boosting's, :class:`hmine.interval.BoostedNoise`);
-        the seeds' own by default.
+        The rows' per-step noise by seed (e.g. quality boosting's, :class:`hmine.interval.BoostedNoise`)
+        and the residual it adds after the last step; the seeds' own noise by default.
 
     Yields
     ------
@@ -114,6 +114,9 @@ def regenerate_learned(
             row_coefficients = torch.cat([coefficients[torch.from_numpy(rows)], torch.zeros(pad)]).to(param)
             x = _edited_steps(sampler, editor, x, noise.to(param), row_coefficients,
                               range(first, sampler.num_inference_steps), edit_steps, asymmetric)  # fmt: skip
+            residual = None if noise_source is None else noise_source.residual(chunk)
+            if residual is not None:  # an edit-friendly inversion's, after the last step (as regenerate adds it)
+                x = x + torch.cat([residual, residual.new_zeros((pad, *residual.shape[1:]))]).to(param)
             with torch.inference_mode():
                 images = sampler.model.decode(x)[: len(rows)]
             yield rows, images.float().cpu().numpy()
