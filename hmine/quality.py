@@ -184,8 +184,14 @@ class QualityMeter:
         self.frechet = FrechetDistance(extractor) if extractor is not None else None
 
     def reference(self, images) -> None:
-        if self.frechet is not None and len(images) >= 2:
+        """The unedited images of the next sets; with fewer than 2 there is none (distances NaN),
+        never the previous set's, which belongs to other samples."""
+        if self.frechet is None:
+            return
+        if len(images) >= 2:
             self.frechet.set_reference(images)
+        else:
+            self.frechet.has_reference = False
 
     def measure(self, images, scores: pd.DataFrame) -> dict[str, float]:
         usable = self.frechet is not None and self.frechet.has_reference

@@ -157,3 +157,20 @@ def test_a_clip_labeller_measures_quality_in_its_image_embeddings(tiny_clip_dir)
     measured = meter.measure(shifted, labeller.score(shifted))
     assert np.isnan(measured["confident_share"])  # CLIP pairs are no class heads
     assert measured["frechet_distance"] == pytest.approx(frechet_distance(expected, extractor(torch.from_numpy(shifted))), rel=1e-6)
+
+
+def test_a_reference_of_fewer_than_two_images_replaces_the_old_one_with_none():
+    """The next set's distance is NaN, not a distance to the previous set's reference (other samples)."""
+    from hmine import world
+    from hmine.labelling import WorldLabeller
+    from hmine.quality import QualityMeter
+
+    labeller = WorldLabeller()
+    images = world.generate(6, seed=3).images
+    meter = QualityMeter(labeller)
+    meter.reference(images[:4])
+    assert np.isfinite(meter.measure(images[2:], labeller.score(images[2:]))["frechet_distance"])
+    meter.reference(images[4:5])
+    assert np.isnan(meter.measure(images[4:], labeller.score(images[4:]))["frechet_distance"])
+    meter.reference(images[:4])  # a usable reference again
+    assert np.isfinite(meter.measure(images[2:], labeller.score(images[2:]))["frechet_distance"])
