@@ -110,3 +110,12 @@ def test_unknown_or_unconfigured_learned_names_are_refused(run):
             check(with_names(run, ["learned/blue"]))
     with pytest.raises(ValueError, match="learn.targets has no target 'blue'"):  # and so does the stage itself
         run_edit_stage(with_names(run, ["learned/blue"]), show_progress=False)
+
+
+def test_learned_edits_of_their_own_training_samples_are_refused(run):
+    check_learned_edits(run)  # 2 edited + 3 training samples of 6
+    overlapping = run.model_copy(update={"edit": run.edit.model_copy(update={"n_samples": 4})})
+    with pytest.raises(ValueError, match=r"^edit.n_samples \(4\) \+ learn.n_train \(3\) is above sample.n_samples \(6\)"):
+        check_learned_edits(overlapping)
+    plain = overlapping.model_copy(update={"edit": overlapping.edit.model_copy(update={"directions": ["probe/is_red"]})})
+    check_learned_edits(plain)  # no learned edit: nothing to hold out

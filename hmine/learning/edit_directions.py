@@ -24,7 +24,9 @@ def learned_prefix(name: str) -> str | None:
 
 
 def check_learned_edits(config) -> None:
-    """Preflight: each learned name in ``edit.directions`` names a configured target and kind."""
+    """Preflight: each learned name in ``edit.directions`` names a configured target and kind,
+    and the edited samples are not the learn stage's training samples (its last ``learn.n_train``)."""
+    _check_held_out(config)
     targets = [t.name for t in config.learn.targets]
     for name in config.edit.directions:
         prefix = learned_prefix(name)
@@ -41,6 +43,18 @@ def check_learned_edits(config) -> None:
         if prefix == BLOCK_PREFIX and config.edit.source == "inversions":
             raise ValueError(f"edit.directions names {name!r}, but a delta block is applied to samples only; "
                              "use edit.source: samples or learned-block-mean/" + target)  # fmt: skip
+
+
+def _check_held_out(config) -> None:
+    """The edit stage edits the first ``edit.n_samples`` samples, the learn stage trains on the last
+    ``learn.n_train``: a learned edit measured on its own training samples would flatter it."""
+    if config.edit.source != "samples" or not any(learned_prefix(n) for n in config.edit.directions):
+        return
+    edited, train, total = config.edit.n_samples, config.learn.n_train, config.sample.n_samples
+    if edited + train > total:
+        raise ValueError(f"edit.n_samples ({edited}) + learn.n_train ({train}) is above sample.n_samples ({total}): "
+                         "the learned edits would be measured on their own training samples; lower one of them "
+                         "or raise sample.n_samples")  # fmt: skip
 
 
 def open_learned_for_edits(config):
