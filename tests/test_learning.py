@@ -302,3 +302,32 @@ def test_regenerate_learned_adds_the_noise_sources_residual_as_regenerate_does(t
     plain = images_of(regenerate(tiny_sampler, seeds, deltas, [0, 1, 2], edit_steps=edit_steps, asymmetric=True, batch_size=4,
                                  noise_source=source), 3)  # fmt: skip
     np.testing.assert_array_equal(learned, plain)
+
+
+def test_block_mean_delta_streams_h_by_step_and_sample_batch():
+    """A lazy (dask) h gives the in-memory result; only one step of one sample batch is read at a time."""
+    import dask.array as da
+    import xarray as xr
+
+    from hmine.learning.store import block_mean_delta
+
+    torch.manual_seed(0)
+    block = DeltaBlock(8, 4)
+    torch.nn.init.normal_(block.conv_out.weight)
+    editor = BlockEditor(block, [True, False, True])
+    h = np.random.default_rng(0).normal(size=(7, 3, 8, 2, 2)).astype(np.float32)
+    timesteps = [900, 500, 100]
+    with torch.no_grad():
+        expected = np.stack([editor(torch.from_numpy(h[:, i]), i, t).double().mean(0).numpy() for i, t in enumerate(timesteps)])
+    read = []
+
+    def recorded(block_values, block_info=None):
+        read.append(block_info[0]["array-location"][:2])
+        return block_values
+
+    lazy = da.from_array(h, chunks=(1, 1, 8, 2, 2)).map_blocks(recorded, dtype=h.dtype)
+    streamed = block_mean_delta(editor, xr.DataArray(lazy, dims=("sample", "step", "channel", "y", "x")), timesteps, batch_size=3)
+    np.testing.assert_allclose(streamed, expected, rtol=1e-6, atol=1e-7)
+    assert not streamed[1].any()  # zero off the window, and that step's h is never read
+    assert {steps for _, steps in read} == {(0, 1), (2, 3)}  # one step at a time, the edited ones only
+    assert sorted(samples for samples, _ in read) == sorted([(k, k + 1) for k in range(7)] * 2)  # each sample once per step

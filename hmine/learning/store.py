@@ -126,11 +126,18 @@ def load_block_editor(path: Path, timesteps: list[int] | None = None) -> BlockEd
 
 
 @torch.no_grad()
-def block_mean_delta(editor: BlockEditor, h: np.ndarray, timesteps) -> np.ndarray:
-    """mean_n f_t(h_{n,t}, t) per step over h (sample, step, channel, y, x): (step, channel, y, x), zero off the window."""
-    steps, device = h.shape[1], next(editor.parameters()).device
+def block_mean_delta(editor: BlockEditor, h, timesteps, batch_size: int = 256) -> np.ndarray:
+    """mean_n f_t(h_{n,t}, t) per step over h (sample, step, channel, y, x): (step, channel, y, x), zero off the window.
+
+    ``h`` may be lazy (the samples store's dask-backed ``h``): it is read one edited step and
+    ``batch_size`` samples at a time, so memory holds ``batch_size`` x channel x y x x of it,
+    however many samples and steps there are.
+    """
+    n, steps, device = h.shape[0], h.shape[1], next(editor.parameters()).device
     out = np.zeros(h.shape[1:], dtype=np.float64)
-    for i in range(steps):
-        h_i = torch.from_numpy(np.asarray(h[:, i], dtype=np.float32)).to(device)
-        out[i] = editor(h_i, i, timesteps[i]).double().mean(dim=0).cpu().numpy()
+    for i in (i for i in range(steps) if editor.edit_steps[i]):
+        for start in range(0, n, batch_size):
+            h_i = torch.from_numpy(np.asarray(h[start : start + batch_size, i], dtype=np.float32)).to(device)
+            out[i] += editor(h_i, i, timesteps[i]).double().sum(dim=0).cpu().numpy()
+        out[i] /= n
     return out

@@ -191,7 +191,7 @@ def run_learn_stage(config: RunConfig, *, model=None, show_progress: bool = True
     timesteps = [int(t) for t in sampler.timesteps]
     edit_steps = edit_steps_from(timesteps, learn.t_edit, learn.t_edit_max, section="learn")
     train_seeds, raws, trained_blocks, training = seeds[-learn.n_train :], [], {}, {}
-    train_h = h.isel(sample=slice(len(seeds) - learn.n_train, None)).values.astype("float32")
+    train_h = h.isel(sample=slice(len(seeds) - learn.n_train, None))  # lazy: block_mean_delta reads it by step and batch
     for target in learn.targets:
         trained = _train_target(config, sampler, target, train_seeds, edit_steps, tuple(h.shape[2:]))
         attribute = target.attribute or target.name
