@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hmine import world
 from hmine.editing import edit_steps_from
@@ -61,34 +60,42 @@ def test_world_attribute_scores_equal_the_labellers_and_carry_gradients():
     assert images.grad is not None and images.grad.abs().max() > 0
 
 
-def test_s_dir_is_the_mean_cosine_of_the_embedding_changes(tiny_clip_dir):
-    """S_dir against a hand computation with CLIPModel's own features and numpy."""
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's published normalisation, not hmine's copy
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _hand_clip(clip_dir, texts, *image_sets):
+    """Unit text and image embeddings (float64 numpy) by transformers' CLIPModel alone: the reference for hmine's CLIP code.
+
+    32x32 images need no resize or crop: (x + 1) / 2, then CLIP's mean/std.
+    """
     from transformers import AutoTokenizer, CLIPModel
 
+    model, tokenizer = CLIPModel.from_pretrained(clip_dir), AutoTokenizer.from_pretrained(clip_dir)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    as_array = lambda out: (out if torch.is_tensor(out) else out.pooler_output).numpy().astype(np.float64)  # noqa: E731
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    with torch.no_grad():
+        text = as_array(model.get_text_features(**tokenizer(list(texts), padding=True, return_tensors="pt")))
+        images = [as_array(model.get_image_features(pixel_values=((torch.as_tensor(np.asarray(x)) + 1) / 2 - mean) / std))
+                  for x in image_sets]  # fmt: skip
+    return unit(text), *(unit(e) for e in images)
+
+
+def _hand_cosines(text, e_before, e_after):
+    d_image, d_text = e_after - e_before, text[1] - text[0]
+    return d_image @ d_text / (np.linalg.norm(d_image, axis=1) * np.linalg.norm(d_text))
+
+
+def test_s_dir_is_the_mean_cosine_of_the_embedding_changes(tiny_clip_dir):
+    """S_dir against a hand computation with CLIPModel's own features and numpy."""
     embedder = ClipEmbedder(str(tiny_clip_dir))
     rng = np.random.default_rng(0)
     before = rng.uniform(-1, 1, (5, 3, 32, 32)).astype(np.float32)
     after = np.clip(before + rng.normal(0, 0.5, before.shape), -1, 1).astype(np.float32)
     mean, std, cosines = directional_similarity(embedder, before, after, "a photo of a face", "a photo of a smiling face")
 
-    model, tokenizer = CLIPModel.from_pretrained(tiny_clip_dir), AutoTokenizer.from_pretrained(tiny_clip_dir)
-    with torch.no_grad():
-        tokens = tokenizer(["a photo of a face", "a photo of a smiling face"], padding=True, return_tensors="pt")
-        text = model.get_text_features(**tokens)
-        text = (text if torch.is_tensor(text) else text.pooler_output).numpy().astype(np.float64)
-
-        def image_features(images):  # 32x32 images need no resize or crop: (x + 1) / 2, then CLIP's mean/std
-            from hmine.clip import CLIP_MEAN, CLIP_STD
-
-            pixels = ((torch.from_numpy(images) + 1) / 2 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-            out = model.get_image_features(pixel_values=pixels)
-            return (out if torch.is_tensor(out) else out.pooler_output).numpy().astype(np.float64)
-
-        e_before, e_after = image_features(before), image_features(after)
-    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
-    d_image = unit(e_after) - unit(e_before)
-    d_text = unit(text[1]) - unit(text[0])
-    hand = d_image @ d_text / (np.linalg.norm(d_image, axis=1) * np.linalg.norm(d_text))
+    hand = _hand_cosines(*_hand_clip(tiny_clip_dir, ["a photo of a face", "a photo of a smiling face"], before, after))
     np.testing.assert_allclose(cosines, hand, atol=1e-5)
     assert mean == pytest.approx(hand.mean(), abs=1e-5) and std == pytest.approx(hand.std(ddof=1), abs=1e-5)
     # swapping source and target flips every cosine: S_dir is a cosine, not 1 - cos
@@ -182,16 +189,30 @@ def test_learn_config_refuses_what_cannot_be_trained():
 
 
 def test_the_clip_loss_is_minus_log_of_half_one_plus_the_directional_cosine(tiny_clip_dir):
+    """The loss against -log((1 + cos) / 2) with the cosines computed by CLIPModel and numpy alone."""
     embedder = ClipEmbedder(str(tiny_clip_dir))
     loss = ClipDirectional(embedder, "a face", "a smiling face", target_weight=1.0, l1_weight=0.0)
     rng = np.random.default_rng(1)
     original = torch.from_numpy(rng.uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32))
     edited = (original + 0.3 * torch.from_numpy(rng.normal(size=original.shape).astype(np.float32))).clamp(-1, 1)
     value, parts = loss(edited, original)
-    change = embedder.images(edited) - embedder.images(original)
-    cos = F.cosine_similarity(change, loss.direction[None], dim=-1)
-    assert float(value) == pytest.approx(float(-torch.log((1 + cos) / 2).mean()), rel=1e-5)
-    assert float(parts["cos"]) == pytest.approx(float(cos.mean()), abs=1e-6)
+    cos = _hand_cosines(*_hand_clip(tiny_clip_dir, ["a face", "a smiling face"], original.numpy(), edited.numpy()))
+    assert float(value) == pytest.approx(float(-np.log((1 + cos) / 2).mean()), rel=1e-5)
+    assert float(parts["cos"]) == pytest.approx(float(cos.mean()), abs=1e-5)
+    weighted = ClipDirectional(embedder, "a face", "a smiling face", target_weight=2.0, l1_weight=0.5)(edited, original)[0]
+    l1 = float(np.abs(edited.numpy().astype(np.float64) - original.numpy()).mean())
+    assert float(weighted) == pytest.approx(2.0 * float(-np.log((1 + cos) / 2).mean()) + 0.5 * l1, rel=1e-5)
+
+
+def test_the_timestep_embedding_is_diffusers_cos_first_sinusoid():
+    """The embedding the delta block docstring names: diffusers' get_timestep_embedding(flip_sin_to_cos, no shift)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from hmine.learning.delta_block import timestep_embedding
+
+    t = torch.tensor([0, 1, 250, 999])
+    expected = get_timestep_embedding(t, 16, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(timestep_embedding(t, 16), expected, rtol=1e-6, atol=1e-6)
 
 
 def _clamped_and_free(scores, attribute):

@@ -1,18 +1,26 @@
 """Asyrp's delta block f_t(h, t): a small network of 1x1 convolutions with a timestep embedding.
 
 Kwon et al. (2023) learn an h-space edit as a function of h and t rather than one free
-tensor per step; their ``DeltaBlock`` is, per position of h::
+tensor per step. hmine's ``DeltaBlock`` is, per position of h::
 
     f(h, t) = conv_out(SiLU(GroupNorm(conv_in(h) + time_proj(emb(t)))))
 
-with ``conv_in`` and ``conv_out`` 1x1 convolutions C -> C, ``emb`` a sinusoidal timestep
-embedding of size T (theirs reuses the DDPM's 512-wide one) and ``time_proj`` a linear map
-T -> C. Its parameters are ``2 (C^2 + C) + (T C + C) + 2 C``: for CelebA-HQ's C = 512,
-T = 512 that is 788,992 (their ~0.79 M); for the embedded shapes model's h, C = 128, and
-T = 128, it is 49,792 (:func:`block_parameter_count`).
+with ``conv_in`` and ``conv_out`` 1x1 convolutions C -> C, ``emb`` a fixed sinusoidal
+embedding of t of size T (:func:`timestep_embedding`) and ``time_proj`` a linear map T -> C.
 
-``conv_out`` starts at zero, so the untrained block is no edit at all (the image starts
-where the loss's L1 term wants it, and the first gradients reach ``conv_out`` only).
+Asyrp's own ``DeltaBlock`` (``models/ddpm/diffusion.py`` of kwonminki/Asyrp_official) has
+the same layers, but its time input is the pretrained U-Net's *learned* embedding ``temb``:
+DDPM's sinusoid of width ch = 128 through the U-Net's frozen two-layer MLP (``temb.dense``)
+to 4 ch = 512, passed through SiLU before ``temb_proj``. hmine's block does not reach into
+the U-Net's time embedding (a hook on h sees h and t only), so it embeds t itself and T
+takes the place of their 512. The parameter count is the same
+formula, ``2 (C^2 + C) + (T C + C) + 2 C``: C = T = 512 (CelebA-HQ's h) gives 788,992,
+their ~0.79 M; the embedded shapes model's h has C = 128, and with T = 128 that is 49,792
+(:func:`block_parameter_count`).
+
+``conv_out`` starts at zero (Asyrp's has PyTorch's default initialisation), so the untrained
+block is no edit at all (the image starts where the loss's L1 term wants it, and the first
+gradients reach ``conv_out`` only).
 """
 
 from __future__ import annotations
@@ -34,7 +42,12 @@ def group_count(channels: int) -> int:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding (batch, dim): cosines then sines of t at geometric frequencies (DDPM's)."""
+    """Sinusoidal embedding (batch, dim): cos then sin of t at the frequencies max_period^(-k / half), k < half.
+
+    Guided diffusion's ``timestep_embedding``, i.e. diffusers' ``get_timestep_embedding`` with
+    ``flip_sin_to_cos=True, downscale_freq_shift=0`` (tested); DDPM's (and Asyrp's) puts the
+    sines first and divides by half - 1.
+    """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
