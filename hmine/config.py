@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmine.benchmark.settings import BenchmarkConfig
+from hmine.edit_names import term_names
 from hmine.interval_config import IntervalConfig
 from hmine.learning.config import LearnConfig
 from hmine.prompts import TextConfig
@@ -183,7 +184,7 @@ class EditConfig(_Frozen):
     """The edit stage: apply directions to stored samples and measure what changes."""
 
     directions: list[str] = Field(
-        default_factory=list, description="names of directions.zarr, jacobian/..., learned/<t>, learned-block-mean/<t>, learned-block/<t>, sega/<concept>; empty = every supervised direction"
+        default_factory=list, description="names of directions.zarr, jacobian/..., learned/<t>, learned-block-mean/<t>, learned-block/<t>, sega/<concept>, combinations of them ('a - 0.5*b') or one global at t ('a@t500'; hmine.edit_names); empty = every supervised direction"
     )
     n_samples: int = Field(64, ge=1, le=MAX_SAMPLES, description="the first N samples of the run are edited")
     scales: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0]
@@ -208,6 +209,12 @@ class EditConfig(_Frozen):
         "samples", description="edit the run's samples, or its inverted images (inversions.zarr, needs images:)"
     )
     sega: SegaConfig | None = Field(None, description="SEGA concepts edited as sega/<concept> (hmine.sega_edits)")
+
+    @field_validator("directions")
+    @classmethod
+    def _directions_parse(cls, directions: list[str]) -> list[str]:
+        term_names(directions)  # a malformed combination is refused in one line (hmine.edit_names); kept as written
+        return directions
 
     @field_validator("scales")
     @classmethod
@@ -375,7 +382,7 @@ class RunConfig(_Frozen):
         for field in ("directions", "edit"):
             if getattr(self, field).source == "inversions" and self.images is None:
                 raise ValueError(f"{field}.source is 'inversions' but there is no images: section to invert")
-        if self.edit.source == "inversions" and any(n.startswith("jacobian/") for n in self.edit.directions):
+        if self.edit.source == "inversions" and any(n.startswith("jacobian/") for n in term_names(self.edit.directions)):
             raise ValueError(
                 "edit.directions names per-image Jacobian directions, which exist for samples only; "
                 "with edit.source: inversions name directions of directions.zarr"

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from hmine.edit_names import term_names
+
 LEARNED_PREFIX = "learned/"  # the same names as hmine.learning.store's, which imports torch
 BLOCK_MEAN_PREFIX = "learned-block-mean/"
 BLOCK_PREFIX = "learned-block/"
@@ -28,7 +30,7 @@ def check_learned_edits(config) -> None:
     and the edited samples are not the learn stage's training samples (its last ``learn.n_train``)."""
     _check_held_out(config)
     targets = [t.name for t in config.learn.targets]
-    for name in config.edit.directions:
+    for name in term_names(config.edit.directions):  # in combinations too (hmine.edit_names)
         prefix = learned_prefix(name)
         if prefix is None:
             continue
@@ -48,7 +50,7 @@ def check_learned_edits(config) -> None:
 def _check_held_out(config) -> None:
     """The edit stage edits the first ``edit.n_samples`` samples, the learn stage trains on the last
     ``learn.n_train``: a learned edit measured on its own training samples would flatter it."""
-    if config.edit.source != "samples" or not any(learned_prefix(n) for n in config.edit.directions):
+    if config.edit.source != "samples" or not any(learned_prefix(n) for n in term_names(config.edit.directions)):
         return
     edited, train, total = config.edit.n_samples, config.learn.n_train, config.sample.n_samples
     if edited + train > total:
@@ -62,7 +64,7 @@ def open_learned_for_edits(config):
     from hmine.stages.learn import learned_path
     from hmine.stores import store_state
 
-    if not any(learned_prefix(n) for n in config.edit.directions):
+    if not any(learned_prefix(n) for n in term_names(config.edit.directions)):
         return None
     check_learned_edits(config)
     path = learned_path(config)

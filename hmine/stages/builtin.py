@@ -150,10 +150,11 @@ def invert_extra_inputs(config: "RunConfig") -> dict:
 
 
 def edit_optional_reads(config: "RunConfig") -> tuple[str, ...]:
+    from hmine.edit_names import term_names
     from hmine.learning.edit_directions import learned_prefix
     from hmine.per_image import JACOBIAN_PREFIX
 
-    names = config.edit.directions
+    names = term_names(config.edit.directions)  # the directions of combinations too
     learned = ("learn",) if any(learned_prefix(n) for n in names) else ()  # new learned results make the edits stale
     if config.edit.source == "inversions":  # new inversions make the edits stale
         return ("invert", *learned)

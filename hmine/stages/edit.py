@@ -55,6 +55,7 @@ import pandas as pd
 
 from hmine.chunk_checks import CHUNK_CHECKED_ARRAYS
 from hmine.config import RunConfig
+from hmine.edit_names import is_plain, parse_edit, term_names
 from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
 from hmine.sega_edits import is_sega, sega_concept, sega_scale_images
@@ -104,15 +105,17 @@ def select_directions(directions, requested: list[str], jacobian_group=None) -> 
     (:class:`hmine.per_image.JacobianDirection`), checked against ``jacobian_group``,
     the Jacobian stage's store; ``learned/``, ``learned-block-mean/`` and ``learned-block/``
     name the learn stage's results (:mod:`hmine.learning.edit_directions`), ``sega/`` the
-    concepts of ``edit.sega`` (:mod:`hmine.sega_edits`, checked by ``check_sega_edits``).
+    concepts of ``edit.sega`` (:mod:`hmine.sega_edits`, checked by ``check_sega_edits``); an
+    entry may also combine them or take one global at t (:mod:`hmine.edit_names`).
     """
     names = [str(n) for n in directions["name"].values]
     if requested:
-        special = (n for n in requested if not n.startswith(JACOBIAN_PREFIX) and not learned_prefix(n) and not is_sega(n))
+        named = term_names(requested)  # the directions of combinations and of names global at t too
+        special = (n for n in named if not n.startswith(JACOBIAN_PREFIX) and not learned_prefix(n) and not is_sega(n))
         unknown = [n for n in special if n not in names]
         if unknown:
             raise ValueError(f"edit.directions names {unknown}, which directions.zarr lacks; it has {names}")
-        for name in (n for n in requested if n.startswith(JACOBIAN_PREFIX)):
+        for name in (n for n in named if n.startswith(JACOBIAN_PREFIX)):
             JacobianDirection.parse(name).check_against(jacobian_group)
         return list(requested)
     methods = [str(m) for m in directions["method"].values]
@@ -283,10 +286,18 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
 
 def _direction_unit(config, name, directions, learned, jacobian_group, per_image_source, timesteps, n_keys) -> tuple:
     """(unit, scale_unit, has_direction) of an h-space edit: a direction of directions.zarr,
-    a per-image Jacobian direction, a learned one, or a delta block's editor (scale_unit None)."""
+    a per-image Jacobian direction, a learned one, a delta block's editor (scale_unit None), or a
+    combination of them (:func:`hmine.combined_edits.combined_unit`)."""
     from hmine.directions import direction_by_name
     from hmine.learning.edit_directions import block_editor_for, learned_unit
 
+    if not is_plain(name):  # a combination or a direction global at t: its terms, each resolved as below
+        from hmine.combined_edits import combined_unit
+
+        def resolve(term):
+            return _direction_unit(config, term, directions, learned, jacobian_group, per_image_source, timesteps, n_keys)
+
+        return combined_unit(parse_edit(name), resolve, [int(t) for t in timesteps], name)
     everyone = np.ones(n_keys, dtype=bool)
     if name.startswith(BLOCK_PREFIX):
         return block_editor_for(config, name, timesteps), None, everyone
@@ -400,7 +411,7 @@ def open_jacobian_for_edits(config: RunConfig):
     """The Jacobian stage's store when ``edit.directions`` names Jacobian directions, else None."""
     from hmine.stages.jacobian import jacobian_path
 
-    if not any(name.startswith(JACOBIAN_PREFIX) for name in config.edit.directions):
+    if not any(name.startswith(JACOBIAN_PREFIX) for name in term_names(config.edit.directions)):
         return None
     path = jacobian_path(config)
     if store_state(path) != "complete":

@@ -21,6 +21,7 @@ import numpy as np
 
 from hmine.chunk_checks import repair_damaged_entries
 from hmine.config import RunConfig
+from hmine.edit_names import check_at_steps
 from hmine.effects import measure_effects
 from hmine.learning.edit_directions import open_learned_for_edits
 from hmine.sega_edits import check_sega_edits, check_sega_prompts
@@ -86,6 +87,7 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     labeller = labeller or make_labeller(config.label, config.model.device)
     source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
     check_sega_prompts(source.sampler, config)
+    check_at_steps(edit.directions, source.sampler.timesteps.tolist())  # 'name@t<step>': one of the sampler's steps
     # the edits depend on the settings and on the very directions they apply: the input
     # identity holds both, and a store made from other inputs is replaced
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
