@@ -341,7 +341,9 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
         )
     parts.append(matched_strength_html(effects, attributes, noun))
     from hmine.sweeps import edit_sweep_html
+    from hmine.text_effects import s_dir_html
 
+    parts.append(s_dir_html(effects))  # text-driven edits only
     parts.append(edit_sweep_html(run_dir, img, noun[:-1]))
     flips = best_flip_rates(effects)
     if len(flips):

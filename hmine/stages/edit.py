@@ -40,7 +40,9 @@ Outputs in the run directory:
     leakage); :mod:`hmine.effects`. :mod:`hmine.strength` reads it at matched strength.
     The scores are the labeller's of the edited images, for inverted images too; the
     decision thresholds are the directions' (``directions.threshold``; ``median``: of the
-    label stage's scores of the samples).
+    label stage's scores of the samples). For text-driven edits (a CLIP learn target, a
+    CLIP-labelled direction, a SEGA concept) ``s_dir`` and ``s_dir_std``: CLIP's directional
+    similarity and its std (:mod:`hmine.text_effects`; NaN for the other edits).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from hmine.stages.edit import (
     with_interval,
 )
 from hmine.stages.sample import StageResult, progress
+from hmine.text_effects import with_directional_similarity
 from hmine.stores import CONFIG_HASH, STORE_UUID, mark_complete, open_group, prepare_store, provenance_attrs, write_table
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def finish_edit_stage(config: RunConfig, plan: ShardPlan, computed: int) -> Stag
     labels = read_labels(config) if threshold == "median" else None  # a number needs no labels
     thresholds = decision_thresholds(labels, config.label.attributes, threshold)
     effects = measure_effects(group, names, state.scales, state.labeller, thresholds)
+    effects = with_directional_similarity(effects, group, names, state.scales, config)  # S_dir of text-driven edits
     meta = {CONFIG_HASH: group.attrs[CONFIG_HASH], "hmine:edits_uuid": group.attrs[STORE_UUID]}
     write_table(effects, config.run_dir / EFFECTS_TABLE, meta)
     seconds = time.perf_counter() - state.started
