@@ -103,19 +103,28 @@ def _on_schedule(directions, names: list[str], timesteps: np.ndarray):
 def _sweep(sampler, inversion, directions, name, attribute, scales, labeller, asymmetric=True) -> dict:
     from hmine.inversion.edits import edit_inverted
 
-    before = labeller.score(inversion.images.numpy())[attribute].to_numpy() > 0.5
+    from hmine.world import BINARY_ATTRIBUTES
+
+    decided = labeller.score(inversion.images.numpy()) > 0.5
+    before = decided[attribute].to_numpy()
+    others = [a for a in BINARY_ATTRIBUTES if a != attribute and a in decided.columns]
     signs = np.where(before, -1.0, 1.0)
     t0 = time.perf_counter()
     edited = edit_inverted(sampler, inversion, directions, name, np.outer(scales, signs), asymmetric=asymmetric)
     out = {"n_negative": int((~before).sum()), "n_positive": int(before.sum()), "per_scale": {}}
     for scale, images in zip(scales, edited):
-        score = labeller.score(images)[attribute].to_numpy()
+        scores = labeller.score(images)
+        score = scores[attribute].to_numpy()
         flipped = (score > 0.5) != before
+        changed = {a: float(((scores[a].to_numpy() > 0.5) != decided[a].to_numpy()).mean()) for a in others}
         out["per_scale"][f"{scale:g}"] = {
             "flip_rate": round(float(flipped.mean()), 3),
             "to_positive": round(float(flipped[~before].mean()), 3) if (~before).any() else None,
             "to_negative": round(float(flipped[before].mean()), 3) if before.any() else None,
             "undecided": round(float(((score > 0.1) & (score < 0.9)).mean()), 3),
+            # leakage: the largest share of another attribute's decisions the edit changed
+            "leakage": round(max(changed.values()), 3) if changed else None,
+            "leakage_attribute": max(changed, key=changed.get) if changed else None,
             "flipped": flipped.astype(int).tolist(),  # per image, for the breakdown by true factor
         }
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -236,6 +245,18 @@ def main() -> None:
                 write_strip(np.swapaxes(shown, 0, 1), strip, upscale=2)
 
 
+def _sweep_cell(result: dict | None) -> str:
+    """'rate (to positive / to negative)', with the leakage where it was recorded."""
+    if result is None:
+        return "-"
+
+    def rate(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    cell = f"{result['flip_rate']:.2f} ({rate(result['to_positive'])} / {rate(result['to_negative'])})"
+    return cell if result.get("leakage") is None else f"{cell}, leakage {result['leakage']:.2f}"
+
+
 def markdown(paths: list[Path]) -> str:
     """Far-side sweeps, x_T statistics and class gaps along the probe of figures files, as markdown tables."""
     out = []
@@ -256,9 +277,7 @@ def markdown(paths: list[Path]) -> str:
         for source, sweeps in f["far_side_sweeps"].items():
             for name, sweep in sweeps.items():
                 cells = [sweep["per_scale"].get(f"{s:g}") for s in scales]
-                rows.append([source, step, name, *(
-                    "-" if c is None else f"{c['flip_rate']:.2f} ({rate(c['to_positive'])} / {rate(c['to_negative'])})"
-                    for c in cells)])
+                rows.append([source, step, name, *(_sweep_cell(c) for c in cells)])
     n = sorted({f["n"] for f in files})
     table(["source", "step", f"direction ({'/'.join(map(str, n))} images)", *(f"{s:g}" for s in scales)], rows)
     stats = {source: (f["unedited_agrees_with_truth"].get(source), v) for f in files
