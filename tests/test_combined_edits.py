@@ -122,6 +122,15 @@ def test_combinations_and_global_at_t_edit_by_the_sum_of_their_deltas(own_run):
     np.testing.assert_array_equal(edits["images"][2, 2, 3:], x0[3:])  # samples without the Jacobian term: as sampled
     for d in range(len(entries)):
         np.testing.assert_array_equal(edits["images"][d, 1], x0)  # scale 0: exact
+    # the Python API takes the same entries and makes the same images
+    import hmine
+    from hmine.pipeline import write_run_config
+
+    write_run_config(config)
+    api = hmine.open_run(config.run_dir)
+    for d, entry in enumerate(entries[:3]):
+        image = api.edit(1, entry, [4.0]).values[0]
+        np.testing.assert_allclose(image, edits["images"][d, 2, 1], rtol=1e-5, atol=1e-5)  # float32 sums in another order
 
 
 @pytest.mark.parametrize(

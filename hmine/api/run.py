@@ -249,7 +249,7 @@ class Run:
                 raise ValueError("combinations cannot be nested")
             return [t for d, w in pairs for t in self._terms(d, w)]
         if isinstance(direction, str):
-            return [self._named_term(direction, weight)]
+            return self._text_terms(direction, weight)
         if isinstance(direction, xr.Dataset):
             return [_dataset_term(direction, weight, label)]
         from hmine.directions import normalise_direction
@@ -261,6 +261,23 @@ class Run:
         raw = xr.DataArray(values, dims=("step", "channel", "y", "x"), coords={"step": h["step"].values})
         unit, scale_unit = normalise_direction(raw, h)
         return [_Term(label or "vector", unit.values, scale_unit.values, weight)]
+
+    def _text_terms(self, text: str, weight: float) -> list[_Term]:
+        """A name, a name global at t (``pca/1@t500``) or a combination (``probe/is_red - 0.5*pca/0``),
+        as ``edit.directions`` writes them (:mod:`hmine.edit_names`)."""
+        from hmine.combined_edits import at_step
+        from hmine.edit_names import is_plain, parse_edit
+
+        if is_plain(text):
+            return [self._named_term(text, weight)]
+        terms = []
+        for term in parse_edit(text):
+            named = self._named_term(term.name, weight * term.weight)
+            if term.at_step is not None:
+                named.unit, named.scale_unit = at_step(term, named.unit, named.scale_unit, self.samples["step"].values.tolist())
+                named.label = f"{term.name}@t{term.at_step}"
+            terms.append(named)
+        return terms
 
     def _named_term(self, name: str, weight: float) -> _Term:
         from hmine.directions import direction_by_name

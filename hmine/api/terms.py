@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # imported lazily at run time: ``import hmine`` stays cheap
 from hmine.api.grid import _as_numpy
 
 
-#: A direction for :meth:`Run.edit`: a name (``"probe/is_red"``, ``"jacobian/localised/0"``),
+#: A direction for :meth:`Run.edit`: a name (``"probe/is_red"``, ``"jacobian/localised/0"``), a name
+#: global at t or a combination written as in ``edit.directions`` (``"pca/1@t500"``,
+#: ``"probe/is_red - 0.5*pca/0"``; :mod:`hmine.edit_names`),
 #: a vector (numpy array, torch tensor or DataArray of shape (step, channel, y, x) or
 #: (channel, y, x)), a dataset with ``direction`` and ``scale_unit`` (one direction of
 #: ``run.directions``, used as it is), or a combination: a mapping name -> weight, or a
