@@ -16,8 +16,10 @@ An entry of ``edit.directions`` is
   block's term: s * w_i * f(h, t)), so each term keeps its own scale unit (std of the data
   along it; 1 for the trained strength of a learned edit).
 
-SEGA concepts are sampled again with their guidance rather than added to h, so they are
-named alone. This module imports only the standard library (the run config imports it).
+SEGA concepts are sampled again with their guidance rather than added to h: they combine
+only with each other, ``sega/glasses + 0.5*sega/smile`` sampling with both concepts at once,
+each at |s w| times its guidance (:mod:`hmine.sega_edits`), and have no step. This module
+imports only the standard library (the run config imports it).
 """
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ def parse_edit(text: str) -> list[EditTerm]:
         if name.startswith(JACOBIAN_PREFIX):  # its @t<step> is its own (hmine.per_image.JacobianDirection)
             name, step = name + ("" if step is None else f"@t{step}"), None
         terms.append(EditTerm(name, weight, None if step is None else int(step)))
-    if any(t.name.startswith(SEGA_PREFIX) for t in terms) and (
-        len(terms) > 1 or terms[0].weight != 1.0 or terms[0].at_step is not None
-    ):
-        raise ValueError(f"edit.directions: {text!r} combines or steps a SEGA concept, which is sampled again with its "
-                         "guidance, not added to h; name it alone (sega/<concept>) and set its strength with edit.scales")  # fmt: skip
+    sega = [t.name.startswith(SEGA_PREFIX) for t in terms]
+    if any(sega) and (not all(sega) or any(t.at_step is not None for t in terms)):
+        raise ValueError(f"edit.directions: {text!r} combines a SEGA concept with h-space directions or takes it at a "
+                         "step; a SEGA concept is sampled again with its guidance, not added to h: combine SEGA "
+                         "concepts only with each other ('sega/a + 0.5*sega/b')")  # fmt: skip
     return terms
 
 

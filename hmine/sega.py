@@ -220,12 +220,14 @@ def _sample_sega(sampler: Sampler, seeds: list[int], sega: Sega, edit_states, re
     )
 
 
-def sega_edit(sampler: Sampler, seeds: Sequence[int], config, name: str, scale: float, *, record_h: bool = False) -> SampleOutput:
+def sega_edit(sampler: Sampler, seeds: Sequence[int], config, name, scale: float, *, record_h: bool = False) -> SampleOutput:
     """The seeds' images with SEGA concept ``name`` of ``config`` (:class:`hmine.sega_config.SegaConfig`)
     at signed edit scale ``scale`` (:meth:`~hmine.sega_config.SegaConfig.scaled`): scale 0 is the
-    unedited sample, a negative scale guides away from the concept."""
+    unedited sample, a negative scale guides away from the concept. ``name`` may also be a
+    sequence of (concept, weight) pairs: all of them at once, each at signed scale weight x scale."""
+    terms = [(name, 1.0)] if isinstance(name, str) else [(str(n), float(w)) for n, w in name]
     sega = Sega(
-        concepts=(SegaConcept(**config.scaled(name, scale)),),
+        concepts=tuple(SegaConcept(**config.scaled(n, w * scale)) for n, w in terms),
         momentum_scale=config.momentum_scale,
         momentum_beta=config.momentum_beta,
     )

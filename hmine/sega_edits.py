@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from hmine.edit_names import parse_edit, term_names
+
 SEGA_PREFIX = "sega/"
 
 
@@ -50,7 +52,7 @@ def check_sega_edits(config) -> None:
         One line naming the field and the fix.
     """
     edit = config.edit
-    names = [n for n in edit.directions if is_sega(n)]
+    names = [n for n in term_names(edit.directions) if is_sega(n)]  # the concepts of combinations too
     if not names:
         return
     if edit.sega is None:
@@ -97,23 +99,27 @@ def check_sega_edits(config) -> None:
 
 def check_sega_prompts(sampler, config) -> None:
     """Refuse an editing prompt of ``edit.sega`` over the tokenizer's limit (one line naming it)."""
-    for concept in {sega_concept(n) for n in config.edit.directions if is_sega(n)}:
+    for concept in {sega_concept(n) for n in term_names(config.edit.directions) if is_sega(n)}:
         sampler.text.embed(config.edit.sega.concepts[concept].prompt, f"edit.sega.concepts.{concept}.prompt")
 
 
 def sega_scale_images(
-    sampler, keys: Sequence[int], sega, concept: str, scales: Sequence[float], batch_size: int
+    sampler, keys: Sequence[int], sega, entry: str, scales: Sequence[float], batch_size: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(index into ``scales``, images of every key) for each scale != 0, by :func:`hmine.sega.sega_edit`.
+
+    ``entry`` is ``sega/<concept>`` or a combination of concepts, ``sega/a + 0.5*sega/b``
+    (:mod:`hmine.edit_names`): at scale s every concept at once, each at signed scale w x s.
 
     The keys are seeds; ``batch_size`` of them share one SEGA call (of three U-Net branches
     each: unconditional, conditional and the concept's).
     """
     from hmine.sega import sega_edit
 
+    concepts = [(sega_concept(term.name), term.weight) for term in parse_edit(entry)]
     for s, scale in enumerate(scales):
         if scale == 0.0:
             continue
         chunks = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
-        images = [sega_edit(sampler, chunk, sega, concept, scale).images.float().cpu().numpy() for chunk in chunks]
+        images = [sega_edit(sampler, chunk, sega, concepts, scale).images.float().cpu().numpy() for chunk in chunks]
         yield s, np.concatenate(images)

@@ -60,7 +60,7 @@ from hmine.config import RunConfig
 from hmine.edit_names import is_plain, parse_edit, term_names
 from hmine.learning.edit_directions import BLOCK_PREFIX, learned_prefix
 from hmine.per_image import JACOBIAN_PREFIX, JacobianDirection, per_image_units
-from hmine.sega_edits import is_sega, sega_concept, sega_scale_images
+from hmine.sega_edits import is_sega, sega_scale_images
 from hmine.stages.sample import StageResult, make_sampler, samples_path
 from hmine.stores import (
     CONFIG_HASH,
@@ -271,7 +271,7 @@ def _edit(config: RunConfig, group, source: EditSource, directions, jacobian_gro
     for d in todo:
         if is_sega(names[d]):  # a SEGA concept: sampled again with it at each scale
             has_direction = np.ones(len(keys), dtype=bool)
-            _edit_sega(group, d, source, edit.sega, sega_concept(names[d]), scales, batch_size)
+            _edit_sega(group, d, source, edit.sega, names[d], scales, batch_size)
         else:
             unit, scale_unit, has_direction = _direction_unit(
                 config, names[d], directions, learned, jacobian_group, per_image_source, sampler.timesteps, len(keys)
@@ -312,11 +312,11 @@ def _direction_unit(config, name, directions, learned, jacobian_group, per_image
     return tuple(part[:n_keys] for part in per_image[:3])
 
 
-def _edit_sega(group, d, source, sega, concept, scales, batch_size) -> None:
-    """Write ``images[d]`` of SEGA concept ``concept``: scale 0 the stored ``x0``, the others
+def _edit_sega(group, d, source, sega, entry, scales, batch_size) -> None:
+    """Write ``images[d]`` of ``entry``, a SEGA concept or a combination of them: scale 0 the stored ``x0``, the others
     :func:`hmine.sega.sega_edit` of the samples' seeds (:mod:`hmine.sega_edits`)."""
     group["images"][d, scales.index(0.0)] = source.originals
-    for s, images in sega_scale_images(source.sampler, source.keys, sega, concept, scales, batch_size):
+    for s, images in sega_scale_images(source.sampler, source.keys, sega, entry, scales, batch_size):
         group["images"][d, s] = images
 
 
