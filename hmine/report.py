@@ -19,6 +19,7 @@ import pandas as pd
 from hmine.config import RunConfig
 from hmine.imaging import write_image_grid
 from hmine.stores import open_group, store_state, table_meta
+from hmine.strength import direction_attribute
 
 # a stage whose output is missing or not marked complete is not read: a partial store
 # holds fill values where work is missing
@@ -75,7 +76,7 @@ def best_flip_rates(effects: pd.DataFrame) -> pd.DataFrame:
     """
     rows = {}
     for name, group in effects[effects["scale"] != 0].groupby("direction", sort=True):
-        attribute = name.split("/")[-1].split("|")[0]
+        attribute = direction_attribute(name)
         own = group[group["attribute"] == attribute]
         if own.empty or own[["flip_to_positive", "flip_to_negative"]].isna().all().all():
             continue  # PCA directions, or a continuous attribute: no decision to flip
@@ -357,7 +358,7 @@ def edit_section(config: RunConfig, run_dir: Path, img: Path) -> str:
     for attribute in attributes:
         shown = []
         for name in sorted(effects["direction"].unique()):
-            if attribute not in name.split("/")[-1].split("|")[0:1]:
+            if attribute != direction_attribute(name):
                 continue
             from hmine.stages.edit import strip_filename
 

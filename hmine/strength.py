@@ -37,7 +37,15 @@ _QUALITY = ("confident_share", "frechet_distance")  # per (direction, scale): re
 
 def direction_attribute(name: str) -> str:
     """The attribute a direction name is about: ``probe/is_red``, ``regression/is_red``,
-    ``conditional/mean_difference/is_red|is_circle,is_large`` → ``is_red``."""
+    ``conditional/mean_difference/is_red|is_circle,is_large`` → ``is_red``; an entry global at
+    t or a combination (:mod:`hmine.edit_names`) is about its first term's: ``probe/is_red@t500``,
+    ``probe/is_red - 0.5*probe/is_circle`` → ``is_red``."""
+    from hmine.edit_names import parse_edit
+
+    try:
+        name = parse_edit(name)[0].name
+    except ValueError:  # not an edit.directions entry: the name as it is
+        pass
     return name.split("/")[-1].split("|")[0]
 
 

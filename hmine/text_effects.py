@@ -40,12 +40,15 @@ class TextPair:
 
 def text_pairs(config, names) -> dict[str, TextPair]:
     """The text pair of each of ``names`` that is text-driven (module docstring)."""
+    from hmine.edit_names import is_plain
     from hmine.learning.edit_directions import learned_prefix
     from hmine.sega_edits import is_sega, sega_concept
     from hmine.strength import direction_attribute
 
     label, targets, pairs = config.label, {t.name: t for t in config.learn.targets}, {}
     for name in names:
+        if not is_plain(name):  # a combination or a direction global at t: no one pair of texts
+            continue
         prefix = learned_prefix(name)
         if prefix is not None:
             target = targets.get(name[len(prefix) :])

@@ -35,6 +35,15 @@ def test_parsing_terms_weights_and_steps():
     assert term_names(["a + b", "b - 0.5*c@t3"]) == ["a", "b", "c"]
 
 
+def test_an_entry_is_about_its_first_terms_attribute():
+    from hmine.strength import direction_attribute
+
+    assert direction_attribute("probe/is_red - 0.5*probe/is_circle") == "is_red"  # was is_circle: the last term's
+    assert direction_attribute("conditional/mean_difference/is_red|is_circle@t500") == "is_red"
+    assert direction_attribute("sega/is_left_bright - 0.5*sega/square") == "is_left_bright"
+    assert direction_attribute("probe/is_red") == "is_red"
+
+
 @pytest.mark.parametrize(
     "entry, message",
     [

@@ -59,6 +59,7 @@ def test_text_pairs_of_learned_clip_targets_clip_labelled_directions_and_sega_co
                                    f"edit.sega={json.dumps(sega)}"])  # fmt: skip
     assert text_pairs(with_sega, ["sega/glasses", "sega/away"]) == {
         "sega/glasses": TextPair("", "glasses", str(tiny_clip_dir)), "sega/away": TextPair("hat", "", str(tiny_clip_dir))}  # fmt: skip
+    assert text_pairs(run, ["probe/redness - 0.5*pca/0", "probe/redness@t0"]) == {}  # no one pair of texts
     world = load_config(None, [f"output_root={run.output_root}"])  # the world classifier: no text but learn targets'
     assert text_pairs(world, ["probe/is_red"]) == {}
 
