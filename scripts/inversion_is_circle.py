@@ -271,16 +271,20 @@ def markdown(paths: list[Path]) -> str:
 
     files = [json.loads(Path(p).read_text()) for p in paths]
     scales = sorted({s for f in files for s in f["scales"]})
+    n = sorted({f["n"] for f in files})
+
+    def label(source, f):  # the number of images too where the files differ in it
+        return source if len(n) == 1 else f"{source} ({f['n']} images)"
+
     rows = []
     for f in files:
         step = "asymmetric" if f.get("asymmetric", True) else "symmetric"
         for source, sweeps in f["far_side_sweeps"].items():
             for name, sweep in sweeps.items():
                 cells = [sweep["per_scale"].get(f"{s:g}") for s in scales]
-                rows.append([source, step, name, *(_sweep_cell(c) for c in cells)])
-    n = sorted({f["n"] for f in files})
+                rows.append([label(source, f), step, name, *(_sweep_cell(c) for c in cells)])
     table(["source", "step", f"direction ({'/'.join(map(str, n))} images)", *(f"{s:g}" for s in scales)], rows)
-    stats = {source: (f["unedited_agrees_with_truth"].get(source), v) for f in files
+    stats = {label(source, f): (f["unedited_agrees_with_truth"].get(source), v) for f in files
              for source, v in f.get("x_T_statistics", {}).items()}
     if stats:
         table(["x_T of", "unedited agrees with truth", "std (1)", "lag-1 autocorrelation (0)",
@@ -291,7 +295,8 @@ def markdown(paths: list[Path]) -> str:
                 " / ".join(f"{x:.2f}" for x in v["channel_mean_positive_minus_negative_x_sqrt_hw"] or []),
                 " / ".join(f"{x:.2f}" for x in v["channel_mean_correlation_with_image"])]
                for source, (agree, v) in stats.items()])
-    along = {k: v for f in files for k, v in f.get("along_probe_in_scale_units", {}).items()}
+    along = {k if k == "first_256_samples" else label(k, f): v for f in files
+             for k, v in f.get("along_probe_in_scale_units", {}).items()}
     shown = [900, 700, 500, 300, 100, 0]
     rows = []
     for source, v in along.items():
