@@ -99,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_cluster_server(args, config, stages) -> None:
+    """A cluster that outlives this command needs a Prefect server that does too.
+
+    Without ``PREFECT_API_URL`` hmine starts a temporary server that exits with the command.
+    The workers of an existing cluster (``runner.address``) keep the address of the first
+    server they report to, so the next command's shards fail on them (measured: ``hmine
+    label --dask ADDRESS`` after ``hmine sample --dask ADDRESS`` could not acquire its
+    concurrency slots from the sample command's exited server).
+    """
+    if args.no_prefect or config.runner.kind != "dask" or not config.runner.address:
+        return
+    if set(stages) & DASK_STAGES and not os.environ.get("PREFECT_API_URL"):
+        raise ValueError(
+            f"runner.address {config.runner.address} is a Dask cluster that outlives this command, but "
+            "PREFECT_API_URL is not set, so its workers would keep reporting to this command's temporary "
+            "Prefect server after it exits; start one (prefect server start), export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api to the workers and to hmine, or use --dask local"
+        )
+
+
 def _run_stages(args, stages) -> int:
     from hmine.config import load_config
     from hmine.pipeline import prepare_run, run_stages
@@ -116,6 +136,7 @@ def _run_stages(args, stages) -> int:
     if args.no_prefect and config.runner.kind == "dask" and set(stages) & DASK_STAGES:
         logging.getLogger("hmine").warning("--no-prefect: runner.kind dask is ignored, every stage runs here")
     check_run_inputs(config, stages)  # bad input is refused before the run directory is touched
+    _check_cluster_server(args, config, stages)
     exit_cleanly_on_signals()
     created = _first_missing_folder(config.run_dir)  # the folders this command will create
     try:

@@ -105,6 +105,18 @@ def test_dask_flag_sets_the_runner(tmp_path):
         _run_stages(args, ("sample",))  # main() prints it as an error, exit status 2
 
 
+def test_a_cluster_address_without_a_lasting_prefect_server_is_refused(config_file, tmp_path):
+    """Workers of an existing cluster keep the first server's address; a temporary one exits."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    command = [*HMINE, "sample", str(config_file), "--dask", "tcp://127.0.0.1:9"]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: runner.address tcp://127.0.0.1:9") and "PREFECT_API_URL" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "stores").exists()  # refused before anything is written
+
+
 def _broken_model(tiny_pixel_model_dir, tmp_path, damage):
     import shutil
 
