@@ -27,15 +27,26 @@ def _files_digest(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -
     return digest.hexdigest()[:16]
 
 
-def weights_fingerprint(folder: Path) -> str:
-    """Content hash of the weight files under a local model folder ("" if there are none).
+#: Weight files, and the configuration and tokenizer files that change what the same weights
+#: compute (a scheduler's ``clip_sample`` or ``prediction_type``, a classifier's thresholds).
+#: Model cards and sample images are left out: editing them changes no result.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+IDENTITY_SUFFIXES = (*WEIGHT_SUFFIXES, ".json", ".txt")
 
-    Local and embedded models have no revision, so the weights themselves identify them:
-    retraining the embedded model invalidates stores made with the old one.
+
+def weights_fingerprint(folder: Path) -> str:
+    """Content hash of the weight, config and tokenizer files under a local model folder
+    ("" if it has no weight files).
+
+    Local and embedded models have no revision, so their files identify them: retraining
+    the embedded model, or changing its scheduler config, invalidates stores made before.
     """
-    files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+    found = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in IDENTITY_SUFFIXES)
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in found):
+        return ""
+    files = [str(p) for p in found]
     stamps = tuple((os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
-    return _files_digest(tuple(files), stamps) if files else ""
+    return _files_digest(tuple(files), stamps)
 
 
 def model_identity(model_id: str, revision: str | None) -> str:

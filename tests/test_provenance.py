@@ -116,3 +116,27 @@ def test_a_hub_revision_is_pinned_to_its_commit_on_first_use(tiny_pixel_model_di
     out = sample("--set", "name=hub2")
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "stores" / "hub2" / "config.json").read_text())["model"]["revision"] == second
+
+
+def test_a_local_models_identity_sees_its_config_files_but_not_its_card(tmp_path):
+    """A scheduler config changes what the same weights sample (clip_sample, prediction_type):
+    stores made before must not be reused. A model card changes nothing."""
+    import shutil
+
+    from hmine.identity import model_identity, weights_fingerprint
+    from hmine.models import embedded_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(embedded_model_path("embedded:shapes-ddpm"), folder)
+    before = model_identity(str(folder), None)
+    assert before == model_identity("embedded:shapes-ddpm", None) != ""
+    (folder / "MODEL_CARD.md").write_text("edited card")
+    assert model_identity(str(folder), None) == before
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    settings = json.loads(scheduler.read_text())
+    settings["clip_sample"] = not settings.get("clip_sample", True)
+    scheduler.write_text(json.dumps(settings))
+    assert model_identity(str(folder), None) != before
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    assert weights_fingerprint(folder) == ""  # config files alone identify no model
