@@ -34,6 +34,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 IDENTITY_SUFFIXES = (*WEIGHT_SUFFIXES, ".json", ".txt")
 
 
+def _identifies(relative: Path) -> bool:
+    """Weight files anywhere; config and tokenizer files where diffusers and transformers put
+    them, in the folder or a component's subfolder (``scheduler/scheduler_config.json``), so
+    that what a run writes below a model folder (a store's ``zarr.json``) never counts."""
+    if relative.suffix in WEIGHT_SUFFIXES:
+        return True
+    return relative.suffix in IDENTITY_SUFFIXES and len(relative.parts) <= 2 and not relative.parts[0].endswith(".zarr")
+
+
 def weights_fingerprint(folder: Path) -> str:
     """Content hash of the weight, config and tokenizer files under a local model folder
     ("" if it has no weight files).
@@ -41,7 +50,8 @@ def weights_fingerprint(folder: Path) -> str:
     Local and embedded models have no revision, so their files identify them: retraining
     the embedded model, or changing its scheduler config, invalidates stores made before.
     """
-    found = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in IDENTITY_SUFFIXES)
+    folder = Path(folder)
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and _identifies(p.relative_to(folder)))
     if not any(p.suffix in WEIGHT_SUFFIXES for p in found):
         return ""
     files = [str(p) for p in found]

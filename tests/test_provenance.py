@@ -131,6 +131,10 @@ def test_a_local_models_identity_sees_its_config_files_but_not_its_card(tmp_path
     before = model_identity(str(folder), None)
     assert before == model_identity("embedded:shapes-ddpm", None) != ""
     (folder / "MODEL_CARD.md").write_text("edited card")
+    (folder / "h.zarr").mkdir()
+    (folder / "h.zarr" / "zarr.json").write_text("{}")  # what a run may write below the folder
+    (folder / "stores" / "run").mkdir(parents=True)
+    (folder / "stores" / "run" / "config.json").write_text("{}")
     assert model_identity(str(folder), None) == before
     scheduler = folder / "scheduler" / "scheduler_config.json"
     settings = json.loads(scheduler.read_text())
