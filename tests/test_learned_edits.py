@@ -38,15 +38,19 @@ def _config(root, *extra):
     ])  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    config = _config(tmp_path_factory.mktemp("learned-edits"))
+def run_through_learned_edit(config):
+    """Sample, label, directions, learn and edit, in one process; ``config`` back."""
     run_sample_stage(config, show_progress=False)
     run_label_stage(config, show_progress=False)
     run_directions_stage(config)
     run_learn_stage(config, show_progress=False)
     run_edit_stage(config, show_progress=False)
     return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return run_through_learned_edit(_config(tmp_path_factory.mktemp("learned-edits")))
 
 
 def test_the_edits_are_the_learning_librarys_own_regenerations(run):

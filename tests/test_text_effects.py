@@ -7,14 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from test_learned_edits import run_through_learned_edit
 from test_learning import _hand_clip, _hand_cosines
 
 from hmine.config import load_config
-from hmine.stages.directions import run_directions_stage
-from hmine.stages.edit import EFFECTS_TABLE, run_edit_stage
-from hmine.stages.label import run_label_stage
-from hmine.stages.learn import run_learn_stage
-from hmine.stages.sample import run_sample_stage
+from hmine.stages.edit import EFFECTS_TABLE
 from hmine.stores import open_group
 from hmine.text_effects import TextPair, s_dir_html, text_pairs
 
@@ -40,12 +37,7 @@ def run(tmp_path_factory, tiny_clip_dir):
         "learn.time_embedding_dim=8", "directions.pca_components=2", "edit.n_samples=4", "edit.scales=[-2,1.5]",
         "edit.batch_size=8", f"edit.directions={json.dumps(NAMES)}",
     ])  # fmt: skip
-    run_sample_stage(config, show_progress=False)
-    run_label_stage(config, show_progress=False)
-    run_directions_stage(config)
-    run_learn_stage(config, show_progress=False)
-    run_edit_stage(config, show_progress=False)
-    return config
+    return run_through_learned_edit(config)
 
 
 def test_text_pairs_of_learned_clip_targets_clip_labelled_directions_and_sega_concepts(run, tiny_clip_dir):
