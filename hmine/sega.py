@@ -17,7 +17,9 @@ added to the classifier-free guidance, with momentum. This is the arithmetic of 
 
 As in the pipeline, the guidance acts on the U-Net's output (eps for an epsilon model, v
 for a v-prediction one), and needs classifier-free guidance (``guidance_scale`` != 1).
-Momentum scale and beta are one pair for all concepts, as in SEGA and the pipeline.
+Momentum scale and beta are one pair for all concepts, as in SEGA and the pipeline. Unlike
+the pipeline, :func:`sample_sega` refuses a concept whose ``warmup_steps`` is not below the
+number of steps, which would never be applied (the pipeline's default 10 at 10 steps).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from hmine.hooks import HSpaceHook
 from hmine.sampling import SampleOutput, Sampler, noise_for_seed
+from hmine.sega_config import check_warmup_applies
 from hmine.threads import model_threads
 
 
@@ -174,8 +177,10 @@ def sample_sega(
     Raises
     ------
     ValueError
-        The sampler has no text or no classifier-free guidance, or an editing prompt is
-        over the tokenizer's limit (one line naming ``sega.concepts``).
+        The sampler has no text or no classifier-free guidance, a concept's ``warmup_steps``
+        is not below the sampler's ``num_inference_steps`` (the concept would never be
+        applied), or an editing prompt is over the tokenizer's limit (one line naming
+        ``sega.concepts``).
     """
     text = sampler.text
     if text is None or not text.config.guided:
@@ -183,6 +188,10 @@ def sample_sega(
             "SEGA needs a text-conditional model with classifier-free guidance: set sample.text and "
             "a sample.text.guidance_scale other than 1"
         )
+    for i, concept in enumerate(sega.concepts):
+        check_warmup_applies(concept.warmup_steps, sampler.num_inference_steps,
+                             f"sega.concepts[{i}].warmup_steps (concept {concept.prompt!r})",
+                             "the sampler's num_inference_steps")  # fmt: skip
     edit_states = [text.embed(c.prompt, "sega.concepts.prompt") for c in sega.concepts]
     with model_threads(sampler.torch_threads), sampler.conditioned_on(seeds, prompts=prompts):
         out = _sample_sega(sampler, list(seeds), sega, edit_states, record_h)

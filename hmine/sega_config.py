@@ -34,6 +34,23 @@ class SegaConceptConfig(BaseModel):
         return self
 
 
+def check_warmup_applies(warmup_steps: int, num_inference_steps: int, field: str, steps_field: str) -> None:
+    """Refuse a SEGA concept whose warm-up leaves it never applied (one line naming ``field``).
+
+    The sampling loop applies a concept from step index ``warmup_steps`` on (``step >=
+    warmup_steps`` in :func:`hmine.sega.semantic_guidance`, as in diffusers'
+    ``SemanticStableDiffusionPipeline``) and its steps are 0 .. ``num_inference_steps`` - 1:
+    a warm-up of ``num_inference_steps`` - 1 applies the concept at the last step, one of
+    ``num_inference_steps`` or more never does, and the "edited" image is the unedited one.
+    ``field`` and ``steps_field`` name the two settings where the caller reads them.
+    """
+    if warmup_steps >= num_inference_steps:
+        raise ValueError(
+            f"{field} is {warmup_steps} but {steps_field} is {num_inference_steps}: the concept would never be "
+            f"applied; set warmup_steps below {num_inference_steps} (it must be < num_inference_steps)"
+        )
+
+
 class SegaConfig(BaseModel):
     """Named SEGA concepts and the momentum shared by all of them."""
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from hmine.edit_names import parse_edit, term_names
+from hmine.sega_config import check_warmup_applies
 
 SEGA_PREFIX = "sega/"
 
@@ -66,14 +67,9 @@ def check_sega_edits(config) -> None:
             f"edit.directions names {unknown}, which edit.sega.concepts lacks (it has "
             f"{sorted(edit.sega.concepts)}); add the concept or fix the name"
         )
-    steps = config.sample.num_inference_steps
     for concept in sorted({sega_concept(n) for n in names}):
-        warmup = edit.sega.concepts[concept].warmup_steps
-        if warmup >= steps:
-            raise ValueError(
-                f"edit.sega.concepts.{concept}.warmup_steps is {warmup} but sample.num_inference_steps is {steps}: "
-                f"the concept would never be applied; set warmup_steps below {steps} (it must be < num_inference_steps)"
-            )
+        check_warmup_applies(edit.sega.concepts[concept].warmup_steps, config.sample.num_inference_steps,
+                             f"edit.sega.concepts.{concept}.warmup_steps", "sample.num_inference_steps")  # fmt: skip
     text = config.sample.text
     if text is None:
         raise ValueError(

@@ -75,17 +75,32 @@ def test_sega_equals_semantic_stable_diffusion_pipeline(tiny_sd, semantic_pipe, 
     assert ours.h.shape == (3, STEPS, 16, 4, 4)
 
 
-def test_sega_h_is_the_conditional_branch_and_before_warmup_equals_plain_sampling(tiny_sd):
+def test_sega_h_is_the_conditional_branch_and_a_concept_warming_up_at_the_last_step_applies_there(tiny_sd):
     from hmine.sampling import Sampler
 
     text = TextConfig(prompts=PROMPTS, guidance_scale=5.0)
     sampler = Sampler(tiny_sd, num_inference_steps=STEPS, torch_threads=1, text=text)
     seeds = [1, 2]
-    late = Sega(concepts=(SegaConcept("a blue circle", warmup_steps=STEPS),), momentum_scale=0.0)
-    sega, plain = sample_sega(sampler, seeds, late), sampler.sample(seeds)
-    # a concept that never warms up (and no momentum) leaves the samples as they are
-    assert (sega.images - plain.images).abs().max().item() <= 1e-5
+    last = Sega(concepts=(SegaConcept("a blue circle", warmup_steps=STEPS - 1, guidance_scale=20.0),), momentum_scale=0.0)
+    sega, plain = sample_sega(sampler, seeds, last), sampler.sample(seeds)
+    # steps are 0 .. STEPS - 1 and a concept applies from step warmup_steps on: warm-up STEPS - 1 guides
+    # the last step only (t = 1, a small change: 6e-4), after its h is recorded, so h is plain sampling's
     assert (sega.h - plain.h).abs().max().item() <= 1e-5
+    assert (sega.images - plain.images).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("warmup", [STEPS, 10])
+def test_a_concept_warming_up_past_the_last_step_is_refused(tiny_sd, warmup):
+    # at warmup_steps >= the steps (the pipeline's default 10 at 10 steps) it would never be applied
+    from hmine.sampling import Sampler
+
+    sampler = Sampler(tiny_sd, num_inference_steps=STEPS, torch_threads=1, text=TextConfig(prompts=PROMPTS, guidance_scale=5.0))
+    late = Sega(concepts=(ONE_CONCEPT.concepts[0], SegaConcept("a large square", warmup_steps=warmup)))
+    message = (rf"^sega\.concepts\[1\]\.warmup_steps \(concept 'a large square'\) is {warmup} but the sampler's "
+               rf"num_inference_steps is {STEPS}: the concept would never be applied; set warmup_steps below {STEPS}")
+    with pytest.raises(ValueError, match=message) as error:
+        sample_sega(sampler, [1], late)
+    assert "\n" not in str(error.value)
 
 
 def test_sega_is_refused_without_guidance_or_with_a_long_editing_prompt(tiny_sd):
@@ -96,7 +111,7 @@ def test_sega_is_refused_without_guidance_or_with_a_long_editing_prompt(tiny_sd)
         sample_sega(unguided, [0], ONE_CONCEPT)
     guided = Sampler(tiny_sd, num_inference_steps=2, text=TextConfig(prompts=["a red circle"], guidance_scale=3.0))
     with pytest.raises(ValueError, match=r"^sega\.concepts\.prompt: the prompt .* over the tokenizer's limit"):
-        sample_sega(guided, [0], Sega(concepts=(SegaConcept(" ".join(["red"] * 30)),)))
+        sample_sega(guided, [0], Sega(concepts=(SegaConcept(" ".join(["red"] * 30), warmup_steps=1),)))
     with pytest.raises(ValueError, match="threshold must lie in"):
         SegaConcept("red", threshold=1.5)
 
