@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hmine.edit_names import EditTerm
+from hmine.edit_names import EditTerm, at_step_index
 
 
 class AtStepEditor(nn.Module):
@@ -50,11 +50,7 @@ class CombinedEditor(nn.Module):
 
 def at_step(term: EditTerm, unit, scale_unit, timesteps: Sequence[int]):
     """(unit, scale unit) of ``term`` global at its step: that step's vector and scale unit at every step."""
-    steps = [int(t) for t in timesteps]
-    if term.at_step not in steps:
-        raise ValueError(f"edit.directions names {term.name}@t{term.at_step}, but {term.at_step} is not one of the "
-                         f"sampler's timesteps {steps}; pick one of them")  # fmt: skip
-    j = steps.index(term.at_step)
+    j = at_step_index(term, timesteps)
     if scale_unit is None:  # a delta block's editor
         if hasattr(unit, "edit_steps") and not unit.edit_steps[j]:
             raise ValueError(f"edit.directions names {term.name}@t{term.at_step}, but the delta block was trained "

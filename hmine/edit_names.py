@@ -86,11 +86,24 @@ def term_names(entries) -> list[str]:
     return list(dict.fromkeys(term.name for entry in entries for term in parse_edit(entry)))
 
 
+def at_step_index(term: EditTerm, timesteps) -> int:
+    """The index among the sampler's ``timesteps`` of the step ``term`` is taken at (``name@t<step>``).
+
+    Raises
+    ------
+    ValueError
+        One line naming ``edit.directions`` and the term: its step is not one of ``timesteps``.
+    """
+    steps = [int(t) for t in timesteps]
+    if term.at_step not in steps:
+        raise ValueError(f"edit.directions names {term.name}@t{term.at_step}, but {term.at_step} is not one of the "
+                         f"sampler's timesteps {steps}; pick one of them")  # fmt: skip
+    return steps.index(term.at_step)
+
+
 def check_at_steps(entries, timesteps) -> None:
     """Refuse, in one line, a direction global at a t that is not one of the sampler's timesteps."""
-    steps = [int(t) for t in timesteps]
     for entry in entries:
         for term in parse_edit(entry):
-            if term.at_step is not None and term.at_step not in steps:
-                raise ValueError(f"edit.directions: {entry!r} takes {term.name} at t = {term.at_step}, which is not one "
-                                 f"of the sampler's timesteps {steps}; pick one of them")  # fmt: skip
+            if term.at_step is not None:
+                at_step_index(term, timesteps)

@@ -79,6 +79,20 @@ def test_combined_unit_sums_global_and_per_image_terms():
         combined_unit(parse_edit("a@t10"), zero_at_10.__getitem__, [30, 20, 10])
 
 
+def test_a_step_that_is_not_a_timestep_is_refused_alike_by_the_preflight_and_the_edit():
+    # one check (edit_names.at_step_index) for the edit stage's preflight and the edit / hmine.Run's terms
+    from hmine.edit_names import check_at_steps
+
+    ones = (np.ones((3, 2, 2, 2)), np.ones(3), np.ones(4, bool))
+    parts = {"a": ones, "b": ones}
+    message = r"^edit\.directions names a@t25, but 25 is not one of the sampler's timesteps \[30, 20, 10\]; pick one of them$"
+    with pytest.raises(ValueError, match=message):
+        check_at_steps(["b", "b + 0.5*a@t25"], [30, 20, 10])
+    with pytest.raises(ValueError, match=message):
+        combined_unit(parse_edit("b + 0.5*a@t25"), parts.__getitem__, [30, 20, 10])
+    check_at_steps(["b + 0.5*a@t20", "jacobian/masked/0@t25"], [30, 20, 10])  # a timestep; a Jacobian's @t is its name
+
+
 def test_combinations_and_global_at_t_edit_by_the_sum_of_their_deltas(own_run):
     """The stage's images of each entry at scale 4 against regenerate_with_delta of the
     deltas computed by hand from the stored directions (and the Jacobian store)."""
