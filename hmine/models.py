@@ -454,3 +454,30 @@ def device_identity(device: str) -> str:
         index = torch.device(device).index
         return f"cuda:{torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())}"
     return kind
+
+
+def resolve_device(device: str | torch.device | None, option: str = "device") -> torch.device:
+    """The device a training or evaluation tool runs on: ``device``, or without one CUDA where
+    available and else the CPU (the pipeline's stages take ``model.device`` as configured).
+
+    A device this machine lacks (``cuda`` without a visible GPU, ``cuda:2`` with two GPUs)
+    or a name torch does not know is refused in one line naming ``option``.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(f"{option} {device}: CUDA is not available here (torch {torch.__version__}, {why}); use cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"{option} {device}: this machine has {count} GPU(s); use cuda:0 to cuda:{count - 1}")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{option} {device}: MPS is not available here; use cpu")
+    elif chosen.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{option} {device}: not a device hmine computes on; use cpu, cuda, cuda:N or mps")
+    return chosen

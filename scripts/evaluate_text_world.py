@@ -1,13 +1,17 @@
 """Prompt-following of the text-conditional world model, measured by the embedded world classifier.
 
     python scripts/evaluate_text_world.py --model stores/train-text [--step 2000] [--n 512]
-        [--full 512] [--guidance 4] [--steps 20] [--eta 0] [--json out.json] [--grid out.png]
+        [--full 512] [--guidance 4] [--steps 20] [--eta 0] [--json out.json] [--grid out.png] [--device cuda]
 
 ``--model`` is an exported model folder (unet/, text_encoder/, tokenizer/, scheduler/) or a
 training work dir (its newest checkpoint's EMA weights, or with ``--step`` the EMA
 snapshot of that step), so a run can be followed while it trains. For each factor, ``--n``
 samples from prompts naming that factor alone; ``--full`` adds prompts naming all six.
 See :mod:`hmine.textworld.evaluate` for what "agreement" means per factor.
+
+``--device`` (default: cuda if available, else cpu) is where the model and the classifier
+run; the noise is drawn on the CPU, so another device draws the same samples up to its
+kernels' rounding.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def load(source: Path, step: int | None):
+def load(source: Path, step: int | None, device="cpu"):
     from hmine.textworld.sampling import load_folder
     from hmine.textworld.train import load_work_dir
 
     if (source / "config.json").is_file() and (source / "tokenizer").is_dir() and not (source / "unet").is_dir():
-        return load_work_dir(source, step=step)
+        return load_work_dir(source, step=step, device=device)
     if step is not None:
         raise SystemExit("--step needs a training work dir, not an exported folder")
-    return load_folder(source), None
+    return load_folder(source, device=device), None
 
 
 def _clean(value):
@@ -57,22 +61,32 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid", type=Path, help="also write a grid: one row per word of every factor")
     parser.add_argument("--ceiling", type=int, default=0, help="also score N rendered world images (the classifier's own ceiling)")
+    parser.add_argument("--device", help="where the model and the classifier run: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from hmine.labelling import WorldLabeller
+    from hmine.models import resolve_device
     from hmine.textworld.evaluate import classifier_ceiling, evaluate, format_report
 
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    model, step = load(args.model, args.step)
+    model, step = load(args.model, args.step, device)
+    labeller = WorldLabeller(device=device)
     result = evaluate(model, args.n, n_full=args.full, guidance_scale=args.guidance, steps=args.steps,
-                      eta=args.eta, seed=args.seed)
+                      eta=args.eta, seed=args.seed, labeller=labeller)
+    result["device"] = str(device)
     result["model"] = str(args.model)
     result["training_step"] = step
-    print(f"model {args.model}" + (f" (training step {step})" if step is not None else ""))
+    print(f"model {args.model}" + (f" (training step {step})" if step is not None else "") + f" on {device}")
     print(format_report(result))
     if args.ceiling:
-        result["classifier_ceiling"] = classifier_ceiling(args.ceiling)
+        result["classifier_ceiling"] = classifier_ceiling(args.ceiling, labeller=labeller)
         print(f"the same measure on {args.ceiling} rendered world images (the classifier's ceiling):")
         for factor, entry in result["classifier_ceiling"].items():
             side = "" if math.isnan(entry["side_agreement"]) else f", side {entry['side_agreement']:.3f}"

@@ -288,6 +288,144 @@ def test_export_loads_as_a_semantic_stable_diffusion_pipeline(exported):
     assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
 
 
+# -- devices --------------------------------------------------------------------------------
+# The meta device stands for a GPU on machines without one: its tensors have shapes and a
+# device but no data, so a step can be started there (and its inputs seen), not finished.
+
+
+class _StopHere(Exception):
+    pass
+
+
+def _any_device(device, option="device"):
+    return torch.device(device)  # resolve_device refuses meta, which is no compute device
+
+
+def _tiny_yaml(path: Path, **changes) -> Path:
+    path.write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in {**TINY, **changes}.items()}))
+    return path
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter in the current model")  # loading into meta is a no-op
+def test_training_resumes_a_cpu_checkpoint_onto_the_device_and_computes_its_batches_there(tmp_path, monkeypatch):
+    from hmine.textworld import train as text_train
+    from hmine.world import training
+
+    config = tiny_config(steps=3)
+    text_train.train(config, tmp_path, until_step=1, device="cpu")  # a checkpoint with Adam moments
+    seen = {}
+    real_forward = text_train.Parts.forward
+
+    def forward(self, input_ids, x_t, t):
+        seen["batch"] = {input_ids.device.type, x_t.device.type, t.device.type}
+        return real_forward(self, input_ids, x_t, t)
+
+    def step(run, step):
+        seen["step"] = step
+        seen["model"] = {p.device.type for p in run.trainee.model.parameters()}
+        seen["ema"] = {p.device.type for p in run.ema.parameters()}
+        state = run.trainee.optimizer.state.values()
+        seen["moments"] = {v.device.type for entry in state for k, v in entry.items() if k != "step"}
+        seen["loss"] = run.trainee.loss(step)[0].device.type
+        raise _StopHere
+
+    monkeypatch.setattr(text_train, "resolve_device", _any_device)
+    monkeypatch.setattr(text_train.Parts, "forward", forward)
+    monkeypatch.setattr(training._Run, "step", step)
+    with pytest.raises(_StopHere):
+        text_train.train(config, tmp_path, device="meta")
+    assert seen == {"step": 1, "model": {"meta"}, "ema": {"meta"}, "moments": {"meta"}, "batch": {"meta"}, "loss": "meta"}
+
+
+def test_the_evaluator_loads_samples_and_labels_on_the_requested_device(exported, monkeypatch):
+    import hmine.labelling
+    from hmine.textworld.evaluate import evaluate
+    from hmine.textworld.sampling import load_folder
+    from hmine.textworld.train import load_work_dir
+
+    folder = exported[0]
+    from_work_dir, _ = load_work_dir(folder.parent / "work", device="meta")
+    assert {p.device.type for p in from_work_dir.unet.parameters()} == {"meta"}
+    model = _load_script("evaluate_text_world").load(folder, None, torch.device("meta"))[0]
+    parts = [*model.unet.parameters(), *model.text_encoder.parameters()]
+    assert {p.device.type for p in parts} == {"meta"} and model.device.type == "meta"
+    assert load_folder(folder).device.type == "cpu"
+    seen = {}
+
+    class Labeller:
+        def __init__(self, path=None, *, batch_size=256, device="cpu"):
+            seen["labeller"] = torch.device(device).type
+
+    def forward(sample, timestep, encoder_hidden_states, **kwargs):
+        seen["unet"] = {sample.device.type, encoder_hidden_states.device.type}
+        raise _StopHere
+
+    monkeypatch.setattr(hmine.labelling, "WorldLabeller", Labeller)
+    monkeypatch.setattr(model.unet, "forward", forward)
+    with pytest.raises(_StopHere):
+        evaluate(model, 3, factors=("color",), steps=1)
+    assert seen == {"labeller": "meta", "unet": {"meta"}}
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "--device cuda: CUDA is not available here"),
+        ("gpu", "--device 'gpu' is not a torch device; use cpu, cuda, cuda:N or mps"),
+        ("meta", "--device meta: not a device hmine computes on"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_in_one_line_naming_the_option(device, message, tmp_path, monkeypatch, capsys):
+    from hmine.models import resolve_device
+    from hmine.textworld.train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    evaluator = _load_script("evaluate_text_world")
+    config = _tiny_yaml(tmp_path / "tiny.yaml", steps=1)
+    for run in (
+        lambda: main([str(config), "--work-dir", str(tmp_path / "work"), "--device", device]),
+        lambda: evaluator.main(["--model", str(REPO / "hmine" / "embedded" / "shapes-text-ddpm"), "--device", device]),
+    ):
+        assert run() == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("error: ") and message in error, error
+    assert not (tmp_path / "work").exists()  # refused before anything is written
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda")  # the default where a GPU is visible
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_run_resumes_on_the_cpu_and_its_export_samples_on_either(tmp_path):
+    """Not run where there is no GPU; the tolerances allow for TF32 convolutions (unmeasured)."""
+    from hmine.textworld.evaluate import evaluate
+    from hmine.textworld.sampling import load_folder, sample
+    from hmine.textworld.train import train
+
+    config = tiny_config()
+    on_gpu = train(config, tmp_path / "work", until_step=2, device="cuda")
+    assert {p.device.type for p in on_gpu.model.parameters()} == {"cuda"}
+    resumed = train(config, tmp_path / "work", tmp_path / "export", device="cpu")
+    assert resumed.step == 4 and {p.device.type for p in resumed.model.parameters()} == {"cpu"}
+    train(config, tmp_path / "cpu", until_step=1, device="cpu")
+    first = [json.loads((tmp_path / w / "log.jsonl").read_text().splitlines()[0])["loss"] for w in ("work", "cpu")]
+    assert abs(first[0] - first[1]) <= 1e-2 * first[1]  # same initial weights and batch, other kernels
+    prompts = ["a red shape", "a circle", "a shape at the left"]
+    images = [sample(load_folder(tmp_path / "export", device), prompts, steps=2, seed=3) for device in ("cuda", "cpu")]
+    assert np.abs(images[0] - images[1]).max() < 0.05
+    result = evaluate(load_folder(tmp_path / "export", "cuda"), 3, factors=("color",), steps=1)
+    assert 0 <= result["single"]["color"]["agreement"] <= 1
+
+
 # -- sampling and evaluation ---------------------------------------------------------------
 
 

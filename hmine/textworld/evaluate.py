@@ -87,7 +87,8 @@ def evaluate(
         Sampler settings (:func:`hmine.textworld.sampling.sample`); factor ``k``'s samples
         use seed ``seed + k``.
     labeller : WorldLabeller, optional
-        The embedded classifier by default.
+        The embedded classifier, on the model's device, by default. The samples are drawn
+        where the model is (:attr:`TextWorldModel.device`).
 
     Returns
     -------
@@ -100,7 +101,7 @@ def evaluate(
     from hmine.labelling import WorldLabeller
     from hmine.textworld.sampling import sample
 
-    labeller = labeller or WorldLabeller()
+    labeller = labeller or WorldLabeller(device=model.device)
     started = time.perf_counter()
     settings = dict(guidance_scale=guidance_scale, steps=steps, eta=eta, batch_size=batch_size)
     out: dict = {"n_per_factor": n, "seed": seed, **settings, "single": {}}

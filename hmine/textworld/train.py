@@ -1,7 +1,7 @@
 """Resumable training of the text-conditional shapes-world model (text encoder + U-Net, jointly).
 
     python -m hmine.textworld.train configs/embedded-text-ddpm.yaml --work-dir stores/train-text \
-        [--until-step N] [--export-dir DIR] [--init-from DIR]
+        [--until-step N] [--export-dir DIR] [--init-from DIR] [--device cuda]
 
 Each step draws a fresh batch of world images (seeded by ``(seed, step)``), captions them
 naming a random subset of their factors (:func:`hmine.textworld.captions.caption_batch`,
@@ -24,6 +24,22 @@ part of the work dir's ``config.json``: resume with the same command (the checkp
 SIGINT and SIGTERM end the run after the current step with a checkpoint (exit 130 / 143);
 the same command resumes. The data, the captions and the noise of step ``s`` depend on
 ``(seed, s)`` only, so a resumed run computes what an uninterrupted one would have.
+
+Devices
+-------
+``--device`` (``cpu``, ``cuda``, ``cuda:N``; by default CUDA where available, else the CPU)
+is where the model, its EMA, the optimizer's state and every batch live. It is not part of
+the config (nor of the work dir's ``config.json``), so a run may move between devices: the
+initial weights are built on the CPU, the images, captions, noise and timesteps are drawn
+by CPU generators and then moved, and checkpoints hold CPU tensors (safetensors) that load
+onto whatever device the resumed run uses — a GPU run resumes on the CPU and vice versa.
+Bit-identity: on the CPU a resumed run equals an uninterrupted one bit for bit (every
+checkpoint tensor ``torch.equal`` on the tests' tiny config; the tests check it to 1e-5).
+Across devices it does not: the batches are the same, but a GPU's kernels round
+differently from the CPU's, so a run resumed on another device drifts from the
+uninterrupted one by float rounding from the resume on. Resuming on the same GPU is not
+measured; PyTorch's CUDA kernels are not all deterministic by default (some backward
+passes add atomically), so expect agreement to rounding there, not bit-identity.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (stack-notes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -44,6 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 
 from hmine import world  # noqa: E402
+from hmine.models import resolve_device  # noqa: E402
 from hmine.textworld import captions  # noqa: E402
 from hmine.textworld import model as tw  # noqa: E402
 from hmine.world.training import (  # noqa: E402
@@ -216,7 +234,10 @@ def training_batch(config: TextTrainConfig, step: int) -> tuple[world.WorldBatch
 
 
 def training_loss(parts: Parts, tokenizer, scheduler, config: TextTrainConfig, step: int) -> torch.Tensor:
-    """The v-prediction MSE of step ``step`` (its images, captions, noise and timesteps)."""
+    """The v-prediction MSE of step ``step`` (its images, captions, noise and timesteps).
+
+    The batch is drawn on the CPU (the same on every device) and computed where ``parts`` is.
+    """
     batch, texts = training_batch(config, step)
     x0 = torch.from_numpy(batch.images)
     gen = torch.Generator().manual_seed(config.step_seed(step))
@@ -225,7 +246,9 @@ def training_loss(parts: Parts, tokenizer, scheduler, config: TextTrainConfig, s
     a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022)
-    return F.mse_loss(parts(tw.tokenize(tokenizer, texts), x_t, t), target)
+    device = next(parts.parameters()).device
+    prediction = parts(tw.tokenize(tokenizer, texts).to(device), x_t.to(device), t.to(device))
+    return F.mse_loss(prediction, target.to(device))
 
 
 # -- work dir and export ---------------------------------------------------------------
@@ -242,11 +265,12 @@ def ensure_run_files(config: TextTrainConfig, work_dir: Path):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def load_work_dir(work_dir: Path, which: str = "ema", step: int | None = None):
+def load_work_dir(work_dir: Path, which: str = "ema", step: int | None = None, device: str | torch.device = "cpu"):
     """The model of a work dir's newest checkpoint (``which``: ``ema`` or ``model`` weights).
 
     With ``step``, the EMA snapshot ``ema/ema-<step>.safetensors`` instead (or the
-    checkpoint of that step, while it is kept). Returns ``(TextWorldModel, step)``.
+    checkpoint of that step, while it is kept). The weights are read on the CPU and the
+    model moved to ``device``. Returns ``(TextWorldModel, step)``.
     """
     from safetensors.torch import load_file
 
@@ -269,7 +293,7 @@ def load_work_dir(work_dir: Path, which: str = "ema", step: int | None = None):
         weights = folder / f"{which}.safetensors"
         step = json.loads((folder / "state.json").read_text())["step"]
     parts.load_state_dict(load_file(str(weights)))
-    model = TextWorldModel(parts.unet, parts.text_encoder, tokenizer, tw.build_scheduler(config)).eval()
+    model = TextWorldModel(parts.unet, parts.text_encoder, tokenizer, tw.build_scheduler(config)).to(device).eval()
     return model, step
 
 
@@ -288,9 +312,14 @@ MODEL_INDEX = {
 
 
 def export_model(parts: Parts, tokenizer, config: TextTrainConfig, export_dir: Path) -> Path:
-    """Write the Stable-Diffusion-like folder: unet/, text_encoder/, tokenizer/, scheduler/, model_index.json."""
+    """Write the Stable-Diffusion-like folder: unet/, text_encoder/, tokenizer/, scheduler/, model_index.json.
+
+    Written from a CPU copy of ``parts`` (which stay where they are), like the checkpoints.
+    """
     import diffusers
 
+    if next(parts.parameters()).device.type != "cpu":
+        parts = copy.deepcopy(parts).to("cpu")
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     parts.unet.save_pretrained(export_dir / "unet", safe_serialization=True)
@@ -327,6 +356,7 @@ def train(
     *,
     until_step: int | None = None,
     handle_signals: bool = False,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train (or resume) a run; return the EMA parts, the step reached and any stopping signal.
 
@@ -343,7 +373,12 @@ def train(
     handle_signals : bool
         Stop after the current step with a checkpoint on SIGINT / SIGTERM (the CLI's
         setting); the exit status is left to the caller (``stopped_by``, also in the log).
+    device : str or torch.device, optional
+        Where the model, its EMA, the optimizer state and the batches live (module
+        docstring, "Devices"); by default CUDA where available, else the CPU. The EMA parts
+        returned stay there.
     """
+    device = resolve_device(device)
     torch.set_num_threads(config.torch_threads)
     work_dir = Path(work_dir)
     tokenizer = ensure_run_files(config, work_dir)
@@ -355,6 +390,7 @@ def train(
             raise ValueError(
                 f"init_from {config.init_from} does not fit this config's model: {str(error).splitlines()[0]}"
             ) from None
+    parts.to(device)  # before the optimizer and the loop's EMA; a checkpoint loads onto it
     scheduler = tw.build_scheduler(config)
     trainee = Trainee(
         model=parts,
@@ -392,8 +428,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="start a new work dir from these weights (an exported model folder or a work dir); sets the config's init_from",
     )
+    parser.add_argument(
+        "--device",
+        help="where to train: cpu, cuda, cuda:N (default: cuda if available, else cpu); not part of the config, "
+        "so a run may resume on another device",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
         if args.init_from is not None:
@@ -401,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bad config is refused in one line
         print(f"error: {args.config}: {error}", file=sys.stderr)
         return 2
-    result = train(config, args.work_dir, args.export_dir, until_step=args.until_step, handle_signals=True)
+    logger.info("training on %s", device)
+    result = train(config, args.work_dir, args.export_dir, until_step=args.until_step, handle_signals=True, device=device)
     logger.info("at step %d of %d; work dir %s", result.step, config.steps, args.work_dir)
     return 0 if result.stopped_by is None else 128 + int(result.stopped_by)
 

@@ -31,6 +31,15 @@ Work directory
 
 With ``handle_signals``, SIGINT and SIGTERM end the run after the current step with a
 checkpoint; the caller decides the exit status (:attr:`TrainResult.stopped_by`).
+
+Devices
+-------
+The loop trains the trainee's module where it is: a trainer moves it to its device before
+building the optimizer (the text trainer's ``--device``; the DDPM and the classifier train
+on the CPU), and its ``loss`` puts the batches there. The EMA is a copy on the same device.
+Checkpoints are device-independent: written from CPU copies of the tensors, read on the CPU
+and copied into the module where it is (``load_state_dict``; the optimizer's state follows
+its parameters' device), so a checkpoint written on a GPU resumes on the CPU and vice versa.
 """
 
 from __future__ import annotations
@@ -178,7 +187,10 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path, model, ema, optimizer) -> int:
-    """Load a checkpoint into the modules and optimizer (``ema`` may be None); return its step."""
+    """Load a checkpoint into the modules and optimizer (``ema`` may be None); return its step.
+
+    The tensors are read on the CPU and land on the device of the modules' parameters.
+    """
     from safetensors.torch import load_file
 
     state = json.loads((folder / "state.json").read_text())
