@@ -50,6 +50,12 @@ class ModelConfig(_Frozen):
         description="the U-Net's compute precision when sampling and editing: below float32 its calls run "
         "under torch.autocast (bfloat16/float16 on a GPU; docs/precision.md has the difference it makes)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the U-Net's blocks when sampling and regenerating (sample, edit and "
+        "benchmark stages; the Jacobian and learn stages and inversions run eagerly); results differ from "
+        "eager by float rounding only, so it is in no config hash (docs/precision.md)",
+    )
 
 
 class SampleConfig(_Frozen):

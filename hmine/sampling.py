@@ -35,7 +35,7 @@ the calling process, on a Dask worker, and when the edit and Jacobian stages reg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +110,11 @@ class Sampler:
         The U-Net's compute precision: below float32, every U-Net call runs under
         ``torch.autocast`` (weights, x_t and the DDIM arithmetic stay float32; h is
         recorded as computed).
+    compile : bool, default=False
+        Run the U-Net's blocks under ``torch.compile`` (:mod:`hmine.compiling`); the h
+        hook and edits work as in eager mode. Only this sampler's calls are compiled.
+    compile_backend : str or callable, default="inductor"
+        The dynamo backend when ``compile`` is set.
     text : hmine.prompts.TextConfig, optional
         Prompts, negative prompt, guidance scale and branches; required for a
         text-conditional model, refused for any other.
@@ -124,6 +129,8 @@ class Sampler:
         h_position: HPosition = "after",
         torch_threads: int = MODEL_THREADS,
         precision: str = "float32",
+        compile: bool = False,
+        compile_backend="inductor",
         text=None,
     ):
         from diffusers import DDIMScheduler
@@ -141,6 +148,11 @@ class Sampler:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}; set model.precision")
         self.precision = precision
+        self.compiled = None
+        if compile:
+            from hmine.compiling import CompiledBlocks
+
+            self.compiled = CompiledBlocks(model.unet, compile_backend)
 
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -179,14 +191,16 @@ class Sampler:
         return self.text.combine(out, rows)
 
     def unet_forward(self, x, t_batch, encoder_hidden_states=None) -> torch.Tensor:
-        """The U-Net's raw output (every row of the call, no guidance) at the sampler's precision."""
+        """The U-Net's raw output (every row of the call, no guidance) at the sampler's precision,
+        compiled when the sampler is."""
         unet = self.model.unet
         kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-        if self.precision == "float32":
-            return unet(x, t_batch, **kwargs).sample
-        with torch.autocast(device_type=x.device.type, dtype=getattr(torch, self.precision)):
-            out = unet(x, t_batch, **kwargs).sample
-        return out.to(x.dtype)
+        with nullcontext() if self.compiled is None else self.compiled.active():
+            if self.precision == "float32":
+                return unet(x, t_batch, **kwargs).sample
+            with torch.autocast(device_type=x.device.type, dtype=getattr(torch, self.precision)):
+                out = unet(x, t_batch, **kwargs).sample
+            return out.to(x.dtype)
 
     def prompts_for(self, seeds: Sequence[int]) -> list[str] | None:
         """Each seed's prompt (:meth:`hmine.prompts.TextConfig.prompt_for`); None without text."""

@@ -81,7 +81,7 @@ def run_benchmark_stage(config: RunConfig, *, model=None, labeller=None) -> Stag
     continuous = [c for c in ("size", "x", "y", "background") if c in labeller.attributes]
     thresholds = decision_thresholds(read_labels(config), binary, config.directions.threshold)
     candidates = stored_candidates(open_directions(directions_path(config)), binary, settings.pca_components)
-    sampler = make_sampler(config, model)
+    sampler = make_sampler(config, model, compiled=True)
     candidates += per_image_candidates(config, sampler.timesteps.tolist())
     candidates.append(random_candidate(candidates, settings.random_seed))
     edited = sorted({*seeds, *(s for c in candidates if c.seeds is not None for s in c.seeds)})

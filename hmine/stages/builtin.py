@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 def sample_settings(config: "RunConfig") -> dict:
     from hmine.identity import model_identity
 
-    # where it runs is not what it gives; the precision joins the hash only below float32,
+    # where it runs is not what it gives, nor whether it is compiled (float rounding, like
+    # the batch size; docs/precision.md); the precision joins the hash only below float32,
     # so runs from before the setting keep their hash
-    exclude = {"device"} | ({"precision"} if config.model.precision == "float32" else set())
+    exclude = {"device", "compile"} | ({"precision"} if config.model.precision == "float32" else set())
     model = config.model.model_dump(mode="json", exclude=exclude)
     model["weights"] = model_identity(config.model.id, config.model.revision)
     # sample.text joins the hash only when set (runs of unconditional models keep theirs);

@@ -231,7 +231,7 @@ def open_source(config: RunConfig, model=None) -> EditSource:
     n = config.edit.n_samples
     if config.edit.source == "samples":
         samples = open_group(samples_path(config))
-        return EditSource(make_sampler(config, model), samples["sample"][:n].tolist(), samples["x0"][:n])
+        return EditSource(make_sampler(config, model, compiled=True), samples["sample"][:n].tolist(), samples["x0"][:n])
     import xarray as xr
 
     from hmine.inversion.edits import InvertedNoise, inversion_from_store

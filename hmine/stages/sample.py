@@ -83,11 +83,13 @@ def damaged_sample_batches(path: Path) -> list[int]:
     return damaged_batches(group, path, _WRITTEN_ARRAYS, group["done"].chunks[0])
 
 
-def make_sampler(config: RunConfig, model=None):
+def make_sampler(config: RunConfig, model=None, *, compiled: bool = False):
     """The run's sampler (steps, eta, h position), loading ``config.model`` if not given.
 
     Every stage that regenerates samples uses it, so edits replay the sample stage's
-    trajectories exactly.
+    trajectories exactly. ``compiled`` applies ``model.compile``: the stages that only
+    sample and regenerate ask for it; those that differentiate through the U-Net
+    (Jacobian, learn) do not, so they never run a compiled graph.
     """
     from hmine.models import load_model
     from hmine.sampling import Sampler
@@ -101,6 +103,7 @@ def make_sampler(config: RunConfig, model=None):
         h_position=config.model.h_position,
         torch_threads=config.sample.torch_threads,
         precision=config.model.precision,
+        compile=compiled and config.model.compile,
         text=config.sample.text,
     )
 
@@ -251,17 +254,18 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
 
 
 def _compute_record(config: RunConfig, dtype) -> dict:
-    """Where and in which precision the store's batches are computed (``hmine:device``,
-    ``hmine:dtype``) and the software that computes them."""
+    """Where, in which precision and whether compiled the store's batches are computed
+    (``hmine:device``, ``hmine:dtype``, ``hmine:compiled``) and the software that computes them."""
     from hmine.models import device_identity
     from hmine.runtime import software_record
 
     return {"hmine:device": device_identity(config.model.device), "hmine:dtype": str(dtype).removeprefix("torch."),
-            **software_record()}
+            "hmine:compiled": config.model.compile, **software_record()}
 
 
 def check_same_device(config: RunConfig, attrs, path: Path) -> None:
-    """Refuse to add batches to a store begun on another device or in another precision.
+    """Refuse to add batches to a store begun on another device, in another precision, or
+    compiled when this run is not (or the reverse).
 
     ``model.device`` is in no config hash (a run may move to a GPU between runs), but CPU
     and GPU kernels round differently: batches from both would mix two numerics in one
@@ -279,6 +283,12 @@ def check_same_device(config: RunConfig, attrs, path: Path) -> None:
         )
     if dtype is not None and dtype != "float32":
         raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
+    compiled = attrs.get("hmine:compiled")  # like the device: compiled and eager kernels round differently
+    if compiled is not None and compiled != config.model.compile:
+        raise StoreConfigMismatch(
+            f"{path} was begun with model.compile: {str(compiled).lower()}: its batches would mix compiled and "
+            f"eager numerics; resume it with model.compile: {str(compiled).lower()}, or use another run name"
+        )
 
 
 # -- growing a run: more samples of the same config --------------------------------------
@@ -390,7 +400,7 @@ def sample_batches(
     todo = [batch for batch in dict.fromkeys(batches) if not done[batch]]
     if not todo:
         return []
-    sampler = make_sampler(config, model)
+    sampler = make_sampler(config, model, compiled=True)
     seeds = np.asarray(config.sample.seeds)
     for batch in progress(todo, "sample", "batch", show_progress):
         region = regions[batch]
