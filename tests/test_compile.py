@@ -89,7 +89,7 @@ def test_compile_is_off_by_default_in_no_hash_and_only_where_asked(tiny_pixel_mo
     assert make_sampler(config).compiled is None  # Jacobian and learn stages: torch.func / autograd, eager
 
 
-def test_resuming_a_store_with_the_other_compile_setting_is_refused(tiny_pixel_model_dir, tmp_path):
+def test_resuming_a_store_with_the_other_compile_setting_is_refused(tiny_pixel_model_dir, tmp_path, caplog):
     from hmine.stages.sample import prepare_sample_stage, run_sample_stage, sample_batches
     from hmine.stores import StoreConfigMismatch, open_group
 
@@ -102,6 +102,11 @@ def test_resuming_a_store_with_the_other_compile_setting_is_refused(tiny_pixel_m
     with pytest.raises(StoreConfigMismatch, match=r"begun with model.compile: false: .*resume it with model.compile: false"):
         run_sample_stage(load_config(None, [*settings, "model.compile=true"]), show_progress=False)
     assert open_group(eager.run_dir / "samples.zarr")["done"][...].tolist() == [True, True, False, False]
+    assert run_sample_stage(eager, show_progress=False).computed == 1  # set back: it resumes
+    # complete: kept as computed (the setting is in no hash), and the log says how it was computed
+    with caplog.at_level("INFO", logger="hmine.stages.sample"):
+        assert run_sample_stage(load_config(None, [*settings, "model.compile=true"]), show_progress=False).computed == 0
+    assert "is complete, nothing to do (computed with model.compile: false, kept: compiling" in caplog.text
 
 
 def test_a_text_conditional_model_compiles_with_its_guidance_and_edit_branches(tiny_sd_dir):

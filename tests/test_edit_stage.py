@@ -349,3 +349,32 @@ def test_an_edit_store_from_before_the_edited_array_is_resumed_over_every_sample
     assert again.computed == 0  # resumed: no direction edited again
     assert open_group(path)["edited"][...].all()
     pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), reference)
+
+
+def test_resuming_an_edit_store_with_the_other_compile_setting_is_refused(own_run, monkeypatch, caplog):
+    """Like samples.zarr (tests/test_compile.py): model.compile is in no hash, but one edit
+    store holds one rounding; a complete one is kept, and the log says how it was computed."""
+    import re
+
+    import hmine.compiling
+    from hmine.stages.edit_shards import edit_directions, prepare_edit_stage
+    from hmine.stores import StoreConfigMismatch
+
+    blocks = hmine.compiling.CompiledBlocks  # dynamo's eager backend: no inductor compile runs
+    monkeypatch.setattr(hmine.compiling, "CompiledBlocks", lambda unet, backend: blocks(unet, "eager"))
+    config, labeller = own_run
+    eager = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-2.0, 2.0]})})  # a new store
+    compiled = eager.model_copy(update={"model": eager.model.model_copy(update={"compile": True})})
+    path = config.run_dir / "edits.zarr"
+    plan = prepare_edit_stage(eager, labeller=labeller)
+    edit_directions(eager, plan.todo[:1], plan.identity, source=plan.state.source)  # killed after one direction
+    assert open_group(path).attrs["hmine:compiled"] is False
+    message = (f"{re.escape(str(path))} was begun with model.compile: false: its directions would mix compiled and "
+               "eager numerics; resume it with model.compile: false, or remove it to edit every direction again$")
+    with pytest.raises(StoreConfigMismatch, match=f"^{message}"):
+        run_edit_stage(compiled, labeller=labeller, show_progress=False)
+    assert open_group(path)["done"][...].tolist() == [True, False]
+    assert run_edit_stage(eager, labeller=labeller, show_progress=False).computed == 1  # set back: it resumes
+    with caplog.at_level("INFO", logger="hmine.stages.edit_shards"):
+        assert run_edit_stage(compiled, labeller=labeller, show_progress=False).computed == 0
+    assert "is up to date (computed with model.compile: false, kept: compiling changes float rounding only)" in caplog.text

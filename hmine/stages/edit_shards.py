@@ -34,13 +34,14 @@ from hmine.stages.edit import (
     EditSource,
     _edit,
     _template,
+    edit_compiles,
     edited_ids,
     open_jacobian_for_edits,
     open_source,
     select_directions,
     with_interval,
 )
-from hmine.stages.sample import StageResult, progress
+from hmine.stages.sample import COMPILED, StageResult, check_same_compile, kept_compile_note, progress
 from hmine.text_effects import with_directional_similarity
 from hmine.stores import CONFIG_HASH, STORE_UUID, mark_complete, open_group, prepare_store, provenance_attrs, write_table
 
@@ -83,7 +84,7 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
         )
     scales = sorted(set(float(s) for s in edit.scales) | {0.0})
     if up_to_date(config, "edit"):
-        logger.info("edit stage: %s is up to date", path)
+        logger.info("edit stage: %s is up to date%s", path, kept_compile_note(edit_compiles(config), open_group(path).attrs))
         return ShardPlan([], "", EditPlan(path, names, scales, started))
     labeller = labeller or make_labeller(config.label, config.model.device)
     source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
@@ -94,12 +95,15 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
     record = identity_record(config, "edit")
     attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
-    group = prepare_store(path, arrays, attrs, coords, replace_stale=True)
-    group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
+    compiled = edit_compiles(config)
+    group = prepare_store(path, arrays, {**attrs, COMPILED: compiled}, coords, replace_stale=True)
     damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
+    if todo:  # one store, one rounding: directions edited compiled and eagerly are not mixed
+        check_same_compile(compiled, group.attrs, path, "directions", "remove it to edit every direction again")
+    group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
     return ShardPlan(todo, record[INPUT_IDENTITY], EditPlan(path, names, scales, started, labeller, source, len(damaged)))
 
 

@@ -55,6 +55,7 @@ from hmine.stores import (
 logger = logging.getLogger(__name__)
 
 SAMPLES_STORE = "samples.zarr"
+COMPILED = "hmine:compiled"  # whether the store's rows were computed under model.compile
 _WRITTEN_ARRAYS = CHUNK_CHECKED_ARRAYS[SAMPLES_STORE]
 
 
@@ -227,7 +228,8 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
             # the complete mark is not trusted blindly: chunks may have been lost since
             repaired = verify_done_chunks(group, path, _WRITTEN_ARRAYS, b)
             if not repaired:
-                logger.info("sample stage: %s is complete, nothing to do", path)
+                logger.info("sample stage: %s is complete, nothing to do%s", path,
+                            kept_compile_note(config.model.compile, group.attrs))  # fmt: skip
                 return SamplePlan(path, b, n_batches, [], [], started, model)
     lost_array = state in ("partial", "complete") and any(name not in open_group(path) for name in _WRITTEN_ARRAYS)
     if state in ("partial", "complete") and not lost_array:
@@ -260,7 +262,7 @@ def _compute_record(config: RunConfig, dtype) -> dict:
     from hmine.runtime import software_record
 
     return {"hmine:device": device_identity(config.model.device), "hmine:dtype": str(dtype).removeprefix("torch."),
-            "hmine:compiled": config.model.compile, **software_record()}
+            COMPILED: config.model.compile, **software_record()}
 
 
 def check_same_device(config: RunConfig, attrs, path: Path) -> None:
@@ -283,12 +285,32 @@ def check_same_device(config: RunConfig, attrs, path: Path) -> None:
         )
     if dtype is not None and dtype != "float32":
         raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
-    compiled = attrs.get("hmine:compiled")  # like the device: compiled and eager kernels round differently
-    if compiled is not None and compiled != config.model.compile:
+    check_same_compile(config.model.compile, attrs, path)
+
+
+def check_same_compile(compiled: bool, attrs, path: Path, rows: str = "batches",
+                       otherwise: str = "use another run name") -> None:  # fmt: skip
+    """Refuse to add ``rows`` computed compiled (``compiled``) to a store begun eagerly, or the reverse.
+
+    Like the device: ``model.compile`` is in no config hash, but compiled and eager kernels
+    round differently. Every store whose rows a stage resumes records ``hmine:compiled``
+    when it is created (the sample and edit stages); one that records nothing is resumed.
+    """
+    recorded = attrs.get(COMPILED)
+    if recorded is not None and recorded != compiled:
         raise StoreConfigMismatch(
-            f"{path} was begun with model.compile: {str(compiled).lower()}: its batches would mix compiled and "
-            f"eager numerics; resume it with model.compile: {str(compiled).lower()}, or use another run name"
+            f"{path} was begun with model.compile: {str(recorded).lower()}: its {rows} would mix compiled and "
+            f"eager numerics; resume it with model.compile: {str(recorded).lower()}, or {otherwise}"
         )
+
+
+def kept_compile_note(compiled: bool, attrs) -> str:
+    """For the log line of a complete store kept as it is: the other ``model.compile`` it was
+    computed with, if so (not recomputed: the setting changes float rounding only, no hash)."""
+    recorded = attrs.get(COMPILED)
+    if recorded is None or recorded == compiled:
+        return ""
+    return f" (computed with model.compile: {str(recorded).lower()}, kept: compiling changes float rounding only)"
 
 
 # -- growing a run: more samples of the same config --------------------------------------
