@@ -16,14 +16,37 @@ def _run(args, cwd, check=False):
     return subprocess.run(HMINE + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def config_file(tmp_path, tiny_pixel_model_dir):
-    path = tmp_path / "run.yaml"
+def _write_config(folder, model_dir):
+    path = folder / "run.yaml"
     path.write_text(
-        f"name: cli\noutput_root: {tmp_path / 'stores'}\nmodel:\n  id: {tiny_pixel_model_dir}\n"
+        f"name: cli\noutput_root: {folder / 'stores'}\nmodel:\n  id: {model_dir}\n"
         "sample:\n  n_samples: 6\n  batch_size: 3\n  num_inference_steps: 2\n"
     )
     return path
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_pixel_model_dir):
+    return _write_config(tmp_path, tiny_pixel_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory, tiny_pixel_model_dir):
+    """The run ``hmine sample config_file`` makes, made once: tests of what follows a sample
+    (status, refusals) start from a copy (:func:`_copy_of`), not a sampling process each."""
+    folder = tmp_path_factory.mktemp("cli-sampled")
+    out = _run(["sample", str(_write_config(folder, tiny_pixel_model_dir)), "--no-prefect"], folder)
+    assert out.returncode == 0, out.stderr
+    return folder / "stores" / "cli"
+
+
+def _copy_of(sampled_run, tmp_path):
+    """``sampled_run`` where ``config_file`` puts its run (a run directory may be moved)."""
+    import shutil
+
+    run_dir = tmp_path / "stores" / "cli"
+    shutil.copytree(sampled_run, run_dir)
+    return run_dir
 
 
 def test_sample_then_status(config_file, tmp_path):
@@ -40,11 +63,10 @@ def test_sample_then_status(config_file, tmp_path):
     assert "sample" in status.stdout and "complete" in status.stdout
 
 
-def test_status_reports_partial_and_stale(config_file, tmp_path):
+def test_status_reports_partial_and_stale(config_file, sampled_run, tmp_path):
     from hmine.stores import open_group
 
-    run_dir = tmp_path / "stores" / "cli"
-    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+    run_dir = _copy_of(sampled_run, tmp_path)
     group = open_group(run_dir / "samples.zarr", mode="r+")
     group["done"][3:] = False
     del group.attrs["hmine:complete"]
@@ -56,9 +78,8 @@ def test_status_reports_partial_and_stale(config_file, tmp_path):
     assert "stale" in status.stdout
 
 
-def test_status_reports_a_lost_chunk_as_damaged(config_file, tmp_path):
-    run_dir = tmp_path / "stores" / "cli"
-    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+def test_status_reports_a_lost_chunk_as_damaged(sampled_run, tmp_path):
+    run_dir = _copy_of(sampled_run, tmp_path)
     chunks = sorted((run_dir / "samples.zarr" / "x0" / "c").rglob("*"))
     next(c for c in chunks if c.is_file()).unlink()
     status = _run(["status", str(run_dir)], tmp_path)
@@ -76,8 +97,8 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not (tmp_path / "stores").exists()
 
 
-def test_other_config_on_same_run_dir_is_refused(config_file, tmp_path):
-    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
+def test_other_config_on_same_run_dir_is_refused(config_file, sampled_run, tmp_path):
+    _copy_of(sampled_run, tmp_path)
     out = _run(["sample", str(config_file), "--no-prefect", "--set", "sample.eta=1.0"], tmp_path)
     assert out.returncode == 2 and "another run name" in out.stderr
 
@@ -159,7 +180,7 @@ def test_bad_input_is_refused_in_one_line_with_nothing_written(
     assert not (tmp_path / "stores").exists()
 
 
-def test_yaml_errors_and_an_unreadable_run_config_are_one_line(config_file, tmp_path):
+def test_yaml_errors_and_an_unreadable_run_config_are_one_line(config_file, sampled_run, tmp_path):
     out = _run(["run", str(config_file), "--no-prefect", "--set", "name=[unclosed"], tmp_path)
     assert out.returncode == 2 and "--set 'name=[unclosed'" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -176,8 +197,7 @@ def test_yaml_errors_and_an_unreadable_run_config_are_one_line(config_file, tmp_
     assert not (tmp_path / "stores").exists()
 
     # a run directory whose config.json is unreadable still shows its stages
-    assert _run(["sample", str(config_file), "--no-prefect"], tmp_path).returncode == 0
-    run_dir = tmp_path / "stores" / "cli"
+    run_dir = _copy_of(sampled_run, tmp_path)
     (run_dir / "config.json").write_text('{"sample": {"n_samples": 0')
     status = _run(["status", str(run_dir)], tmp_path)
     assert status.returncode == 0 and "complete" in status.stdout
