@@ -204,10 +204,12 @@ def test_a_kill_in_every_stage_then_rerun_equals_an_uninterrupted_run(reference,
         proc = _hmine(["run", config, "--no-prefect"], tmp_path, wait=False)
         mark = run_dir / STAGE_MARKS[stage]
         # in this stage: the stages before it are logged by this process (the killed one
-        # resumed to its end) and this one has begun writing
-        while proc.poll() is None and not (
-            mark.exists() and len(read_log_records(run_dir / "run_log.jsonl")) >= logged + index
-        ):
+        # resumed to its end) and this one has begun writing, or has even ended (a mark
+        # such as directions.zarr.tmp can come and go between two looks)
+        while proc.poll() is None:
+            now = len(read_log_records(run_dir / "run_log.jsonl")) - logged
+            if now > index or (now == index and mark.exists()):
+                break
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.0))
         if proc.poll() is None:
