@@ -30,7 +30,7 @@ report_root: {root}/reports
 sample: {{n_samples: 16, batch_size: 8, num_inference_steps: 4}}
 label: {{attributes: [is_circle, is_red]}}
 directions: {{pca_components: 2, top_k: 4, conditional: {{is_circle: [is_red]}}}}
-edit: {{directions: [probe/is_circle], n_samples: 4, scales: [-2.0, 2.0], strip_samples: 2}}
+edit: {{directions: [probe/is_circle], n_samples: 4, scales: [-2.0, 2.0], strip_samples: 2, batch_size: 8}}
 jacobian: {{n_samples: 1, k: 2, steps: [750], mask: shape, max_iter: 6, localised_rank: 4, edit_scales: [-2.0, 2.0]}}
 """
 STAGES = ("sample", "label", "directions", "jacobian", "edit", "report")
