@@ -91,7 +91,7 @@ def test_hmine_run_on_a_users_prefect_server(prefect_api_url, tmp_path):
         "label: {attributes: [is_circle, is_red]}\n"
         "directions: {pca_components: 2, top_k: 2, probe_components: 3, regression: false}\n"
         "jacobian: {n_samples: 1, k: 1, steps: [333], max_iter: 5, localised_rank: 2, edit_scales: [10.0]}\n"
-        "edit: {n_samples: 4, scales: [-10.0, 10.0], directions: [probe/is_red, pca/0]}\n"
+        "edit: {n_samples: 4, scales: [-10.0, 10.0], directions: [probe/is_red, pca/0], batch_size: 8}\n"
     )
     config = load_config(config_file)
     tag = f"config:{run_hash(config)}"
