@@ -82,7 +82,7 @@ def test_a_scheduled_deployment_runs_the_config_and_then_computes_nothing(prefec
         "label: {attributes: [is_circle, is_red]}\n"
         "directions: {pca_components: 2, top_k: 2, probe_components: 3, regression: false}\n"
         "jacobian: {n_samples: 0}\n"
-        "edit: {n_samples: 4, scales: [-10.0, 10.0], directions: [probe/is_red]}\n"
+        "edit: {n_samples: 4, scales: [-10.0, 10.0], directions: [probe/is_red], batch_size: 8}\n"
     )
     config = load_config(config_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_api_url,
