@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load, paired, ratio_summary, synchronize  # noqa: E402
+from common import add_model_arguments, load, paired, ratio_summary, synchronize  # noqa: E402
 
 
 def differences(eager, compiled) -> tuple[float, float, float, float]:
@@ -66,12 +66,7 @@ def main() -> None:
     from hmine.sampling import Sampler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["embedded", "celebahq"], default="embedded")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser, pairs=4, batch=[16, 64])
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--edits", action="store_true", help="also compare regenerated edits (at the first batch size)")
     parser.add_argument("--edit-norm", type=float, default=10.0, help="the random edit's ||delta h|| per step")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load, ratio_summary, synchronize  # noqa: E402
+from common import add_model_arguments, load, ratio_summary, synchronize  # noqa: E402
 
 
 def bare_batch(unet, scheduler, batch: int, seed: int, device: str) -> None:
@@ -76,12 +76,7 @@ def measure(name: str, model, batch: int, steps: int, pairs: int, threads: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["embedded", "celebahq"], default="embedded")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser, pairs=8, batch=[16, 64])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

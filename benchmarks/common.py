@@ -38,6 +38,19 @@ UNET_CONFIGS = {
 }
 
 
+def add_model_arguments(parser, *, pairs: int, batch: list[int] | None = None) -> None:
+    """The options every model benchmark takes: which U-Net (``--config``), where it runs,
+    how many denoising steps, interleaved pairs and torch threads (and batch sizes when
+    ``batch`` gives their default)."""
+    parser.add_argument("--config", choices=sorted(UNET_CONFIGS), default="embedded")
+    parser.add_argument("--device", default="cpu")
+    if batch is not None:
+        parser.add_argument("--batch", type=int, nargs="+", default=batch)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=pairs)
+    parser.add_argument("--threads", type=int, default=2)
+
+
 def make_model_dir(name: str, root: Path) -> Path:
     """A model folder (U-Net + DDPM scheduler, safetensors) of config ``name`` with random weights."""
     import torch
