@@ -50,6 +50,34 @@ class StoreConfigMismatch(RuntimeError):
     """A store at the target path was written by a different config."""
 
 
+COMPILED = "hmine:compiled"  # whether a store's rows were computed under model.compile
+
+
+def check_same_compile(compiled: bool, attrs, path: Path, rows: str = "batches",
+                       otherwise: str = "use another run name") -> None:  # fmt: skip
+    """Refuse to add ``rows`` computed compiled (``compiled``) to a store begun eagerly, or the reverse.
+
+    Like the device: ``model.compile`` is in no config hash, but compiled and eager kernels
+    round differently. Every store whose rows a stage resumes records ``hmine:compiled``
+    when it is created (the sample and edit stages); one that records nothing is resumed.
+    """
+    recorded = attrs.get(COMPILED)
+    if recorded is not None and recorded != compiled:
+        raise StoreConfigMismatch(
+            f"{path} was begun with model.compile: {str(recorded).lower()}: its {rows} would mix compiled and "
+            f"eager numerics; resume it with model.compile: {str(recorded).lower()}, or {otherwise}"
+        )
+
+
+def kept_compile_note(compiled: bool, attrs) -> str:
+    """For the log line of a complete store kept as it is: the other ``model.compile`` it was
+    computed with, if so (not recomputed: the setting changes float rounding only, no hash)."""
+    recorded = attrs.get(COMPILED)
+    if recorded is None or recorded == compiled:
+        return ""
+    return f" (computed with model.compile: {str(recorded).lower()}, kept: compiling changes float rounding only)"
+
+
 class UnreadableFile(ValueError):
     """A small metadata file (JSON) that exists but cannot be parsed: damage, named."""
 

@@ -41,9 +41,20 @@ from hmine.stages.edit import (
     select_directions,
     with_interval,
 )
-from hmine.stages.sample import COMPILED, StageResult, check_same_compile, kept_compile_note, progress
+from hmine.stages.sample import StageResult, progress
 from hmine.text_effects import with_directional_similarity
-from hmine.stores import CONFIG_HASH, STORE_UUID, mark_complete, open_group, prepare_store, provenance_attrs, write_table
+from hmine.stores import (
+    COMPILED,
+    CONFIG_HASH,
+    STORE_UUID,
+    check_same_compile,
+    kept_compile_note,
+    mark_complete,
+    open_group,
+    prepare_store,
+    provenance_attrs,
+    write_table,
+)
 
 logger = logging.getLogger(__name__)
 

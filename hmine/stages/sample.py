@@ -33,6 +33,7 @@ from hmine.config import RunConfig
 from hmine.sharding import ShardPlan, shard_batches  # noqa: F401  (shard_batches: hmine.stages.sample's before)
 from hmine.stages.growth import samples_to_grow
 from hmine.stores import (
+    COMPILED,
     COMPLETE,
     CONFIG_HASH,
     GROWING,
@@ -42,9 +43,11 @@ from hmine.stores import (
     ArraySpec,
     StoreConfigMismatch,
     batch_region,
+    check_same_compile,
     begin_growth,
     done_batches,
     finish_growth,
+    kept_compile_note,
     mark_complete,
     open_group,
     prepare_store,
@@ -55,7 +58,6 @@ from hmine.stores import (
 logger = logging.getLogger(__name__)
 
 SAMPLES_STORE = "samples.zarr"
-COMPILED = "hmine:compiled"  # whether the store's rows were computed under model.compile
 _WRITTEN_ARRAYS = CHUNK_CHECKED_ARRAYS[SAMPLES_STORE]
 
 
@@ -286,31 +288,6 @@ def check_same_device(config: RunConfig, attrs, path: Path) -> None:
     if dtype is not None and dtype != "float32":
         raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
     check_same_compile(config.model.compile, attrs, path)
-
-
-def check_same_compile(compiled: bool, attrs, path: Path, rows: str = "batches",
-                       otherwise: str = "use another run name") -> None:  # fmt: skip
-    """Refuse to add ``rows`` computed compiled (``compiled``) to a store begun eagerly, or the reverse.
-
-    Like the device: ``model.compile`` is in no config hash, but compiled and eager kernels
-    round differently. Every store whose rows a stage resumes records ``hmine:compiled``
-    when it is created (the sample and edit stages); one that records nothing is resumed.
-    """
-    recorded = attrs.get(COMPILED)
-    if recorded is not None and recorded != compiled:
-        raise StoreConfigMismatch(
-            f"{path} was begun with model.compile: {str(recorded).lower()}: its {rows} would mix compiled and "
-            f"eager numerics; resume it with model.compile: {str(recorded).lower()}, or {otherwise}"
-        )
-
-
-def kept_compile_note(compiled: bool, attrs) -> str:
-    """For the log line of a complete store kept as it is: the other ``model.compile`` it was
-    computed with, if so (not recomputed: the setting changes float rounding only, no hash)."""
-    recorded = attrs.get(COMPILED)
-    if recorded is None or recorded == compiled:
-        return ""
-    return f" (computed with model.compile: {str(recorded).lower()}, kept: compiling changes float rounding only)"
 
 
 # -- growing a run: more samples of the same config --------------------------------------
