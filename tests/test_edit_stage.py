@@ -357,6 +357,7 @@ def test_resuming_an_edit_store_with_the_other_compile_setting_is_refused(own_ru
     import re
 
     import hmine.compiling
+    import hmine.stages.edit_shards
     from hmine.stages.edit_shards import edit_directions, prepare_edit_stage
     from hmine.stores import StoreConfigMismatch
 
@@ -371,8 +372,10 @@ def test_resuming_an_edit_store_with_the_other_compile_setting_is_refused(own_ru
     assert open_group(path).attrs["hmine:compiled"] is False
     message = (f"{re.escape(str(path))} was begun with model.compile: false: its directions would mix compiled and "
                "eager numerics; resume it with model.compile: false, or remove it to edit every direction again$")
-    with pytest.raises(StoreConfigMismatch, match=f"^{message}"):
-        run_edit_stage(compiled, labeller=labeller, show_progress=False)
+    with monkeypatch.context() as m:  # refused before the edit window is resolved (t_edit 'auto' measures curves)
+        m.setattr(hmine.stages.edit_shards, "with_interval", lambda *a, **k: pytest.fail("the window was resolved first"))
+        with pytest.raises(StoreConfigMismatch, match=f"^{message}"):
+            run_edit_stage(compiled, labeller=labeller, show_progress=False)
     assert open_group(path)["done"][...].tolist() == [True, False]
     assert run_edit_stage(eager, labeller=labeller, show_progress=False).computed == 1  # set back: it resumes
     with caplog.at_level("INFO", logger="hmine.stages.edit_shards"):

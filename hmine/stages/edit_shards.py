@@ -53,6 +53,7 @@ from hmine.stores import (
     open_group,
     prepare_store,
     provenance_attrs,
+    store_state,
     write_table,
 )
 
@@ -97,6 +98,10 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     if up_to_date(config, "edit"):
         logger.info("edit stage: %s is up to date%s", path, kept_compile_note(edit_compiles(config), open_group(path).attrs))
         return ShardPlan([], "", EditPlan(path, names, scales, started))
+    record = identity_record(config, "edit")
+    compiled = edit_compiles(config)
+    # before t_edit/t_boost 'auto' spends minutes measuring its curves
+    _refuse_a_compile_flip(path, record[INPUT_IDENTITY], compiled)
     labeller = labeller or make_labeller(config.label, config.model.device)
     source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
     check_sega_prompts(source.sampler, config)
@@ -104,9 +109,7 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     # the edits depend on the settings and on the very directions they apply: the input
     # identity holds both, and a store made from other inputs is replaced
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
-    record = identity_record(config, "edit")
     attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
-    compiled = edit_compiles(config)
     group = prepare_store(path, arrays, {**attrs, COMPILED: compiled}, coords, replace_stale=True)
     damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
     if damaged:
@@ -116,6 +119,19 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
         check_same_compile(compiled, group.attrs, path, "directions", "remove it to edit every direction again")
     group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
     return ShardPlan(todo, record[INPUT_IDENTITY], EditPlan(path, names, scales, started, labeller, source, len(damaged)))
+
+
+def _refuse_a_compile_flip(path: Path, identity: str, compiled: bool) -> None:
+    """The check :func:`prepare_edit_stage` makes on the store it reopens, made before the
+    edit window is resolved: an ``edits.zarr`` of these inputs with directions left, begun
+    with the other ``model.compile``, is refused (a store of other inputs is replaced)."""
+    from hmine.stages import INPUT_IDENTITY
+
+    if store_state(path) not in ("partial", "complete"):
+        return
+    group = open_group(path)
+    if group.attrs.get(INPUT_IDENTITY) == identity and "done" in group and not group["done"][...].all():
+        check_same_compile(compiled, group.attrs, path, "directions", "remove it to edit every direction again")
 
 
 def recorded_source(config: RunConfig, group) -> EditSource:
