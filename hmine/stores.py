@@ -51,6 +51,24 @@ class StoreConfigMismatch(RuntimeError):
 
 
 COMPILED = "hmine:compiled"  # whether a store's rows were computed under model.compile
+DEVICE = "hmine:device"  # what a store's rows were computed on (hmine.models.device_identity)
+
+
+def check_same_device(current: str, attrs, path: Path, device_setting: str, rows: str = "batches",
+                      otherwise: str = "use another run name") -> None:  # fmt: skip
+    """Refuse to add ``rows`` computed on ``current`` (a :func:`hmine.models.device_identity`)
+    to a store begun on another device.
+
+    ``model.device`` is in no config hash (a run may move to a GPU between runs), but CPU
+    and GPU kernels round differently: rows from both would mix two numerics in one store.
+    A store that records no device (written before hmine recorded it) is resumed.
+    """
+    recorded = attrs.get(DEVICE)
+    if recorded is not None and recorded != current:
+        raise StoreConfigMismatch(
+            f"{path} was begun on {recorded}, not {current} (model.device={device_setting}): "
+            f"its {rows} would mix two devices' numerics; resume it on {recorded}, or {otherwise}"
+        )
 
 
 def check_same_compile(compiled: bool, attrs, path: Path, rows: str = "batches",

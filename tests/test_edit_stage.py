@@ -351,6 +351,36 @@ def test_an_edit_store_from_before_the_edited_array_is_resumed_over_every_sample
     pd.testing.assert_frame_equal(pd.read_parquet(config.run_dir / "edit_effects.parquet"), reference)
 
 
+def test_resuming_an_edit_store_on_another_device_is_refused(own_run, monkeypatch):
+    """Like samples.zarr (tests/test_provenance.py): model.device is in no hash, but one edit
+    store holds one device's rounding; refused before the edit window is resolved."""
+    import re
+
+    import hmine.stages.edit_shards
+    from hmine.stages.edit_shards import edit_directions, prepare_edit_stage
+    from hmine.stores import StoreConfigMismatch
+
+    config, labeller = own_run
+    config = config.model_copy(update={"edit": config.edit.model_copy(update={"scales": [-3.0, 3.0]})})  # a new store
+    path = config.run_dir / "edits.zarr"
+    plan = prepare_edit_stage(config, labeller=labeller)
+    edit_directions(config, plan.todo[:1], plan.identity, source=plan.state.source)  # killed after one direction
+    group = open_group(path, mode="r+")
+    assert group.attrs["hmine:device"] == "cpu"
+    group.attrs["hmine:device"] = "cuda:NVIDIA H200"  # as if begun on a GPU
+    message = (f"{re.escape(str(path))} was begun on cuda:NVIDIA H200, not cpu \\(model.device=cpu\\): its directions "
+               "would mix two devices' numerics; resume it on cuda:NVIDIA H200, or remove it to edit every direction again$")
+    with monkeypatch.context() as m:
+        m.setattr(hmine.stages.edit_shards, "with_interval", lambda *a, **k: pytest.fail("the window was resolved first"))
+        with pytest.raises(StoreConfigMismatch, match=f"^{message}"):
+            run_edit_stage(config, labeller=labeller, show_progress=False)
+    assert open_group(path)["done"][...].tolist() == [True, False]
+    group.attrs["hmine:device"] = "cpu"  # back on the device it was begun on: it resumes
+    assert run_edit_stage(config, labeller=labeller, show_progress=False).computed == 1
+    group.attrs["hmine:device"] = "cuda:NVIDIA H200"  # a complete store is read on any device
+    assert run_edit_stage(config, labeller=labeller, show_progress=False).computed == 0
+
+
 def test_resuming_an_edit_store_with_the_other_compile_setting_is_refused(own_run, monkeypatch, caplog):
     """Like samples.zarr (tests/test_compile.py): model.compile is in no hash, but one edit
     store holds one rounding; a complete one is kept, and the log says how it was computed."""

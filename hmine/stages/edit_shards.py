@@ -24,6 +24,7 @@ from hmine.config import RunConfig
 from hmine.edit_names import check_at_steps
 from hmine.effects import measure_effects
 from hmine.learning.edit_directions import open_learned_for_edits
+from hmine.models import device_identity
 from hmine.sega_edits import check_sega_edits, check_sega_prompts
 from hmine.sharding import ShardPlan
 from hmine.stages.edit import (
@@ -46,8 +47,10 @@ from hmine.text_effects import with_directional_similarity
 from hmine.stores import (
     COMPILED,
     CONFIG_HASH,
+    DEVICE,
     STORE_UUID,
     check_same_compile,
+    check_same_device,
     kept_compile_note,
     mark_complete,
     open_group,
@@ -99,9 +102,9 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
         logger.info("edit stage: %s is up to date%s", path, kept_compile_note(edit_compiles(config), open_group(path).attrs))
         return ShardPlan([], "", EditPlan(path, names, scales, started))
     record = identity_record(config, "edit")
-    compiled = edit_compiles(config)
+    numerics = {COMPILED: edit_compiles(config), DEVICE: device_identity(config.model.device)}
     # before t_edit/t_boost 'auto' spends minutes measuring its curves
-    _refuse_a_compile_flip(path, record[INPUT_IDENTITY], compiled)
+    _refuse_other_numerics(config, path, record[INPUT_IDENTITY], numerics)
     labeller = labeller or make_labeller(config.label, config.model.device)
     source = with_interval(config, open_source(config, model), labeller)  # an empty window: refused, nothing written
     check_sega_prompts(source.sampler, config)
@@ -110,28 +113,35 @@ def prepare_edit_stage(config: RunConfig, *, model=None, labeller=None) -> Shard
     # identity holds both, and a store made from other inputs is replaced
     arrays, coords = _template(names, scales, seeds, source.originals.shape[1:])
     attrs = provenance_attrs(config.stage_inputs("edit"), record[INPUT_IDENTITY], record)
-    group = prepare_store(path, arrays, {**attrs, COMPILED: compiled}, coords, replace_stale=True)
+    group = prepare_store(path, arrays, {**attrs, **numerics}, coords, replace_stale=True)
     damaged = repair_damaged_entries(group, path, _CHECKED_ARRAYS)
     if damaged:
         logger.warning("edit stage: %d directions had missing or truncated chunks; redoing them", len(damaged))
     todo = [i for i, done in enumerate(group["done"][...]) if not done]
-    if todo:  # one store, one rounding: directions edited compiled and eagerly are not mixed
-        check_same_compile(compiled, group.attrs, path, "directions", "remove it to edit every direction again")
+    if todo:  # one store, one rounding: no mix of compiled and eager, or of two devices' edits
+        _check_same_numerics(config, group.attrs, path, numerics)
     group.attrs[EDIT_INTERVAL] = json.dumps(source.interval.as_json())
     return ShardPlan(todo, record[INPUT_IDENTITY], EditPlan(path, names, scales, started, labeller, source, len(damaged)))
 
 
-def _refuse_a_compile_flip(path: Path, identity: str, compiled: bool) -> None:
+def _refuse_other_numerics(config: RunConfig, path: Path, identity: str, numerics: dict) -> None:
     """The check :func:`prepare_edit_stage` makes on the store it reopens, made before the
     edit window is resolved: an ``edits.zarr`` of these inputs with directions left, begun
-    with the other ``model.compile``, is refused (a store of other inputs is replaced)."""
+    with the other ``model.compile`` or on another device, is refused (a store of other
+    inputs is replaced)."""
     from hmine.stages import INPUT_IDENTITY
 
     if store_state(path) not in ("partial", "complete"):
         return
     group = open_group(path)
     if group.attrs.get(INPUT_IDENTITY) == identity and "done" in group and not group["done"][...].all():
-        check_same_compile(compiled, group.attrs, path, "directions", "remove it to edit every direction again")
+        _check_same_numerics(config, group.attrs, path, numerics)
+
+
+def _check_same_numerics(config: RunConfig, attrs, path: Path, numerics: dict) -> None:
+    otherwise = "remove it to edit every direction again"
+    check_same_compile(numerics[COMPILED], attrs, path, "directions", otherwise)
+    check_same_device(numerics[DEVICE], attrs, path, config.model.device, "directions", otherwise)
 
 
 def recorded_source(config: RunConfig, group) -> EditSource:

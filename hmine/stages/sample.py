@@ -253,7 +253,7 @@ def prepare_sample_stage(config: RunConfig, *, model=None) -> SamplePlan:
             group.attrs[LINEAGE] = []
     todo = [i for i, done in enumerate(done_batches(group, b)) if not done]
     if todo and not arrays:
-        check_same_device(config, group.attrs, path)
+        check_same_numerics(config, group.attrs, path)
     return SamplePlan(path, b, n_batches, todo, repaired, started, model)
 
 
@@ -267,24 +267,14 @@ def _compute_record(config: RunConfig, dtype) -> dict:
             COMPILED: config.model.compile, **software_record()}
 
 
-def check_same_device(config: RunConfig, attrs, path: Path) -> None:
-    """Refuse to add batches to a store begun on another device, in another precision, or
-    compiled when this run is not (or the reverse).
-
-    ``model.device`` is in no config hash (a run may move to a GPU between runs), but CPU
-    and GPU kernels round differently: batches from both would mix two numerics in one
-    store. A store that records no device (written before hmine recorded it) is resumed.
-    """
+def check_same_numerics(config: RunConfig, attrs, path: Path) -> None:
+    """Refuse to add batches to a store begun on another device (:func:`hmine.stores.check_same_device`),
+    in another precision, or compiled when this run is not (or the reverse)."""
     from hmine.models import device_identity
-    from hmine.stores import StoreConfigMismatch
+    from hmine.stores import StoreConfigMismatch, check_same_device
 
-    recorded, dtype = attrs.get("hmine:device"), attrs.get("hmine:dtype")
-    current = device_identity(config.model.device)
-    if recorded is not None and recorded != current:
-        raise StoreConfigMismatch(
-            f"{path} was begun on {recorded}, not {current} (model.device={config.model.device}): "
-            f"its batches would mix two devices' numerics; resume it on {recorded}, or use another run name"
-        )
+    check_same_device(device_identity(config.model.device), attrs, path, config.model.device)
+    dtype = attrs.get("hmine:dtype")
     if dtype is not None and dtype != "float32":
         raise StoreConfigMismatch(f"{path} was begun in {dtype}; hmine samples in float32: use another run name")
     check_same_compile(config.model.compile, attrs, path)
@@ -311,7 +301,7 @@ def grow_sample_store(config: RunConfig, path: Path) -> int | None:
     n, b = config.sample.n_samples, config.sample.batch_size
     coordinates = per_sample_coordinates(config)
     if held is not None:
-        check_same_device(config, group.attrs, path)  # before anything changes
+        check_same_numerics(config, group.attrs, path)  # before anything changes
         known = {*_GROWN_ARRAYS, *(spec.name for spec, _ in coordinates)}
         along_sample = [k for k in sorted(group.array_keys()) if (group[k].metadata.dimension_names or ())[:1] == ("sample",)]
         unknown = [k for k in along_sample if k not in known]
