@@ -20,6 +20,7 @@ from hmine.edit_names import term_names
 from hmine.interval_config import IntervalConfig
 from hmine.learning.config import LearnConfig
 from hmine.prompts import TextConfig
+from hmine.prompt_pairs_config import PromptPairsConfig
 from hmine.sega_config import SegaConfig
 
 
@@ -184,6 +185,7 @@ class DirectionsConfig(_Frozen):
     inversion_labels: Literal["given", "labeller"] = Field(
         "given", description="source inversions: the images' given labels (label file, world factors) or the labeller's scores"
     )
+    prompt_pairs: PromptPairsConfig | None = Field(None, description="text models: prompt_pair/<name> directions")
 
 
 class EditConfig(_Frozen):

@@ -15,7 +15,7 @@ with a run's h brings it to the library's scale convention, like every other met
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -78,3 +78,37 @@ def prompt_pair_direction(
         name="prompt_pair",
         attrs={"method": "prompt_pair", "prompt_a": prompt_a, "prompt_b": prompt_b, "n_seeds": len(seeds)},
     )
+
+
+def prompt_pair_directions(
+    sampler: Sampler,
+    seeds: Sequence[int],
+    pairs: Mapping[str, tuple[str, str]],
+    h: xr.DataArray,
+    *,
+    batch_size: int = 16,
+) -> xr.Dataset:
+    """``prompt_pair/<name>`` for every named (A, B) pair, in the scale convention of ``h``.
+
+    Each pair's :func:`prompt_pair_direction` on ``seeds``, brought to the library's
+    convention by :func:`hmine.directions.normalise_directions` with ``h`` (a run's h: unit
+    per step, ``scale_unit`` the std of h projected on it), stacked as
+    :func:`hmine.directions.build_direction_dataset` does: method ``prompt_pair``,
+    attribute the pair's name. Every prompt is checked against the tokenizer's limit
+    before anything is sampled.
+    """
+    from hmine.directions import Direction, build_direction_dataset, normalise_directions
+
+    if not pairs:
+        raise ValueError("no prompt pairs")
+    if sampler.text is None:
+        raise ValueError("prompt-pair directions need a text-conditional model: give the sampler sample.text")
+    for a, b in pairs.values():
+        for prompt in (a, b):
+            sampler.text.embed(prompt, "prompt pair")
+    raws = [prompt_pair_direction(sampler, seeds, a, b, batch_size=batch_size) for a, b in pairs.values()]
+    normalised = normalise_directions(raws, h)
+    return build_direction_dataset([
+        Direction(name=f"prompt_pair/{name}", method="prompt_pair", unit=unit, scale_unit=scale, attribute=name)
+        for name, (unit, scale) in zip(pairs, normalised)
+    ])  # fmt: skip

@@ -163,7 +163,8 @@ def encode_prompt(text_encoder, tokenizer, prompt: str, *, field: str = "prompt"
 def check_run_text(config) -> None:
     """Preflight of a run's text settings, loading no weights: the model and ``sample.text``
     agree (prompts for a text-conditional model, none for another) and every prompt of the
-    run's seeds and the negative prompt fit the tokenizer. A hub model is checked when loaded.
+    run's seeds, the negative prompt and the directions' prompt pairs fit the tokenizer. A
+    hub model is checked when loaded.
     """
     from hmine.models import check_model_source, model_folder
 
@@ -194,3 +195,7 @@ def check_run_text(config) -> None:
         check_prompt_length(tokenizer, prompt, field)
     if text.negative_prompt is not None:
         check_prompt_length(tokenizer, text.negative_prompt, "sample.text.negative_prompt")
+    pairs = config.directions.prompt_pairs
+    for name, prompts in ({} if pairs is None else pairs.pairs).items():
+        for prompt in prompts:
+            check_prompt_length(tokenizer, prompt, f"directions.prompt_pairs.pairs.{name}")

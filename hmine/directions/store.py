@@ -18,7 +18,7 @@ import xarray as xr
 from hmine.directions.plumbing import VECTOR_DIMS, _check_same_steps, _coords_for, _vector_values
 from hmine.stores import COMPLETE
 
-METHODS = ("pca", "pca_all", "mean_difference", "probe", "conditional", "regression", "learned")
+METHODS = ("pca", "pca_all", "mean_difference", "probe", "conditional", "regression", "learned", "prompt_pair")
 
 
 @dataclass(frozen=True, eq=False)  # DataArray fields compare elementwise, not as a bool

@@ -43,11 +43,10 @@ def label_settings(config: "RunConfig") -> dict:
 
 
 def directions_settings(config: "RunConfig") -> dict:
-    # the source fields join the hash only when set, so stores fitted on samples stay valid
-    inversions = config.directions.source == "inversions"
-    return {"directions": config.directions.model_dump(
-        mode="json", exclude=None if inversions else {"source", "inversion_labels"}
-    )}
+    # the source fields and prompt pairs join the hash only when set, so existing stores stay valid
+    exclude = set() if config.directions.source == "inversions" else {"source", "inversion_labels"}
+    exclude |= {"prompt_pairs"} if config.directions.prompt_pairs is None else set()
+    return {"directions": config.directions.model_dump(mode="json", exclude=exclude or None)}
 
 
 def directions_optional_reads(config: "RunConfig") -> tuple[str, ...]:
@@ -282,6 +281,12 @@ def check_sega_edits(config: "RunConfig") -> None:
     check(config)
 
 
+def check_prompt_pairs(config: "RunConfig") -> None:
+    from hmine.stages.directions import check_prompt_pairs as check
+
+    check(config)
+
+
 def check_masks(config: "RunConfig") -> None:
     from hmine.masks import check_mask_files
 
@@ -329,7 +334,7 @@ DIRECTIONS = register(Stage(
     optional_reads=directions_optional_reads,
     extra_inputs=directions_extra_inputs,
     intact=directions_damaged,
-    preflight=(check_labeller,),
+    preflight=(check_labeller, check_prompt_pairs),
     report_section="hmine.report:directions_section",
 ))
 JACOBIAN = register(Stage(  # before the edit stage, which can apply per-image Jacobian directions

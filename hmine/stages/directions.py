@@ -52,6 +52,7 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     repaired = int(store_state(path) == "complete" and damaged_count(config, "directions") > 0)
     if repaired:
         logger.warning("directions stage: %s lost chunk files; writing it again", path)
+    check_prompt_pairs(config)  # before the fits, not after them
     attributes = list(config.label.attributes)
     if config.directions.source == "inversions":
         h, labels = inversion_h_and_labels(config)
@@ -87,6 +88,8 @@ def run_directions_stage(config: RunConfig) -> StageResult:
         regression=config.directions.regression,
         regression_alpha=config.directions.regression_alpha,
     )
+    if config.directions.prompt_pairs is not None:
+        directions = with_prompt_pairs(config, directions, h)
     directions.attrs.update({
         "hmine:config_hash": config.stage_hash("directions"),
         **identity_record(config, "directions"),
@@ -96,6 +99,41 @@ def run_directions_stage(config: RunConfig) -> StageResult:
     seconds = time.perf_counter() - started
     logger.info("directions stage: %d directions in %.1f s", directions.sizes["direction"], seconds)
     return StageResult(path, 1, 1, 0, repaired, seconds)
+
+
+def check_prompt_pairs(config: RunConfig, n_samples: int | None = None) -> None:
+    """Refuse ``directions.prompt_pairs`` where they cannot be sampled: no text model, fitted on
+    inverted images, or more seeds than the run has (``n_samples``: the run's, when known)."""
+    pairs = config.directions.prompt_pairs
+    if pairs is None:
+        return
+    if config.sample.text is None:
+        raise ValueError(
+            "directions.prompt_pairs needs a text-conditional model and sample.text; remove it for this model"
+        )
+    if config.directions.source != "samples":
+        raise ValueError("directions.prompt_pairs samples the run's seeds: it needs directions.source: samples")
+    n = config.sample.n_samples if n_samples is None else n_samples
+    if pairs.n_seeds > n:
+        raise ValueError(f"directions.prompt_pairs.n_seeds is {pairs.n_seeds} but the run has {n} samples; lower it")
+
+
+def with_prompt_pairs(config: RunConfig, directions, h):
+    """``directions`` followed by ``prompt_pair/<name>`` of every configured pair
+    (:func:`hmine.prompt_directions.prompt_pair_directions`), sampled by the run's model and
+    text settings on its first ``directions.prompt_pairs.n_seeds`` seeds and scaled by its h."""
+    import xarray as xr
+
+    from hmine.prompt_directions import prompt_pair_directions
+    from hmine.stages.sample import make_sampler
+
+    pairs = config.directions.prompt_pairs
+    check_prompt_pairs(config, h.sizes["sample"])
+    seeds = h["sample"].values[: pairs.n_seeds].tolist()
+    sampler = make_sampler(config)
+    extra = prompt_pair_directions(sampler, seeds, pairs.pairs, h, batch_size=config.sample.batch_size)
+    logger.info("directions stage: %d prompt-pair directions on %d seeds", len(pairs.pairs), len(seeds))
+    return xr.concat([directions, extra], dim="direction", combine_attrs="override")
 
 
 def inversion_h_and_labels(config: RunConfig):
