@@ -572,3 +572,18 @@ def test_the_shipped_model_follows_colour_and_dark_prompts_at_the_evaluation_set
         table = labeller.score(sample(model, [p for _, p in plan], seed=seed))
         agree = agreement(table, factor, np.array([w for w, _ in plan]))["agree"]
         assert agree.mean() >= 11 / 12, (factor, agree.tolist())
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/learned-shapes.yaml", "configs/text-demo.yaml"])
+def test_the_shipped_run_configs_pass_the_preflight_of_every_stage_they_run(path):
+    """What `hmine run` checks before it touches a run directory (no weights are loaded):
+    configs/text-demo.yaml's prompts fit the embedded text model's tokenizer, its SEGA
+    concepts apply, its labeller scores its attributes; likewise the other shipped configs."""
+    from hmine.config import load_config
+    from hmine.preflight import check_run_inputs
+    from hmine.stages import applicable_stage_names
+
+    config = load_config(REPO / path)
+    stages = applicable_stage_names(config)
+    assert {"sample", "label", "directions", "edit"} <= set(stages)
+    check_run_inputs(config, stages)
