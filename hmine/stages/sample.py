@@ -36,6 +36,7 @@ from hmine.stores import (
     COMPILED,
     COMPLETE,
     CONFIG_HASH,
+    DEVICE,
     GROWING,
     LINEAGE,
     STAGE_HASH,
@@ -44,6 +45,7 @@ from hmine.stores import (
     StoreConfigMismatch,
     batch_region,
     check_same_compile,
+    check_same_device,
     begin_growth,
     done_batches,
     finish_growth,
@@ -263,7 +265,7 @@ def _compute_record(config: RunConfig, dtype) -> dict:
     from hmine.models import device_identity
     from hmine.runtime import software_record
 
-    return {"hmine:device": device_identity(config.model.device), "hmine:dtype": str(dtype).removeprefix("torch."),
+    return {DEVICE: device_identity(config.model.device), "hmine:dtype": str(dtype).removeprefix("torch."),
             COMPILED: config.model.compile, **software_record()}
 
 
@@ -271,7 +273,6 @@ def check_same_numerics(config: RunConfig, attrs, path: Path) -> None:
     """Refuse to add batches to a store begun on another device (:func:`hmine.stores.check_same_device`),
     in another precision, or compiled when this run is not (or the reverse)."""
     from hmine.models import device_identity
-    from hmine.stores import StoreConfigMismatch, check_same_device
 
     check_same_device(device_identity(config.model.device), attrs, path, config.model.device)
     dtype = attrs.get("hmine:dtype")
